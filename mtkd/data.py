@@ -1,0 +1,242 @@
+"""Datasets: sources, class subsets, deterministic splits, loaders, batched augmentation.
+
+Small datasets (digits, CIFAR) are held in memory as one ``uint8`` tensor of
+shape ``(N, C, H, W)``. A ``DataLoader`` hands out whole batches of it (the
+dataset implements ``__getitems__``), and augmentation runs on the batch, on the
+training device, with tensor ops: no per-sample PIL round trips.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets import CIFAR100
+
+from .errors import UserError
+from .registry import Registry
+from .spec import TaskSpec
+
+SPLITS = ("train", "val", "test")
+
+
+class ImageTensorDataset(Dataset):
+    """Images as one ``uint8`` tensor ``(N, C, H, W)`` with ``int64`` labels."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.labels = labels.long()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.images[i], self.labels[i]
+
+    def __getitems__(self, indices):
+        # DataLoader calls this with a whole batch of indices: one gather, not B.
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return self.images[idx], self.labels[idx]
+
+    def select_classes(self, class_ids: list[int]) -> "ImageTensorDataset":
+        """The samples of ``class_ids``, relabelled to their position in that list."""
+        lookup = torch.full((int(self.labels.max()) + 1,), -1, dtype=torch.long)
+        lookup[torch.as_tensor(class_ids)] = torch.arange(len(class_ids))
+        local = lookup[self.labels]
+        keep = local >= 0
+        return ImageTensorDataset(self.images[keep], local[keep])
+
+
+def _batch_collate(batch):
+    # __getitems__ already returns a stacked batch.
+    return batch
+
+
+def create_loader(dataset: Dataset, batch_size: int, *, train: bool, seed: int = 0,
+                  num_workers: int = 0, pin_memory: bool = False, sampler=None) -> DataLoader:
+    """A DataLoader over ``dataset``; shuffled with a seeded generator when training.
+
+    ``num_workers`` > 0 moves the batch gathering to worker processes (useful
+    for datasets that read from disk); for in-memory data 0 is fastest.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=train and sampler is None,
+        sampler=sampler,
+        drop_last=False,
+        generator=generator,
+        collate_fn=_batch_collate,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+    )
+
+
+class BatchTransform(nn.Module):
+    """uint8 batch -> normalised float batch, with random crop / flip when training.
+
+    Random crop: pad every image by ``crop_padding`` pixels (zeros) and cut out
+    an ``H x W`` window at an offset drawn per image. Flip: mirror a random half
+    of the batch left-right. Both run as gathers on the batch's device.
+    """
+
+    def __init__(self, mean, std, crop_padding: int = 0, hflip: bool = False):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        self.crop_padding = crop_padding
+        self.hflip = hflip
+
+    @classmethod
+    def for_task(cls, spec: TaskSpec) -> "BatchTransform":
+        return cls(spec.mean, spec.std, spec.crop_padding, spec.hflip)
+
+    def forward(self, images: torch.Tensor, augment: bool = False,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        x = images.float().div_(255)
+        if augment:
+            x = self.augment(x, generator)
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+
+    def augment(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        n, _, h, w = x.shape
+        device = x.device
+        if self.crop_padding > 0:
+            p = self.crop_padding
+            padded = F.pad(x, (p, p, p, p))
+            dy = torch.randint(0, 2 * p + 1, (n,), generator=generator).to(device)
+            dx = torch.randint(0, 2 * p + 1, (n,), generator=generator).to(device)
+            rows = (dy[:, None] + torch.arange(h, device=device))[:, None, :, None]
+            cols = (dx[:, None] + torch.arange(w, device=device))[:, None, None, :]
+            batch = torch.arange(n, device=device)[:, None, None, None]
+            chans = torch.arange(x.shape[1], device=device)[None, :, None, None]
+            x = padded[batch, chans, rows, cols]
+        if self.hflip:
+            flip = (torch.rand(n, generator=generator) < 0.5).to(device)
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return x
+
+
+@dataclass
+class TaskData:
+    """The three splits of a task, in memory."""
+
+    train: ImageTensorDataset
+    val: ImageTensorDataset
+    test: ImageTensorDataset
+
+    def split(self, name: str) -> ImageTensorDataset:
+        return getattr(self, name)
+
+
+# A source turns (spec, data_root, download) into the three splits.
+SOURCES: Registry = Registry("data source")
+
+
+def load_task_data(spec: TaskSpec, data_root: str | Path = "data", download: bool = True) -> TaskData:
+    return SOURCES.get(spec.source)(spec, Path(data_root), download)
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int):
+    """Indices (keep, held_out), ``fraction`` of each class held out, seeded."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(labels))
+    keep, held = train_test_split(idx, test_size=fraction, random_state=seed, stratify=labels)
+    return np.sort(keep), np.sort(held)
+
+
+def _to_dataset(images: np.ndarray, labels: np.ndarray) -> ImageTensorDataset:
+    return ImageTensorDataset(torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels).long())
+
+
+def _load_digits(spec: TaskSpec, data_root: Path, download: bool) -> TaskData:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    # Pixel values are 0..16; scale to the full uint8 range.
+    images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
+    names = [str(t) for t in digits.target_names]
+    order = spec.class_indices(tuple(names))
+    labels = np.asarray(order)[digits.target]
+    rest, test = stratified_split(labels, spec.test_fraction, spec.split_seed)
+    val_of_rest = spec.val_fraction / (1.0 - spec.test_fraction)
+    train, val = stratified_split(labels[rest], val_of_rest, spec.split_seed)
+    train, val = rest[train], rest[val]
+    return TaskData(*(_to_dataset(images[i], labels[i]) for i in (train, val, test)))
+
+
+class _CIFAR100(CIFAR100):
+    # torchvision md5-checks all 180 MB on every construction. The archive is
+    # checked when it is downloaded; at load time (md5 None) only presence is.
+    train_list = [[name, None] for name, _ in CIFAR100.train_list]
+    test_list = [[name, None] for name, _ in CIFAR100.test_list]
+    meta = {**CIFAR100.meta, "md5": None}
+
+
+def _open_cifar100(root: Path, train: bool, download: bool) -> CIFAR100:
+    """torchvision's CIFAR100, downloading it when missing and allowed."""
+    folder = root / CIFAR100.base_folder
+    names = [name for name, _ in CIFAR100.train_list + CIFAR100.test_list] + [CIFAR100.meta["filename"]]
+
+    def missing():
+        return [str(folder / n) for n in names if not (folder / n).is_file()]
+
+    if missing() and download:
+        try:
+            CIFAR100(str(root), train=train, download=True)
+        except Exception as e:  # network errors come in many types
+            raise UserError(
+                f"CIFAR-100 is not under {folder} and downloading it failed ({type(e).__name__}: {e}).\n"
+                f"Fix: download {CIFAR100.url} and extract it into {root} "
+                f"(so that {folder}/train exists), or pass --data_root DIR where it already is."
+            ) from None
+    if missing():
+        raise UserError(
+            f"CIFAR-100 is missing under {root}: {', '.join(missing())}.\n"
+            f"Fix: run with network access to download it, or extract {CIFAR100.url} into {root}."
+        )
+    try:
+        return _CIFAR100(str(root), train=train, download=False)
+    except Exception as e:
+        raise UserError(f"could not read CIFAR-100 from {folder} ({type(e).__name__}: {e}).\n"
+                        f"Fix: delete {folder} and let it download again.") from None
+
+
+def _load_cifar100(spec: TaskSpec, data_root: Path, download: bool) -> TaskData:
+    splits = {}
+    for train in (True, False):
+        ds = _open_cifar100(data_root, train, download)
+        names = list(ds.classes)
+        missing = [c for c in spec.class_names if c not in names]
+        if missing:
+            raise UserError(f"CIFAR-100 under {data_root} has no classes {missing}")
+        # CIFAR-100 label id -> task class id (or -1 for the 85 other classes).
+        lookup = np.full(len(names), -1, dtype=np.int64)
+        for task_id, name in enumerate(spec.class_names):
+            lookup[names.index(name)] = task_id
+        labels = lookup[np.asarray(ds.targets)]
+        keep = labels >= 0
+        images = ds.data[keep].transpose(0, 3, 1, 2)  # NHWC -> NCHW
+        splits[train] = (images, labels[keep])
+    images, labels = splits[True]
+    train, val = stratified_split(labels, spec.val_fraction, spec.split_seed)
+    return TaskData(
+        _to_dataset(images[train], labels[train]),
+        _to_dataset(images[val], labels[val]),
+        _to_dataset(*splits[False]),
+    )
+
+
+SOURCES.register("digits", _load_digits)
+SOURCES.register("cifar100", _load_cifar100)

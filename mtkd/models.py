@@ -1,0 +1,76 @@
+"""Students and teachers, built with timm and adapted to small inputs.
+
+ImageNet stems shrink the input 4x (ResNet: stride-2 7x7 conv + max-pool) or
+2x (EfficientNet / MobileNetV3: stride-2 3x3 conv) before any real feature
+extraction. On 8x8 digits or 32x32 CIFAR images that throws away most of the
+picture, so for inputs smaller than ``SMALL_INPUT`` pixels:
+
+* ResNet: the stem becomes a stride-1 3x3 conv and the max-pool is dropped
+  (the usual CIFAR ResNet; total stride 32 -> 8);
+* EfficientNet / MobileNetV3: the stem conv gets stride 1 (total stride 32 -> 16).
+
+Other timm architectures (possible for custom teachers) are used unchanged.
+"""
+from __future__ import annotations
+
+import timm
+from torch import nn
+
+from .errors import UserError
+from .spec import TaskSpec, TeacherSpec
+
+# The student names of the command line and the timm models behind them.
+STUDENTS = {
+    "MobileNetV3": "mobilenetv3_large_100",
+    "EfficientNet": "efficientnet_b0",
+    "ResNet18": "resnet18",
+}
+SMALL_INPUT = 64
+
+
+def list_students() -> list[str]:
+    return list(STUDENTS)
+
+
+def adapt_to_small_inputs(model: nn.Module) -> bool:
+    """Make a timm model keep the resolution of small images; True if it was changed."""
+    conv1 = getattr(model, "conv1", None)
+    if isinstance(conv1, nn.Conv2d) and hasattr(model, "maxpool"):  # timm ResNet
+        model.conv1 = nn.Conv2d(conv1.in_channels, conv1.out_channels, 3, 1, 1, bias=False)
+        model.maxpool = nn.Identity()
+        return True
+    stem = getattr(model, "conv_stem", None)
+    if isinstance(stem, nn.Conv2d):  # timm EfficientNet / MobileNetV3
+        stem.stride = (1, 1)
+        return True
+    return False
+
+
+def create_model(architecture: str, num_classes: int, in_chans: int, image_size: int,
+                 adapt: bool = True) -> nn.Module:
+    """A randomly initialised timm model for ``image_size`` inputs.
+
+    No pretrained weights are fetched: teachers and students are trained here.
+    """
+    if architecture not in timm.list_models():
+        close = timm.list_models(f"*{architecture.split('_')[0]}*")[:8]
+        hint = f" Similar timm names: {', '.join(close)}." if close else ""
+        raise UserError(f"unknown timm architecture {architecture!r}.{hint}")
+    model = timm.create_model(architecture, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+    if adapt and image_size < SMALL_INPUT:
+        adapt_to_small_inputs(model)
+    return model
+
+
+def create_student(name: str, task: TaskSpec, adapt: bool = True) -> nn.Module:
+    if name not in STUDENTS:
+        raise UserError(f"unknown student {name!r}; choose one of {', '.join(STUDENTS)}")
+    return create_model(STUDENTS[name], task.num_classes, task.channels, task.image_size, adapt)
+
+
+def create_teacher(teacher: TeacherSpec, task: TaskSpec) -> nn.Module:
+    return create_model(teacher.architecture, len(teacher.classes), task.channels, task.image_size)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,105 @@
+"""Task and teacher specifications, and the task registry they live in."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import UserError
+from .registry import Registry
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """One specialist teacher: a timm architecture trained on a subset of classes.
+
+    ``classes`` are names from the task's ``class_names``; the teacher's output
+    unit ``i`` stands for ``classes[i]``. ``weight`` scales its vote in the
+    ensemble (weights are normalised over the teachers that take part).
+    """
+
+    name: str
+    architecture: str
+    classes: tuple[str, ...]
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Everything mtkd needs to know about a task.
+
+    ``source`` names a data source in ``mtkd.data.SOURCES``. The train / val /
+    test split is a function of ``split_seed`` alone, never of the run's
+    ``--seed``, so teachers and every student run share the same held-out data.
+    """
+
+    name: str
+    title: str
+    source: str
+    class_names: tuple[str, ...]
+    image_size: int
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    teachers: tuple[TeacherSpec, ...]
+    val_fraction: float = 0.1
+    test_fraction: float = 0.0  # 0: the source has its own test set
+    split_seed: int = 0
+    crop_padding: int = 0  # random-crop augmentation: pad by this much, crop back
+    hflip: bool = False  # horizontal flips keep the label (not for digits)
+    source_options: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        problems = []
+        if len(set(self.class_names)) != len(self.class_names):
+            problems.append("class names repeat")
+        if not self.teachers:
+            problems.append("no teachers")
+        names = [t.name for t in self.teachers]
+        if len(set(names)) != len(names):
+            problems.append(f"duplicate teacher names in {names}")
+        known = set(self.class_names)
+        covered = set()
+        for t in self.teachers:
+            if not t.classes:
+                problems.append(f"teacher {t.name!r} has no classes")
+            unknown = [c for c in t.classes if c not in known]
+            if unknown:
+                problems.append(f"teacher {t.name!r} names classes not in the task: {unknown}")
+            if len(set(t.classes)) != len(t.classes):
+                problems.append(f"teacher {t.name!r} lists a class twice")
+            if not t.weight > 0:
+                problems.append(f"teacher {t.name!r} has weight {t.weight}; weights must be > 0")
+            covered.update(t.classes)
+        uncovered = [c for c in self.class_names if c not in covered]
+        if uncovered:
+            problems.append(f"classes covered by no teacher: {uncovered}")
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            problems.append("mean/std must have one value per channel")
+        if problems:
+            raise ValueError(f"task {self.name!r}: " + "; ".join(problems))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def class_indices(self, classes: tuple[str, ...]) -> list[int]:
+        """Global class ids of ``classes`` (names), in the order given."""
+        index = {c: i for i, c in enumerate(self.class_names)}
+        return [index[c] for c in classes]
+
+
+TASKS: Registry[TaskSpec] = Registry("task")
+
+
+def register_task(spec: TaskSpec) -> TaskSpec:
+    return TASKS.register(spec.name, spec)
+
+
+def get_task(name: str) -> TaskSpec:
+    try:
+        return TASKS.get(name)
+    except KeyError as e:
+        raise UserError(f"{e.args[0]}. Pick one with --task.") from None
+
+
+def list_tasks() -> list[str]:
+    return TASKS.list()

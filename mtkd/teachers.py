@@ -1,0 +1,51 @@
+"""The frozen teacher ensemble: runs the specialists and maps them to global classes."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .losses import mixture_targets
+
+
+class TeacherEnsemble(nn.Module):
+    """Specialist teachers, each over its own subset of the task's classes.
+
+    Frozen for good: ``eval()`` mode that ``train()`` cannot undo, no
+    gradients, and forward passes under ``torch.inference_mode``.
+    """
+
+    def __init__(self, teachers: list[nn.Module], class_ids: list[list[int]],
+                 weights: list[float], num_classes: int):
+        super().__init__()
+        if not (len(teachers) == len(class_ids) == len(weights)):
+            raise ValueError("one class list and one weight per teacher")
+        self.teachers = nn.ModuleList(teachers)
+        for k, ids in enumerate(class_ids):
+            self.register_buffer(f"class_ids_{k}", torch.tensor(ids, dtype=torch.long))
+        self.register_buffer("weights", torch.tensor(weights, dtype=torch.float32))
+        self.num_classes = num_classes
+        self.requires_grad_(False)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> "TeacherEnsemble":
+        # Teachers stay in eval mode (BatchNorm statistics, dropout) whatever the caller does.
+        return super().train(False)
+
+    @property
+    def class_ids(self) -> list[Tensor]:
+        return [getattr(self, f"class_ids_{k}") for k in range(len(self.teachers))]
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """Each teacher's logits over its own classes."""
+        with torch.inference_mode():
+            logits = [teacher(x) for teacher in self.teachers]
+        # Inference tensors cannot be saved for backward; clone them out of it.
+        return [z.clone() for z in logits]
+
+    def soft_targets(self, x: Tensor, temperature: float) -> Tensor:
+        """Weighted mixture of the teachers' tempered distributions (see ``mixture_targets``)."""
+        return mixture_targets(self(x), self.class_ids, self.weights, self.num_classes, temperature)
+
+    def global_logprobs(self, x: Tensor) -> Tensor:
+        """The ensemble's prediction at T = 1, as log-probabilities over global classes."""
+        return mixture_targets(self(x), self.class_ids, self.weights, self.num_classes, 1.0).clamp_min(1e-12).log()

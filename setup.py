@@ -1,0 +1,25 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="mtkd",
+    version="0.1.0",
+    description="Multi-teacher, multi-task knowledge distillation for image classification",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["mtkd", "mtkd.*", "tasks"]),
+    install_requires=[
+        "torch>=2.2",
+        "torchvision>=0.17",
+        "timm>=0.9",
+        "numpy",
+        "tensorboard",
+        "scikit-learn",
+        "rich",
+        "matplotlib",
+        "pillow",
+    ],
+    extras_require={
+        "test": ["pytest>=7"],
+    },
+)

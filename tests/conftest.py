@@ -1,0 +1,27 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_script(*args, cwd=ROOT, timeout=900):
+    """Run a top-level script as a user would; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """One short Task B run of train.py (teachers trained for 2 epochs), shared by the tests."""
+    out = tmp_path_factory.mktemp("runs")
+    proc = run_script("train.py", "--task", "B", "--teacher_epochs", "2", "--num_epochs", "2",
+                      "--student_model", "ResNet18", "--output_dir", out, "--run", "smoke")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_dirs = [p for p in (out / "TaskB").iterdir() if p.name != "teachers"]
+    assert len(run_dirs) == 1
+    return {"output_dir": out, "run_dir": run_dirs[0], "stdout": proc.stdout,
+            "summary": json.loads((run_dirs[0] / "summary.json").read_text())}

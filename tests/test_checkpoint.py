@@ -1,0 +1,67 @@
+import os
+import pickle
+
+import pytest
+import torch
+
+from mtkd.checkpoint import load_checkpoint, save_checkpoint
+from mtkd.errors import UserError
+
+
+def test_round_trip(tmp_path):
+    state = {"model": {"w": torch.arange(3.0)}, "epoch": 4, "args": {"lr": 0.1}}
+    save_checkpoint(state, tmp_path / "a" / "best.pt")
+    loaded = load_checkpoint(tmp_path / "a" / "best.pt")
+    assert torch.equal(loaded["model"]["w"], torch.arange(3.0)) and loaded["epoch"] == 4
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["best.pt"]  # no temporary left behind
+
+
+def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "best.pt"
+    save_checkpoint({"model": {"w": torch.zeros(2)}}, path)
+
+    def broken_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        save_checkpoint({"model": {"w": torch.ones(2)}}, path)
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.zeros(2))
+    assert os.listdir(tmp_path) == ["best.pt"]
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"model": _RunsCode(str(marker))}, f)
+    with pytest.raises(UserError, match="holds more than weights"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "checkpoint not found"),
+    (b"not a checkpoint", "corrupt"),
+])
+def test_missing_or_corrupt_checkpoint(tmp_path, content, message):
+    path = tmp_path / "x.pt"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(UserError, match=message):
+        load_checkpoint(path)
+
+
+def test_checkpoint_without_model_is_rejected(tmp_path):
+    torch.save({"epoch": 1}, tmp_path / "x.pt")
+    with pytest.raises(UserError, match="not an mtkd checkpoint"):
+        load_checkpoint(tmp_path / "x.pt")

@@ -1,0 +1,117 @@
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+import tasks
+from mtkd.data import BatchTransform, ImageTensorDataset, create_loader, load_task_data
+from mtkd.errors import UserError
+
+CIFAR100_NAMES = [f"other_{i}" for i in range(100)]
+# Put the task's 15 classes at scattered CIFAR-100 ids, as in the real label list.
+TASK_A = tasks.get_task("A")
+for cifar_id, name in zip(range(3, 100, 6), TASK_A.class_names):
+    CIFAR100_NAMES[cifar_id] = name
+
+
+def write_mini_cifar100(root, per_class_train=10, per_class_test=4):
+    """A miniature CIFAR-100 in torchvision's on-disk layout (pickled dicts)."""
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+
+    def batch(per_class):
+        labels = np.repeat(np.arange(100), per_class)
+        # Pixel (c, 0, 0) encodes the CIFAR label and the channel, to check layout and mapping.
+        data = np.zeros((len(labels), 3, 32, 32), dtype=np.uint8)
+        data[:, 0, 0, 0] = labels
+        data[:, 1, 0, 0] = 200
+        data[:, 2, 31, 31] = 7
+        return {"data": data.reshape(len(labels), 3072), "fine_labels": labels.tolist(),
+                "coarse_labels": (labels // 5).tolist(), "filenames": [f"{i}.png" for i in range(len(labels))],
+                "batch_label": "mini"}
+
+    for name, per_class in (("train", per_class_train), ("test", per_class_test)):
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch(per_class), f)
+    with open(folder / "meta", "wb") as f:
+        pickle.dump({"fine_label_names": CIFAR100_NAMES, "coarse_label_names": [f"c{i}" for i in range(20)]}, f)
+
+
+def test_task_a_loader_reads_cifar100_pickles(tmp_path):
+    write_mini_cifar100(tmp_path)
+    data = load_task_data(TASK_A, tmp_path, download=False)
+    # 10 train images per class, 10% of each class carved out for validation.
+    assert (len(data.train), len(data.val), len(data.test)) == (15 * 9, 15 * 1, 15 * 4)
+    for split in (data.train, data.val, data.test):
+        assert split.images.shape[1:] == (3, 32, 32) and split.images.dtype == torch.uint8
+        # Each image's encoded CIFAR id maps to the task label of the same class name.
+        cifar_ids = split.images[:, 0, 0, 0].long()
+        names = [CIFAR100_NAMES[i] for i in cifar_ids]
+        assert names == [TASK_A.class_names[y] for y in split.labels]
+        assert (split.images[:, 1, 0, 0] == 200).all() and (split.images[:, 2, 31, 31] == 7).all()
+    assert torch.bincount(data.val.labels, minlength=15).tolist() == [1] * 15
+
+
+def test_task_a_missing_data_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="(?s)CIFAR-100 is missing under .*nowhere.*Fix:"):
+        load_task_data(TASK_A, tmp_path / "nowhere", download=False)
+
+
+def test_task_b_split_is_stratified_and_deterministic():
+    task = tasks.get_task("B")
+    one, two = load_task_data(task), load_task_data(task)
+    assert (len(one.train), len(one.val), len(one.test)) == (1167, 270, 360)
+    total = sum(torch.bincount(one.split(n).labels, minlength=10) for n in ("train", "val", "test")).float()
+    assert total.sum() == 1797
+    for name in ("train", "val", "test"):
+        a, b = one.split(name), two.split(name)
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+        counts = torch.bincount(a.labels, minlength=10).float()
+        # Stratified: each class's count is its share of the whole set, to within one image.
+        assert (counts - total * len(a) / 1797).abs().max() <= 1.0
+    assert one.train.images.max() == 255 and one.train.images.shape[1:] == (1, 8, 8)
+
+
+def test_select_classes_relabels_to_local_ids():
+    images = torch.arange(6, dtype=torch.uint8).view(6, 1, 1, 1)
+    ds = ImageTensorDataset(images, torch.tensor([0, 3, 1, 3, 2, 0]))
+    sub = ds.select_classes([3, 0])
+    assert sub.labels.tolist() == [1, 0, 0, 1]
+    assert sub.images.flatten().tolist() == [0, 1, 3, 5]
+
+
+def test_loader_yields_whole_batches_and_is_seeded():
+    ds = ImageTensorDataset(torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1), torch.arange(10))
+    order = lambda seed: [y.tolist() for _, y in create_loader(ds, 4, train=True, seed=seed)]  # noqa: E731
+    assert [len(b) for b in order(0)] == [4, 4, 2]
+    assert order(0) == order(0) and order(0) != order(1)
+    assert sorted(sum(order(0), [])) == list(range(10))
+    assert [y.tolist() for _, y in create_loader(ds, 4, train=False)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def test_transform_normalises_without_augmentation():
+    t = BatchTransform(mean=(0.5,), std=(0.25,))
+    x = torch.tensor([0, 255], dtype=torch.uint8).view(2, 1, 1, 1)
+    assert t(x).flatten().tolist() == [-2.0, 2.0]
+
+
+def test_random_crop_is_a_shifted_window_and_flip_mirrors():
+    images = torch.randint(1, 256, (64, 2, 6, 6), dtype=torch.uint8)
+    x = images.float() / 255
+    crop = BatchTransform((0.0, 0.0), (1.0, 1.0), crop_padding=2)
+    out = crop.augment(x, torch.Generator().manual_seed(0))
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    shifts = set()
+    for img, src in zip(out, padded):
+        hits = [(dy, dx) for dy in range(5) for dx in range(5) if torch.equal(img, src[:, dy:dy + 6, dx:dx + 6])]
+        assert hits, "every crop is a 6x6 window of the padded image"
+        shifts.add(hits[0])
+    assert len(shifts) > 5  # offsets are drawn per image
+
+    flip = BatchTransform((0.0, 0.0), (1.0, 1.0), hflip=True)
+    out = flip.augment(x, torch.Generator().manual_seed(0))
+    same = [torch.equal(o, i) for o, i in zip(out, x)]
+    mirrored = [torch.equal(o, i.flip(-1)) for o, i in zip(out, x)]
+    assert all(s or m for s, m in zip(same, mirrored))
+    assert 10 < sum(mirrored) < 54

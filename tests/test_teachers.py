@@ -1,0 +1,57 @@
+import torch
+from torch import nn
+
+from mtkd.distill import Distiller
+from mtkd.teachers import TeacherEnsemble
+
+
+class Fixed(nn.Module):
+    """A 'teacher' that returns fixed logits and holds one parameter."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = torch.tensor(logits)
+        self.scale = nn.Parameter(torch.ones(()))
+        self.bn = nn.BatchNorm1d(1)
+
+    def forward(self, x):
+        return self.scale * self.logits.expand(len(x), -1)
+
+
+def make_ensemble():
+    # Teacher 0 covers global classes (2, 0); teacher 1 covers (1, 2).
+    return TeacherEnsemble([Fixed([0.0, 0.0]), Fixed([0.0, 0.0])], [[2, 0], [1, 2]], [1.0, 1.0], 3)
+
+
+def test_ensemble_maps_local_outputs_to_global_classes():
+    q = make_ensemble().soft_targets(torch.zeros(4, 1), temperature=1.0)
+    # Each teacher splits its half of the mass evenly: class 2 is shared.
+    assert q[0].tolist() == [0.25, 0.25, 0.5]
+    assert torch.allclose(q.sum(1), torch.ones(4))
+
+
+def test_ensemble_is_frozen_and_stays_in_eval_mode():
+    ens = make_ensemble()
+    ens.train()
+    assert not ens.training and not any(t.training for t in ens.teachers)
+    assert not any(p.requires_grad for p in ens.parameters())
+
+
+def test_gradients_reach_the_student_only():
+    ens = make_ensemble()
+    student = nn.Linear(1, 3)
+    step = Distiller(student, ens, alpha=0.5, temperature=2.0)
+    out = step(torch.randn(8, 1), torch.randint(0, 3, (8,)))
+    out["loss"].backward()
+    assert student.weight.grad is not None and student.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in ens.parameters())
+
+
+def test_alpha_zero_never_runs_the_teachers():
+    class Exploding(nn.Module):
+        def forward(self, x):
+            raise AssertionError("teacher was run")
+
+    ens = TeacherEnsemble([Exploding()], [[0, 1, 2]], [1.0], 3)
+    out = Distiller(nn.Linear(1, 3), ens, alpha=0.0)(torch.randn(2, 1), torch.tensor([0, 1]))
+    assert out["loss_soft"].item() == 0.0

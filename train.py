@@ -1,0 +1,25 @@
+"""Train a task's teachers (when missing) and distil them into a student.
+
+    python train.py --task B --alpha 0.6 --student_model ResNet18
+"""
+import sys
+
+import tasks
+from mtkd.config import get_args_parser
+from mtkd.errors import UserError
+from mtkd.report import error_console
+from mtkd.trainer import run
+
+
+def main(argv=None) -> int:
+    args = get_args_parser(tasks.list_tasks()).parse_args(argv)
+    try:
+        run(args)
+    except UserError as e:
+        error_console.print(f"[bold red]error:[/] {e}")
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
