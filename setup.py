@@ -6,7 +6,7 @@ setup(
     description="Multi-teacher, multi-task knowledge distillation for image classification",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=find_packages(include=["mtkd", "mtkd.*", "tasks"]),
     install_requires=[
         "torch>=2.2",
@@ -20,6 +20,7 @@ setup(
         "pillow",
     ],
     extras_require={
-        "test": ["pytest>=7"],
+        "export": ["onnx", "onnxruntime"],
+        "test": ["pytest>=7", "onnx", "onnxruntime"],
     },
 )

@@ -5,16 +5,17 @@
 import sys
 
 import tasks
-from mtkd.config import get_args_parser
+from mtkd.config import explicit_flags, get_args_parser
 from mtkd.errors import UserError
 from mtkd.report import error_console
 from mtkd.trainer import run
 
 
 def main(argv=None) -> int:
-    args = get_args_parser(tasks.list_tasks()).parse_args(argv)
+    parser = get_args_parser(tasks.list_tasks())
+    args = parser.parse_args(argv)
     try:
-        run(args)
+        run(args, explicit=explicit_flags(parser, argv))
     except UserError as e:
         error_console.print(f"[bold red]error:[/] {e}")
         return e.exit_code

@@ -34,12 +34,25 @@ positive_int = _ranged(int, 1, what=">= 1")
 nonneg_int = _ranged(int, 0, what=">= 0")
 
 
+def task_type(task_names: list[str] | None):
+    """``--task``: a registered task name, or the path of a ``.toml`` task file."""
+
+    def parse(text: str) -> str:
+        if task_names is None or text in task_names or text.endswith(".toml"):
+            return text
+        raise argparse.ArgumentTypeError(
+            f"unknown task {text!r}; known: {', '.join(task_names)}, or a PATH.toml task file")
+
+    return parse
+
+
 def get_args_parser(task_names: list[str] | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Train a task's specialist teachers (when missing) and distil them into one student.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--task", default="B", choices=task_names, help="task name")
+    p.add_argument("--task", default="B", type=task_type(task_names),
+                   help=f"task name ({', '.join(task_names or [])}) or a PATH.toml task file")
     p.add_argument("--lr", type=positive_float, default=0.001, help="learning rate (Adam)")
     p.add_argument("--batch_size", type=positive_int, default=32, help="batch size")
     p.add_argument("--num_epochs", type=positive_int, default=100, help="student training epochs")
@@ -60,8 +73,49 @@ def get_args_parser(task_names: list[str] | None = None) -> argparse.ArgumentPar
     p.add_argument("--retrain_teachers", action="store_true", help="train the teachers even if checkpoints exist")
     p.add_argument("--num_workers", type=nonneg_int, default=0,
                    help="DataLoader worker processes (in-memory tasks are fastest with 0)")
+    p.add_argument("--resume", default=None, metavar="latest|RUN_DIR",
+                   help="continue a run in its own folder from its last.pt, with its saved arguments "
+                        "(flags given here override them, e.g. a larger --num_epochs)")
     return p
+
+
+def explicit_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """Destinations of the options actually given in ``argv`` (not left at their defaults)."""
+    probe = argparse.ArgumentParser(add_help=False)
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            kwargs = {"dest": action.dest, "default": argparse.SUPPRESS}
+            if action.nargs == 0:
+                kwargs["action"] = "store_const"
+                kwargs["const"] = True
+            else:
+                kwargs["nargs"] = action.nargs
+            probe.add_argument(*action.option_strings, **kwargs)
+    given, _ = probe.parse_known_args(argv)
+    return set(vars(given))
 
 
 def parse_args(argv: list[str] | None = None, task_names: list[str] | None = None) -> argparse.Namespace:
     return get_args_parser(task_names).parse_args(argv)
+
+
+def get_eval_args_parser(task_names: list[str] | None = None, with_task: bool = True) -> argparse.ArgumentParser:
+    """Flags of the evaluation scripts; ``with_task`` adds ``--task``, ``--image`` and ``--topk``."""
+    p = argparse.ArgumentParser(
+        description="Evaluate trained students on their task's test split and write reports.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    if with_task:
+        p.add_argument("--task", type=task_type(task_names), action="append",
+                       help="task name or PATH.toml to evaluate (repeatable; default: every built-in task)")
+        p.add_argument("--image", help="predict one image file with the task's student instead (needs one --task)")
+        p.add_argument("--topk", type=positive_int, default=3, help="classes to show with --image")
+    p.add_argument("--checkpoint", help="student checkpoint to evaluate (default: the newest run's best.pt)")
+    p.add_argument("--run_dir", help="run folder whose best.pt to evaluate")
+    p.add_argument("--output_dir", default="runs", help="where train.py wrote its runs and teachers")
+    p.add_argument("--eval_dir", default="evaluation", help="where reports are written")
+    p.add_argument("--data_root", default="data", help="where datasets are found")
+    p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:N'")
+    p.add_argument("--speed_repeats", type=positive_int, default=20,
+                   help="timed forward passes per latency measurement (median)")
+    return p

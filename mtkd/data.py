@@ -7,7 +7,7 @@ training device, with tensor ops: no per-sample PIL round trips.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from PIL import Image, UnidentifiedImageError
 from torchvision.datasets import CIFAR100
+from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
 from .errors import UserError
 from .registry import Registry
@@ -61,13 +63,14 @@ def _batch_collate(batch):
 
 
 def create_loader(dataset: Dataset, batch_size: int, *, train: bool, seed: int = 0,
-                  num_workers: int = 0, pin_memory: bool = False, sampler=None) -> DataLoader:
-    """A DataLoader over ``dataset``; shuffled with a seeded generator when training.
+                  generator: torch.Generator | None = None, num_workers: int = 0, pin_memory: bool = False,
+                  sampler=None) -> DataLoader:
+    """A DataLoader over ``dataset``; shuffled by ``generator`` (or one seeded with ``seed``) when training.
 
     ``num_workers`` > 0 moves the batch gathering to worker processes (useful
     for datasets that read from disk); for in-memory data 0 is fastest.
     """
-    generator = torch.Generator().manual_seed(seed)
+    generator = generator if generator is not None else torch.Generator().manual_seed(seed)
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -129,11 +132,12 @@ class BatchTransform(nn.Module):
 
 @dataclass
 class TaskData:
-    """The three splits of a task, in memory."""
+    """The three splits of a task, in memory, and the files that could not be read."""
 
     train: ImageTensorDataset
     val: ImageTensorDataset
     test: ImageTensorDataset
+    skipped: list[str] = field(default_factory=list)
 
     def split(self, name: str) -> ImageTensorDataset:
         return getattr(self, name)
@@ -238,5 +242,54 @@ def _load_cifar100(spec: TaskSpec, data_root: Path, download: bool) -> TaskData:
     )
 
 
+def read_image(path: str | Path, channels: int, size: int) -> np.ndarray:
+    """One image file as ``uint8 (C, size, size)``: grey, RGBA and palette images are converted."""
+    with Image.open(path) as img:
+        img.load()  # decode now, so truncated files fail here
+        if channels == 3 and img.mode in ("RGBA", "LA", "PA") or img.mode == "P" and "transparency" in img.info:
+            # Composite transparent images onto black rather than keeping undefined colours.
+            rgba = img.convert("RGBA")
+            img = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
+        img = img.convert("L" if channels == 1 else "RGB")
+        if img.size != (size, size):
+            img = img.resize((size, size), Image.BILINEAR)
+        return np.asarray(img, dtype=np.uint8).reshape(size, size, channels).transpose(2, 0, 1)
+
+
+def _read_folder(folder: Path, class_names, channels: int, size: int, skipped: list[str]):
+    """Every image under ``folder/<class>/``; unreadable files are listed in ``skipped``."""
+    index = {c: i for i, c in enumerate(class_names)}
+    present = {c: i for c, i in index.items() if (folder / c).is_dir()}
+    samples = make_dataset(str(folder), present, extensions=IMG_EXTENSIONS, allow_empty=True)
+    images, labels = [], []
+    for path, label in samples:
+        try:
+            images.append(read_image(path, channels, size))
+            labels.append(label)
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+            skipped.append(f"{path}: {type(e).__name__}: {e}")
+    stack = np.stack(images) if images else np.zeros((0, channels, size, size), np.uint8)
+    return stack, np.asarray(labels, dtype=np.int64)
+
+
+def _load_imagefolder(spec: TaskSpec, data_root: Path, download: bool) -> TaskData:
+    """Class folders, either under train/, val/ and test/, or in one folder split by fractions (seeded)."""
+    root = Path(spec.source_options["root"])
+    size, channels, skipped = spec.image_size, spec.channels, []
+    if spec.source_options["layout"] == "split":
+        splits = [_read_folder(root / s, spec.class_names, channels, size, skipped) for s in SPLITS]
+        return TaskData(*(_to_dataset(*s) for s in splits), skipped=skipped)
+    images, labels = _read_folder(root, spec.class_names, channels, size, skipped)
+    try:
+        rest, test = stratified_split(labels, spec.test_fraction, spec.split_seed)
+        train, val = stratified_split(labels[rest], spec.val_fraction / (1 - spec.test_fraction), spec.split_seed)
+    except ValueError as e:
+        raise UserError(f"cannot split {root} into train/val/test ({e}). Fix: add images (at least a few "
+                        "per class), or provide train/, val/ and test/ folders.") from None
+    train, val = rest[train], rest[val]
+    return TaskData(*(_to_dataset(images[i], labels[i]) for i in (train, val, test)), skipped=skipped)
+
+
 SOURCES.register("digits", _load_digits)
+SOURCES.register("imagefolder", _load_imagefolder)
 SOURCES.register("cifar100", _load_cifar100)

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from .data import BatchTransform
 from .errors import UserError
+from .metrics import topk_accuracy
 
 
 class NonFiniteLossError(UserError):
@@ -77,11 +78,12 @@ def predict(model: nn.Module, loader: DataLoader, transform: BatchTransform,
 
 def evaluate(model: nn.Module, loader: DataLoader, transform: BatchTransform,
              device: torch.device) -> dict[str, float]:
-    """Top-1 accuracy and mean cross-entropy over ``loader``."""
+    """Top-1 and top-3 accuracy and mean cross-entropy over ``loader``."""
     logits, labels = predict(model, loader, transform, device)
     if len(labels) == 0:
-        return {"acc": math.nan, "loss": math.nan}
+        return {"acc": math.nan, "top3": math.nan, "loss": math.nan}
     return {
-        "acc": (logits.argmax(1) == labels).float().mean().item(),
+        "acc": topk_accuracy(logits, labels, 1),
+        "top3": topk_accuracy(logits, labels, 3),
         "loss": torch.nn.functional.cross_entropy(logits, labels).item(),
     }

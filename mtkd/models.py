@@ -46,16 +46,21 @@ def adapt_to_small_inputs(model: nn.Module) -> bool:
     return False
 
 
+def check_architecture(architecture: str) -> None:
+    """Raise a UserError naming similar timm models if ``architecture`` is not one."""
+    if not timm.is_model(architecture):
+        close = timm.list_models(f"*{architecture.split('_')[0]}*")[:8]
+        hint = f" Similar timm names: {', '.join(close)}." if close else ""
+        raise UserError(f"unknown timm architecture {architecture!r}.{hint}")
+
+
 def create_model(architecture: str, num_classes: int, in_chans: int, image_size: int,
                  adapt: bool = True) -> nn.Module:
     """A randomly initialised timm model for ``image_size`` inputs.
 
     No pretrained weights are fetched: teachers and students are trained here.
     """
-    if architecture not in timm.list_models():
-        close = timm.list_models(f"*{architecture.split('_')[0]}*")[:8]
-        hint = f" Similar timm names: {', '.join(close)}." if close else ""
-        raise UserError(f"unknown timm architecture {architecture!r}.{hint}")
+    check_architecture(architecture)
     model = timm.create_model(architecture, pretrained=False, num_classes=num_classes, in_chans=in_chans)
     if adapt and image_size < SMALL_INPUT:
         adapt_to_small_inputs(model)

@@ -1,12 +1,15 @@
 """Console output: progress bars, per-epoch lines and summary tables (rich)."""
 from __future__ import annotations
 
+import sys
+
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-console = Console(highlight=False)
-error_console = Console(stderr=True, highlight=False)
+# Rich assumes 80 columns when output is not a terminal; logs and CI read better wider.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
+error_console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 120)
 
 
 def create_progress() -> Progress:
@@ -51,4 +54,45 @@ def run_summary_table(summary: dict) -> Table:
                   f"{summary['student_params'] / 1e6:.1f}M",
                   percent(summary["best_val_acc"]), f"[bold]{percent(summary['test_acc'])}")
     table.caption = f"alpha {summary['alpha']}, T {summary['temperature']}, time {summary['wall_time_s']:.0f} s"
+    return table
+
+
+def signed_points(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:+.2f}"
+
+
+def evaluation_table(r: dict) -> Table:
+    """One task's test results: the student and its reference rows."""
+    table = Table(title=f"Task {r['task']} test split: {r['student_model']} student ({r['model_path']})")
+    for col in ("model", "params", "accuracy", "top-3", "macro-F1", "ECE"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+
+    def add(name, m, params):
+        table.add_row(name, f"{params / 1e6:.1f}M", percent(m["overall_accuracy"]), percent(m["top3_accuracy"]),
+                      f"{m['f1_macro']:.4f}", f"{m['ece']:.4f}")
+
+    add(f"[bold]student {r['student_model']}", r, r["num_parameters"])
+    if r.get("baseline"):
+        add(f"baseline student {r['baseline']['student_model']} (alpha 0)", r["baseline"], r["baseline"]["num_parameters"])
+    if r.get("ensemble"):
+        add("teacher ensemble (all classes)", r["ensemble"], r["ensemble"]["num_parameters"])
+    for t in r.get("teachers", []):
+        add(f"teacher {t['name']} (own classes)", t, t["num_parameters"])
+    agreement = r.get("teacher_student_agreement")
+    table.caption = f"teacher-student agreement {percent(agreement)}; ROC-AUC (macro) {r['roc_auc_ovr_macro']:.4f}"
+    return table
+
+
+def summary_table(rows: list[dict]) -> Table:
+    """Across tasks: student, size, accuracy, macro-F1, deltas vs the baseline student and the ensemble."""
+    table = Table(title="Evaluation summary (test split)")
+    for col in ("task", "student", "params", "accuracy", "macro-F1", "vs baseline (pts)", "vs ensemble (pts)"):
+        table.add_column(col, justify="left" if col in ("task", "student") else "right")
+    for row in rows:
+        if row.get("error"):
+            table.add_row(row["task"], f"[yellow]{row['error']}", "", "", "", "", "")
+            continue
+        table.add_row(row["task"], row["student_model"], f"{row['num_parameters'] / 1e6:.1f}M",
+                      percent(row["overall_accuracy"]), f"{row['f1_macro']:.4f}",
+                      signed_points(row["delta_vs_baseline"]), signed_points(row["delta_vs_ensemble"]))
     return table

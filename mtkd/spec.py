@@ -14,12 +14,15 @@ class TeacherSpec:
     ``classes`` are names from the task's ``class_names``; the teacher's output
     unit ``i`` stands for ``classes[i]``. ``weight`` scales its vote in the
     ensemble (weights are normalised over the teachers that take part).
+    ``checkpoint`` is where its weights live (default: the task's teacher
+    folder under ``--output_dir``); it is trained there when absent.
     """
 
     name: str
     architecture: str
     classes: tuple[str, ...]
     weight: float = 1.0
+    checkpoint: str | None = None
 
 
 @dataclass(frozen=True)

@@ -49,3 +49,14 @@ class TeacherEnsemble(nn.Module):
     def global_logprobs(self, x: Tensor) -> Tensor:
         """The ensemble's prediction at T = 1, as log-probabilities over global classes."""
         return mixture_targets(self(x), self.class_ids, self.weights, self.num_classes, 1.0).clamp_min(1e-12).log()
+
+
+class EnsembleClassifier(nn.Module):
+    """The teacher ensemble as a classifier over the task's classes: argmax of its soft target at T = 1."""
+
+    def __init__(self, ensemble: TeacherEnsemble):
+        super().__init__()
+        self.ensemble = ensemble
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.ensemble.global_logprobs(x)

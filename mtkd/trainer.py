@@ -21,15 +21,17 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
+from . import plots
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import BatchTransform, TaskData, create_loader, load_task_data
 from .distill import Distiller
 from .engine import evaluate, train_one_epoch
 from .errors import UserError
-from .models import count_parameters, create_student, create_teacher
+from .models import check_architecture, count_parameters, create_student, create_teacher
 from .report import console, create_progress, run_summary_table, teachers_table
-from .spec import TaskSpec, get_task
-from .teachers import TeacherEnsemble
+from .spec import TaskSpec
+from .taskfile import resolve_task
+from .teachers import EnsembleClassifier, TeacherEnsemble
 
 CHECKPOINT_VERSION = 1
 
@@ -56,26 +58,63 @@ def teacher_dir(output_dir: str | Path, task: TaskSpec) -> Path:
     return Path(output_dir) / f"Task{task.name}" / "teachers"
 
 
+def teacher_path(output_dir: str | Path, task: TaskSpec, spec) -> Path:
+    """The teacher's own ``checkpoint`` if its spec names one, else ``<teacher_dir>/<name>.pt``."""
+    return Path(spec.checkpoint) if spec.checkpoint else teacher_dir(output_dir, task) / f"{spec.name}.pt"
+
+
+class RunRng:
+    """Every source of randomness of a run, so that a resumed run continues exactly.
+
+    ``loader`` decides the order of the training batches, ``augment`` the
+    crops and flips; the global python, numpy, torch (and CUDA) generators
+    drive initialisation and dropout.
+    """
+
+    def __init__(self, seed: int):
+        self.loader = torch.Generator().manual_seed(seed)
+        self.augment = torch.Generator().manual_seed(seed + 1)
+
+    def state_dict(self) -> dict:
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        return {"python": random.getstate(),
+                "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                          "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "loader": self.loader.get_state(), "augment": self.augment.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        random.setstate(state["python"])
+        n = state["numpy"]
+        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                             n["cached_gaussian"]))
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        self.loader.set_state(state["loader"])
+        self.augment.set_state(state["augment"])
+
+
 def fit(step: nn.Module, data: TaskData, *, epochs: int, optimizer, scheduler, args: Namespace,
         device: torch.device, transform: BatchTransform, on_epoch, val_model: nn.Module,
-        title: str) -> None:
-    """Train ``step`` for ``epochs``; after each, evaluate ``val_model`` and call ``on_epoch``."""
+        title: str, rng: RunRng, start_epoch: int = 1) -> None:
+    """Train ``step`` for epochs ``start_epoch..epochs``; after each, evaluate ``val_model``, call ``on_epoch``."""
     pin = device.type == "cuda"
-    train_loader = create_loader(data.train, args.batch_size, train=True, seed=args.seed,
+    train_loader = create_loader(data.train, args.batch_size, train=True, generator=rng.loader,
                                  num_workers=args.num_workers, pin_memory=pin)
     val_loader = create_loader(data.val, 512, train=False, num_workers=args.num_workers, pin_memory=pin)
-    generator = torch.Generator().manual_seed(args.seed + 1)
     with create_progress() as progress:
-        for epoch in range(1, epochs + 1):
+        for epoch in range(start_epoch, epochs + 1):
             start = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
             train = train_one_epoch(step, train_loader, optimizer, transform, device, epoch=epoch,
-                                    generator=generator, progress=progress)
+                                    generator=rng.augment, progress=progress)
             val = evaluate(val_model, val_loader, transform, device)
             scheduler.step()
             seconds = time.perf_counter() - start
             console.print(f"{title} {epoch:>3}/{epochs}  loss {train['loss']:.4f}  acc {train['acc']:.4f}  "
-                          f"val {val['acc']:.4f}  lr {lr:.1e}  {seconds:.1f}s")
+                          f"val {val['acc']:.4f}  lr {lr:.1e}  {seconds:.1f}s", soft_wrap=True)
             on_epoch(epoch, train, val, lr, seconds)
 
 
@@ -116,7 +155,7 @@ def train_teacher(spec, task: TaskSpec, data: TaskData, args: Namespace, device:
     seed_everything(args.seed)
     fit(Distiller(model), own, epochs=args.teacher_epochs, optimizer=optimizer, scheduler=scheduler,
         args=args, device=device, transform=transform, on_epoch=on_epoch, val_model=model,
-        title=f"teacher {spec.name}")
+        title=f"teacher {spec.name}", rng=RunRng(args.seed))
     writer.close()
     model.load_state_dict(best["model"])
     test = evaluate(model, create_loader(own.test, 512, train=False), transform, device)
@@ -142,10 +181,9 @@ def load_teacher(spec, task: TaskSpec, path: Path) -> tuple[nn.Module, dict]:
 def prepare_teachers(task: TaskSpec, data: TaskData, args: Namespace,
                      device: torch.device) -> tuple[TeacherEnsemble, list[dict]]:
     """Load each teacher's checkpoint, training those that have none (or all, if asked)."""
-    folder = teacher_dir(args.output_dir, task)
     models, rows = [], []
     for spec in task.teachers:
-        path = folder / f"{spec.name}.pt"
+        path = teacher_path(args.output_dir, task, spec)
         if path.exists() and not args.retrain_teachers:
             model, metrics = load_teacher(spec, task, path)
             status = "reused"
@@ -179,59 +217,137 @@ def create_run_dir(args: Namespace, task: TaskSpec) -> Path:
     raise UserError(f"could not create a new run folder under {parent}")
 
 
-def run(args: Namespace) -> dict:
-    """Teachers, then the student; returns the run's summary (also in ``summary.json``)."""
+def list_runs(output_dir: str | Path, task: TaskSpec, needs: str = "best.pt") -> list[Path]:
+    """The task's run folders holding ``needs``, oldest first (by when their run started)."""
+    parent = Path(output_dir) / f"Task{task.name}"
+    if not parent.is_dir():
+        return []
+    runs = [p for p in parent.iterdir() if p.is_dir() and (p / needs).is_file() and (p / "args.json").is_file()]
+    return sorted(runs, key=lambda p: ((p / "args.json").stat().st_mtime, p.name))
+
+
+def open_resume(args: Namespace, task: TaskSpec, explicit: set[str]) -> tuple[Path, Namespace, dict]:
+    """The run folder to resume, its saved arguments (explicit flags override them), its last.pt."""
+    if args.resume == "latest":
+        runs = list_runs(args.output_dir, task, needs="last.pt")
+        if not runs:
+            raise UserError(f"--resume latest: no run of task {task.name} under {args.output_dir} to resume. "
+                            f"Fix: start one with python train.py --task {args.task}.")
+        run_dir = runs[-1]
+    else:
+        run_dir = Path(args.resume)
+        if not (run_dir / "last.pt").is_file() or not (run_dir / "args.json").is_file():
+            raise UserError(f"--resume {args.resume}: not a run folder (it needs last.pt and args.json). "
+                            f"Fix: pass a folder under {Path(args.output_dir) / f'Task{task.name}'} "
+                            "written by train.py, or --resume latest.")
+    saved = json.loads((run_dir / "args.json").read_text())
+    merged = Namespace(**{**vars(args), **saved})
+    for name in explicit:
+        setattr(merged, name, getattr(args, name))
+    merged.resume = str(run_dir)
+    last = load_checkpoint(run_dir / "last.pt", required=("model", "optimizer", "scheduler", "epoch", "rng"))
+    if last["epoch"] >= merged.num_epochs:
+        raise UserError(f"--resume {run_dir}: the run already finished {last['epoch']} of {merged.num_epochs} "
+                        f"epochs. Fix: pass --num_epochs N with N > {last['epoch']} to train it further.")
+    return run_dir, merged, last
+
+
+def _truncate_metrics(path: Path, before_epoch: int) -> None:
+    """Keep the rows of epochs that the resumed checkpoint already holds."""
+    if path.exists():
+        rows = [r for r in csv.DictReader(path.open(newline="")) if int(r["epoch"]) < before_epoch]
+        with path.open("w", newline="") as f:
+            if rows:
+                out = csv.DictWriter(f, fieldnames=list(rows[0]))
+                out.writeheader()
+                out.writerows(rows)
+
+
+def run(args: Namespace, explicit: set[str] = frozenset()) -> dict:
+    """Teachers, then the student; returns the run's summary (also in ``summary.json``).
+
+    With ``args.resume`` the run continues in its own folder from its
+    ``last.pt``, with its saved arguments; flags in ``explicit`` (those given
+    on the command line) override them, e.g. a larger ``--num_epochs``.
+    """
     started = time.perf_counter()
-    task = get_task(args.task)
+    task = resolve_task(args.task)
+    last = None
+    if getattr(args, "resume", None):
+        run_dir, args, last = open_resume(args, task, set(explicit) - {"resume"})
+        task = resolve_task(args.task)
+    for spec in task.teachers:  # fail before any data is read
+        check_architecture(spec.architecture)
     device = resolve_device(args.device)
     data = load_task_data(task, args.data_root)
+    if data.skipped:
+        console.print(f"[yellow]skipped {len(data.skipped)} unreadable image file(s)[/], e.g. {data.skipped[0]}",
+                      soft_wrap=True)
     seed_everything(args.seed)
     student = create_student(args.student_model, task).to(device)
     ensemble, teacher_rows = prepare_teachers(task, data, args, device)
     console.print(teachers_table(teacher_rows))
-    console.print(f"Teacher checkpoints: {teacher_dir(args.output_dir, task)}")
+    console.print("Teacher checkpoints: " + ", ".join(sorted({str(teacher_path(args.output_dir, task, t).parent)
+                                                              for t in task.teachers})), soft_wrap=True)
 
-    run_dir = create_run_dir(args, task)
+    if last is None:
+        run_dir = create_run_dir(args, task)
     (run_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
+    if data.skipped:
+        (run_dir / "skipped_files.txt").write_text("\n".join(data.skipped) + "\n")
     console.print(f"[bold]Run folder[/] {run_dir}  (device {device}, {len(data.train)} train / "
-                  f"{len(data.val)} val / {len(data.test)} test images)")
+                  f"{len(data.val)} val / {len(data.test)} test images)", soft_wrap=True)
     seed_everything(args.seed)
     step = Distiller(student, ensemble, alpha=args.alpha, temperature=args.temperature)
     optimizer = _adam(student, args)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.scheduler_step, gamma=args.scheduler_gamma)
     transform = BatchTransform.for_task(task).to(device)
-    writer = SummaryWriter(str(run_dir))
+    rng = RunRng(args.seed)
     best = {"val_acc": -1.0, "epoch": 0}
+    start_epoch = 1
     metrics_path = run_dir / "metrics.csv"
+    if last is not None:
+        student.load_state_dict(last["model"])
+        optimizer.load_state_dict(last["optimizer"])
+        scheduler.load_state_dict(last["scheduler"])
+        rng.load_state_dict(last["rng"])
+        best = {"val_acc": last["best_val_acc"], "epoch": last["best_epoch"]}
+        start_epoch = last["epoch"] + 1
+        _truncate_metrics(metrics_path, start_epoch)
+        console.print(f"[bold]Resuming[/] at epoch {start_epoch} of {args.num_epochs}", soft_wrap=True)
+    # purge_step drops events a killed run logged after its last checkpoint.
+    writer = SummaryWriter(str(run_dir), purge_step=start_epoch if last is not None else None)
 
     def on_epoch(epoch, train, val, lr, seconds):
         row = {"epoch": epoch, **{f"train_{k}": v for k, v in train.items()},
-               "val_loss": val["loss"], "val_acc": val["acc"], "lr": lr, "time_s": seconds}
+               "val_loss": val["loss"], "val_acc": val["acc"], "val_top3": val["top3"], "lr": lr, "time_s": seconds}
         for key, value in row.items():
             if key != "epoch":
                 writer.add_scalar(key.replace("_", "/", 1) if key.startswith(("train_", "val_")) else key, value, epoch)
-        new_file = not metrics_path.exists()
+        new_file = not metrics_path.exists() or metrics_path.stat().st_size == 0
         with metrics_path.open("a", newline="") as f:
             out = csv.DictWriter(f, fieldnames=list(row))
             if new_file:
                 out.writeheader()
             out.writerow(row)
-        state = {"model": student.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "epoch": epoch, "val_acc": val["acc"],
-                 "best_val_acc": max(best["val_acc"], val["acc"]), "args": vars(args), "task": task.name,
-                 "student_model": args.student_model, "class_names": list(task.class_names),
-                 "version": CHECKPOINT_VERSION}
         if val["acc"] > best["val_acc"]:
             best.update(val_acc=val["acc"], epoch=epoch)
+        state = {"model": student.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "epoch": epoch, "val_acc": val["acc"],
+                 "best_val_acc": best["val_acc"], "best_epoch": best["epoch"], "rng": rng.state_dict(),
+                 "args": vars(args), "task": task.name, "student_model": args.student_model,
+                 "class_names": list(task.class_names), "version": CHECKPOINT_VERSION}
+        if best["epoch"] == epoch:
             save_checkpoint(state, run_dir / "best.pt")
         save_checkpoint(state, run_dir / "last.pt")
 
     fit(step, data, epochs=args.num_epochs, optimizer=optimizer, scheduler=scheduler, args=args,
-        device=device, transform=transform, on_epoch=on_epoch, val_model=student, title="student")
+        device=device, transform=transform, on_epoch=on_epoch, val_model=student, title="student",
+        rng=rng, start_epoch=start_epoch)
 
     student.load_state_dict(load_checkpoint(run_dir / "best.pt")["model"])
     test = evaluate(student, create_loader(data.test, 512, train=False), transform, device)
-    ensemble_model = _EnsembleClassifier(ensemble)
+    ensemble_model = EnsembleClassifier(ensemble)
     ensemble_val = evaluate(ensemble_model, create_loader(data.val, 512, train=False), transform, device)
     ensemble_test = evaluate(ensemble_model, create_loader(data.test, 512, train=False), transform, device)
     summary = {
@@ -240,25 +356,31 @@ def run(args: Namespace) -> dict:
         "best_epoch": best["epoch"], "best_val_acc": best["val_acc"], "test_acc": test["acc"],
         "student_params": count_parameters(student), "teachers": teacher_rows,
         "ensemble_params": count_parameters(ensemble), "ensemble_val_acc": ensemble_val["acc"],
-        "ensemble_test_acc": ensemble_test["acc"], "device": str(device),
+        "ensemble_test_acc": ensemble_test["acc"], "device": str(device), "skipped_files": len(data.skipped),
         "wall_time_s": time.perf_counter() - started,
     }
     _log_hparams(writer, args, summary)
     writer.close()
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_run_curves(run_dir)
     console.print(run_summary_table(summary))
     return summary
 
 
-class _EnsembleClassifier(nn.Module):
-    """The teacher ensemble as a classifier over the task's classes (for reference accuracy)."""
+def read_metrics(run_dir: Path) -> list[dict]:
+    with (Path(run_dir) / "metrics.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
 
-    def __init__(self, ensemble: TeacherEnsemble):
-        super().__init__()
-        self.ensemble = ensemble
 
-    def forward(self, x):
-        return self.ensemble.global_logprobs(x)
+def write_run_curves(run_dir: Path) -> list[Path]:
+    """``curves.png`` (loss and accuracy) and ``top1_top3.png`` next to the run's checkpoints."""
+    rows = read_metrics(run_dir)
+    paths = []
+    for name, figure in (("curves.png", plots.run_curves_figure), ("top1_top3.png", plots.topk_curves_figure)):
+        fig = figure(rows, run_dir.name)
+        paths.append(plots.save(fig, run_dir / name))
+        plots.close(fig)
+    return paths
 
 
 def _log_hparams(writer: SummaryWriter, args: Namespace, summary: dict) -> None:

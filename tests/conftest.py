@@ -25,3 +25,17 @@ def smoke_run(tmp_path_factory):
     assert len(run_dirs) == 1
     return {"output_dir": out, "run_dir": run_dirs[0], "stdout": proc.stdout,
             "summary": json.loads((run_dirs[0] / "summary.json").read_text())}
+
+
+@pytest.fixture(scope="session")
+def baseline_run(smoke_run):
+    """A second, alpha = 0 run in the same output folder: it must reuse the smoke run's teachers."""
+    out = smoke_run["output_dir"]
+    teachers = out / "TaskB" / "teachers"
+    before = {p.name: p.stat().st_mtime_ns for p in teachers.glob("*.pt")}
+    proc = run_script("train.py", "--num_epochs", "2", "--student_model", "MobileNetV3", "--batch_size", "256",
+                      "--alpha", "0", "--output_dir", out, "--run", "baseline")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    after = {p.name: p.stat().st_mtime_ns for p in teachers.glob("*.pt")}
+    run_dir = next(p for p in (out / "TaskB").iterdir() if p.name.endswith("_baseline"))
+    return {"run_dir": run_dir, "stdout": proc.stdout, "teachers_untouched": before == after}

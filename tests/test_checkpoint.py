@@ -43,7 +43,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
     with open(path, "wb") as f:
-        pickle.dump({"model": _RunsCode(str(marker))}, f)
+        pickle.dump({"model": _RunsCode(str(marker))}, f, protocol=2)
     with pytest.raises(UserError, match="holds more than weights"):
         load_checkpoint(path)
     assert not marker.exists()

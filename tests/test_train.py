@@ -48,17 +48,19 @@ def test_smoke_run_tensorboard_tags(smoke_run):
     assert acc.Scalars("train/loss_soft")[0].value > 0  # the teachers did contribute
 
 
-def test_second_run_reuses_teachers_and_gets_a_new_folder(smoke_run):
-    out = smoke_run["output_dir"]
-    before = {p.name: p.stat().st_mtime_ns for p in (out / "TaskB" / "teachers").glob("*.pt")}
-    proc = run_script("train.py", "--num_epochs", "1", "--student_model", "MobileNetV3", "--batch_size", "256",
-                      "--alpha", "0", "--output_dir", out, "--run", "smoke")
-    assert proc.returncode == 0, proc.stderr
-    assert "reused" in proc.stdout
-    after = {p.name: p.stat().st_mtime_ns for p in (out / "TaskB" / "teachers").glob("*.pt")}
-    assert before == after
-    runs = sorted(p for p in (out / "TaskB").iterdir() if p.name != "teachers")
-    assert len(runs) == 2 and smoke_run["run_dir"] in runs
+def test_second_run_reuses_teachers_and_gets_a_new_folder(smoke_run, baseline_run):
+    assert "reused" in baseline_run["stdout"] and baseline_run["teachers_untouched"]
+    runs = sorted(p for p in (smoke_run["output_dir"] / "TaskB").iterdir() if p.name != "teachers")
+    assert runs == sorted([smoke_run["run_dir"], baseline_run["run_dir"]])
+    assert baseline_run["run_dir"].name.startswith("MobileNetV3_a0_T2_e2_s42_")
+
+
+def test_run_curves_are_written_next_to_the_checkpoints(smoke_run):
+    from PIL import Image
+
+    for name in ("curves.png", "top1_top3.png"):
+        with Image.open(smoke_run["run_dir"] / name) as img:
+            assert img.format == "PNG" and img.size[0] > 300 and img.size[1] > 200
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -70,7 +72,7 @@ def test_second_run_reuses_teachers_and_gets_a_new_folder(smoke_run):
     (["--batch_size", "0"], "--batch_size: 0 is out of range"),
     (["--num_epochs", "0"], "--num_epochs: 0 is out of range"),
     (["--student_model", "VGG"], "--student_model: invalid choice: 'VGG'"),
-    (["--task", "Z"], "--task: invalid choice: 'Z'"),
+    (["--task", "Z"], "--task: unknown task 'Z'; known: A, B, or a PATH.toml task file"),
 ])
 def test_parser_rejects_bad_values_with_exit_2(flags, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -102,3 +104,26 @@ def test_cpu_device_and_bad_device(tmp_path, capsys):
     code = train.main(["--device", "tpu", "--output_dir", str(tmp_path)])
     assert code == 2 and "is not a device" in capsys.readouterr().err
     assert torch.device("cpu").type == "cpu"
+
+
+def test_resume_continues_exactly(smoke_run, tmp_path):
+    """Two epochs straight == one epoch, then --resume to two: every tensor of the model is equal."""
+    out = smoke_run["output_dir"]
+    flags = ["--student_model", "MobileNetV3", "--batch_size", "256", "--alpha", "0.5", "--output_dir", out]
+    assert run_script("train.py", *flags, "--num_epochs", "2", "--run", "straight").returncode == 0
+    assert run_script("train.py", *flags, "--num_epochs", "1", "--run", "cut").returncode == 0
+    cut = next((out / "TaskB").glob("*_cut"))
+    proc = run_script("train.py", "--resume", cut, "--num_epochs", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert "Resuming at epoch 2 of 2" in proc.stdout
+    straight = load_checkpoint(next((out / "TaskB").glob("*_straight")) / "last.pt")
+    resumed = load_checkpoint(cut / "last.pt")
+    assert resumed["epoch"] == 2
+    assert all(torch.equal(straight["model"][k], resumed["model"][k]) for k in straight["model"])
+    assert [int(r["epoch"]) for r in csv.DictReader((cut / "metrics.csv").open())] == [1, 2]
+    assert json.loads((cut / "args.json").read_text())["num_epochs"] == 2
+    # Finished: resuming again without more epochs is refused, and nothing is touched.
+    before = (cut / "last.pt").stat().st_mtime_ns
+    proc = run_script("train.py", "--resume", cut)
+    assert proc.returncode == 2 and "already finished 2 of 2 epochs" in proc.stderr
+    assert (cut / "last.pt").stat().st_mtime_ns == before

@@ -1,0 +1,17 @@
+"""Evaluate Task A's student (CIFAR-100 specialists) on its test split.
+
+    python evaluation_taska.py [--checkpoint PATH | --run_dir DIR]
+
+Writes evaluation/TaskA/: results.json, classification_report.txt,
+confusion_matrix.png, sample_predictions.png, size_speed.md, and, when a
+baseline (alpha 0) run exists, comparison.md / comparison.png.
+"""
+import sys
+
+from mtkd.evaluate import task_script_main
+
+TASK = "A"
+
+
+if __name__ == "__main__":
+    sys.exit(task_script_main(TASK))

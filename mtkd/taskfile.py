@@ -1,0 +1,151 @@
+"""Custom tasks from a TOML file: ``--task PATH.toml`` (read with ``tomllib``).
+
+Example::
+
+    name = "animals"
+    image_size = 64          # images are resized to this square size
+    channels = 3             # 1 or 3; images are converted
+    [dataset]
+    type = "imagefolder"
+    root = "data/animals"    # relative paths are relative to this file
+    [[teachers]]
+    name = "mammals"
+    architecture = "resnet34"
+    classes = ["zebra", "lynx", "hyena"]
+    weight = 1.0
+    checkpoint = "teachers/mammals.pt"   # optional; trained when absent
+
+The task's classes are the class folders found under the dataset root.
+"""
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from torchvision.datasets.folder import find_classes
+
+from .errors import UserError
+from .spec import TaskSpec, TeacherSpec, get_task
+
+TOP_KEYS = {"name", "title", "image_size", "channels", "mean", "std", "crop_padding", "hflip", "dataset", "teachers"}
+DATASET_KEYS = {"type", "root", "val_fraction", "test_fraction", "split_seed"}
+TEACHER_KEYS = {"name", "architecture", "classes", "weight", "checkpoint"}
+SPLIT_FOLDERS = ("train", "val", "test")
+
+
+def is_task_file(text: str) -> bool:
+    return str(text).endswith(".toml")
+
+
+def resolve_task(text: str) -> TaskSpec:
+    """A registered task by name, or a task defined by a ``.toml`` file."""
+    return load_task_file(text) if is_task_file(text) else get_task(text)
+
+
+def _check_keys(path: Path, table: dict, allowed: set, where: str) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise UserError(f"{path}: unknown key {unknown[0]!r} in {where}. "
+                        f"Fix: use only {', '.join(sorted(allowed))}.")
+
+
+def _need(path: Path, table: dict, key: str, kind, where: str):
+    if key not in table:
+        raise UserError(f"{path}: {where} needs the key {key!r}.")
+    value = table[key]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise UserError(f"{path}: {where} key {key!r} must be {getattr(kind, '__name__', kind)}, got {value!r}.")
+    return value
+
+
+def dataset_layout(root: Path) -> tuple[str, list[str]]:
+    """('split', classes) when root holds train/val/test folders, else ('single', classes)."""
+    if not root.is_dir():
+        raise UserError(f"dataset folder {root} does not exist. Fix: set [dataset] root to a folder of class "
+                        f"folders, or of train/, val/ and test/ folders of class folders.")
+    present = [s for s in SPLIT_FOLDERS if (root / s).is_dir()]
+    if present:
+        missing = [s for s in SPLIT_FOLDERS if s not in present]
+        if missing:
+            raise UserError(f"dataset folder {root} has {', '.join(s + '/' for s in present)} but no "
+                            f"{', '.join(s + '/' for s in missing)}. "
+                            "Fix: provide all of train/, val/ and test/, or one folder of class folders.")
+        classes = find_classes(str(root / "train"))[0] if any((root / "train").iterdir()) else []
+        for s in ("val", "test"):
+            extra = sorted(set(find_classes(str(root / s))[0]) - set(classes))
+            if extra:
+                raise UserError(f"{root / s} has class folders not in {root / 'train'}: {extra}.")
+        layout = "split"
+    else:
+        try:
+            classes = find_classes(str(root))[0]
+        except FileNotFoundError:
+            classes = []
+        layout = "single"
+    if not classes:
+        raise UserError(f"no class folders under {root}. Fix: put each class's images in a folder named after it.")
+    return layout, classes
+
+
+def load_task_file(path: str | Path) -> TaskSpec:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"task file {path} not found. Fix: check the path, or use a built-in task "
+                        "(python train.py --help lists them).")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid TOML: {e}.") from None
+    _check_keys(path, raw, TOP_KEYS, "the task")
+    name = _need(path, raw, "name", str, "the task")
+    image_size = _need(path, raw, "image_size", int, "the task")
+    channels = _need(path, raw, "channels", int, "the task")
+    if channels not in (1, 3):
+        raise UserError(f"{path}: channels must be 1 or 3, got {channels}.")
+    if image_size < 8:
+        raise UserError(f"{path}: image_size must be at least 8, got {image_size}.")
+    dataset = _need(path, raw, "dataset", dict, "the task")
+    _check_keys(path, dataset, DATASET_KEYS, "[dataset]")
+    if _need(path, dataset, "type", str, "[dataset]") != "imagefolder":
+        raise UserError(f"{path}: [dataset] type {dataset['type']!r} is not supported. Fix: type = \"imagefolder\".")
+    root = (path.parent / _need(path, dataset, "root", str, "[dataset]")).resolve()
+    layout, classes = dataset_layout(root)
+
+    teachers_raw = _need(path, raw, "teachers", list, "the task")
+    if not teachers_raw:
+        raise UserError(f"{path}: no [[teachers]]. Fix: add at least one teacher.")
+    teachers, seen = [], set()
+    for i, t in enumerate(teachers_raw):
+        where = f"[[teachers]] #{i + 1}"
+        _check_keys(path, t, TEACHER_KEYS, where)
+        tname = _need(path, t, "name", str, where)
+        if tname in seen:
+            raise UserError(f"{path}: two teachers are named {tname!r}. Fix: give each teacher its own name.")
+        seen.add(tname)
+        tclasses = _need(path, t, "classes", list, f"teacher {tname!r}")
+        if not tclasses:
+            raise UserError(f"{path}: teacher {tname!r} has no classes. Fix: list the classes it knows.")
+        absent = [c for c in tclasses if c not in classes]
+        if absent:
+            raise UserError(f"{path}: teacher {tname!r} names classes {absent} that are not in the data "
+                            f"({root} has {', '.join(classes)}).")
+        ckpt = t.get("checkpoint")
+        teachers.append(TeacherSpec(tname, _need(path, t, "architecture", str, f"teacher {tname!r}"),
+                                    tuple(str(c) for c in tclasses), float(t.get("weight", 1.0)),
+                                    str((path.parent / ckpt).resolve()) if ckpt else None))
+    uncovered = [c for c in classes if not any(c in t.classes for t in teachers)]
+    if uncovered:
+        raise UserError(f"{path}: classes {uncovered} in the data are covered by no teacher. "
+                        "Fix: add them to a teacher, or remove their folders.")
+    try:
+        return TaskSpec(
+            name=name, title=raw.get("title", f"custom task from {path.name}"), source="imagefolder",
+            class_names=tuple(classes), image_size=image_size, channels=channels,
+            mean=tuple(raw.get("mean", [0.5] * channels)), std=tuple(raw.get("std", [0.5] * channels)),
+            teachers=tuple(teachers), val_fraction=float(dataset.get("val_fraction", 0.1)),
+            test_fraction=float(dataset.get("test_fraction", 0.1)) if layout == "single" else 0.0,
+            split_seed=int(dataset.get("split_seed", 0)), crop_padding=int(raw.get("crop_padding", image_size // 8)),
+            hflip=bool(raw.get("hflip", True)), source_options={"root": str(root), "layout": layout},
+        )
+    except ValueError as e:
+        raise UserError(f"{path}: {e}") from None

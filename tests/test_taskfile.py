@@ -1,0 +1,145 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from mtkd.data import load_task_data, read_image
+from mtkd.errors import UserError
+from mtkd.taskfile import load_task_file, resolve_task
+
+CLASSES = ("hyena", "lynx", "zebra")
+
+
+def write_images(folder, classes=CLASSES, per_class=6, size=20):
+    """Class folders of small images in several modes: grey, RGB, RGBA, palette."""
+    rng = np.random.default_rng(0)
+    modes = ["L", "RGB", "RGBA", "P"]
+    for c in classes:
+        (folder / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            arr = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+            img = Image.fromarray(arr).convert(modes[i % len(modes)])
+            img.save(folder / c / f"{i}.png")
+
+
+TOML = """
+name = "animals"
+image_size = 16
+channels = 3
+[dataset]
+type = "imagefolder"
+root = "images"
+val_fraction = 0.2
+test_fraction = 0.2
+[[teachers]]
+name = "cats"
+architecture = "resnet10t"
+classes = ["lynx", "hyena"]
+[[teachers]]
+name = "stripes"
+architecture = "resnet10t"
+classes = ["zebra", "hyena"]
+weight = 2.0
+checkpoint = "teachers/stripes.pt"
+"""
+
+
+@pytest.fixture
+def task_file(tmp_path):
+    write_images(tmp_path / "images")
+    path = tmp_path / "animals.toml"
+    path.write_text(TOML)
+    return path
+
+
+def test_task_file_builds_a_task(task_file, tmp_path):
+    task = resolve_task(str(task_file))
+    assert task.name == "animals" and task.class_names == CLASSES and task.channels == 3
+    assert [t.name for t in task.teachers] == ["cats", "stripes"]
+    assert task.teachers[1].weight == 2.0 and task.teachers[1].checkpoint == str(tmp_path / "teachers" / "stripes.pt")
+    assert task.teachers[0].checkpoint is None
+    data = load_task_data(task)
+    assert len(data.train) + len(data.val) + len(data.test) == 18
+    assert data.train.images.shape[1:] == (3, 16, 16) and not data.skipped
+
+
+def test_split_folders_layout(tmp_path):
+    for split in ("train", "val", "test"):
+        write_images(tmp_path / "images" / split, per_class=2)
+    (tmp_path / "t.toml").write_text(TOML)
+    data = load_task_data(load_task_file(tmp_path / "t.toml"))
+    assert (len(data.train), len(data.val), len(data.test)) == (6, 6, 6)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "LA", "I;16"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_images_in_any_mode_are_converted(tmp_path, mode, channels):
+    arr = np.arange(24 * 24 * 3, dtype=np.uint8).reshape(24, 24, 3)
+    Image.fromarray(arr).convert(mode).save(tmp_path / "x.png")
+    out = read_image(tmp_path / "x.png", channels, 8)
+    assert out.shape == (channels, 8, 8) and out.dtype == np.uint8
+
+
+def test_unreadable_and_truncated_files_are_skipped_and_reported(task_file, tmp_path):
+    (tmp_path / "images" / "lynx" / "broken.png").write_bytes(b"not an image at all")
+    good = (tmp_path / "images" / "zebra" / "0.png").read_bytes()
+    (tmp_path / "images" / "zebra" / "truncated.png").write_bytes(good[: len(good) // 2])
+    data = load_task_data(load_task_file(task_file))
+    assert len(data.train) + len(data.val) + len(data.test) == 18
+    assert len(data.skipped) == 2
+    assert any("broken.png" in s for s in data.skipped) and any("truncated.png" in s for s in data.skipped)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.replace('channels = 3', 'channels = 3\ncolour = "red"'), "unknown key 'colour' in the task"),
+    (lambda t: t.replace('val_fraction = 0.2', 'val_fraction = 0.2\nshuffle = true'), "unknown key 'shuffle' in \\[dataset\\]"),
+    (lambda t: t.replace('classes = ["lynx", "hyena"]', 'classes = ["lynx", "hyena", "okapi"]'),
+     r"teacher 'cats' names classes \['okapi'\] that are not in the data"),
+    (lambda t: t.replace('classes = ["zebra", "hyena"]', 'classes = ["hyena"]'),
+     r"classes \['zebra'\] in the data are covered by no teacher"),
+    (lambda t: t.replace('classes = ["lynx", "hyena"]', 'classes = []'), "teacher 'cats' has no classes"),
+    (lambda t: t.replace('name = "stripes"', 'name = "cats"'), "two teachers are named 'cats'"),
+    (lambda t: t.replace('root = "images"', 'root = "nowhere"'), "dataset folder .*nowhere does not exist"),
+    (lambda t: t.replace('channels = 3', 'channels = 2'), "channels must be 1 or 3"),
+    (lambda t: t.replace('type = "imagefolder"', 'type = "lmdb"'), "type 'lmdb' is not supported"),
+    (lambda t: t.replace('image_size = 16', 'image_size = "big"'), "'image_size' must be int"),
+    (lambda t: t + "\n[[[", "is not valid TOML"),
+])
+def test_invalid_task_files_get_one_clear_message(task_file, edit, message):
+    task_file.write_text(edit(TOML))
+    with pytest.raises(UserError, match=message):
+        load_task_file(task_file)
+
+
+def test_missing_split_folder(tmp_path):
+    write_images(tmp_path / "images" / "train", per_class=2)
+    write_images(tmp_path / "images" / "val", per_class=2)
+    (tmp_path / "t.toml").write_text(TOML)
+    with pytest.raises(UserError, match="has train/, val/ but no test/"):
+        load_task_file(tmp_path / "t.toml")
+
+
+def test_missing_task_file(tmp_path):
+    with pytest.raises(UserError, match="task file .*nope.toml not found"):
+        resolve_task(str(tmp_path / "nope.toml"))
+
+
+def test_custom_task_trains_and_evaluates_end_to_end(task_file, tmp_path):
+    from conftest import run_script
+
+    write_images(tmp_path / "images", per_class=10)
+    good = (tmp_path / "images" / "zebra" / "0.png").read_bytes()
+    (tmp_path / "images" / "zebra" / "truncated.png").write_bytes(good[: len(good) // 2])
+    out = tmp_path / "runs"
+    proc = run_script("train.py", "--task", task_file, "--teacher_epochs", "1", "--num_epochs", "1",
+                      "--student_model", "MobileNetV3", "--output_dir", out)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "skipped 1 unreadable image file" in proc.stdout
+    assert (tmp_path / "teachers" / "stripes.pt").is_file()  # the file's own checkpoint path
+    assert (out / "Taskanimals" / "teachers" / "cats.pt").is_file()
+    run_dir = next(p for p in (out / "Taskanimals").iterdir() if p.name != "teachers")
+    assert "truncated.png" in (run_dir / "skipped_files.txt").read_text()
+    proc = run_script("evaluation.py", "--task", task_file, "--output_dir", out, "--eval_dir", tmp_path / "ev",
+                      "--speed_repeats", "1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (tmp_path / "ev" / "Taskanimals" / "results.json").is_file()
+    assert "animals" in proc.stdout
