@@ -18,7 +18,7 @@ from mtkd.errors import UserError
 from mtkd.evaluate import predict_image, run_task, summary_row
 from mtkd.report import console, error_console, summary_table
 from mtkd.taskfile import resolve_task
-from mtkd.trainer import resolve_device
+from mtkd.loop import resolve_device
 
 SCRIPTS = {script.TASK: script for script in (evaluation_taska, evaluation_taskb)}
 

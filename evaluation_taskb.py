@@ -8,6 +8,7 @@ baseline (alpha 0) run exists, comparison.md / comparison.png.
 """
 import sys
 
+import tasks  # noqa: F401  (registers the built-in tasks)
 from mtkd.evaluate import task_script_main
 
 TASK = "B"

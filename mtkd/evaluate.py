@@ -25,7 +25,8 @@ from .models import STUDENTS, count_parameters, create_model, create_student
 from .spec import TaskSpec
 from .speed import file_size_mb, latency_ms, peak_inference_memory_mb
 from .teachers import EnsembleClassifier, TeacherEnsemble
-from .trainer import list_runs, load_teacher, read_metrics, teacher_path
+from .specialists import load_teacher, teacher_path
+from .trainer import list_runs, read_metrics
 
 
 def find_checkpoint(task: TaskSpec, output_dir: str | Path, run_dir=None, checkpoint=None) -> Path:
@@ -271,7 +272,7 @@ def predict_image(task: TaskSpec, image_path: str | Path, *, output_dir="runs", 
 def run_task(task: TaskSpec, args) -> dict:
     """Evaluate one task from parsed evaluation arguments, print its table, return the results."""
     from .report import console, evaluation_table
-    from .trainer import resolve_device
+    from .loop import resolve_device
 
     results = evaluate_task(task, output_dir=args.output_dir, eval_dir=args.eval_dir, data_root=args.data_root,
                             checkpoint=args.checkpoint, run_dir=args.run_dir,
@@ -293,7 +294,6 @@ def summary_row(results: dict) -> dict:
 
 def task_script_main(task_name: str, argv=None) -> int:
     """``main`` of ``evaluation_task<x>.py``: evaluate one task, exit 2 on a user error."""
-    import tasks  # noqa: F401  (scripts run from the project root, where tasks/ lives)
     from .config import get_eval_args_parser
     from .report import error_console
     from .taskfile import resolve_task

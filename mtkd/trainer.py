@@ -1,202 +1,36 @@
 """The main job: prepare the teachers, then distil them into a student run.
 
 ``run(args)`` is what ``train.py`` calls. Teachers are trained once per task
-(and reused from ``<output_dir>/Task<X>/teachers/``); each student run gets a
-new folder with its arguments, TensorBoard events, per-epoch metrics and
-checkpoints.
+(and reused; see ``specialists``); each student run gets a new folder with its
+arguments, TensorBoard events, per-epoch metrics and checkpoints, and can be
+resumed from it.
 """
 from __future__ import annotations
 
 import csv
 import json
-import random
 import time
 from argparse import Namespace
 from datetime import datetime
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
 from . import plots
 from .checkpoint import load_checkpoint, save_checkpoint
-from .data import BatchTransform, TaskData, create_loader, load_task_data
+from .data import BatchTransform, create_loader, load_task_data
 from .distill import Distiller
-from .engine import evaluate, train_one_epoch
+from .engine import evaluate
 from .errors import UserError
-from .models import check_architecture, count_parameters, create_student, create_teacher
-from .report import console, create_progress, run_summary_table, teachers_table
+from .loop import RunRng, create_optimizer, fit, resolve_device, seed_everything
+from .models import check_architecture, count_parameters, create_student
+from .report import console, run_summary_table, teachers_table
+from .specialists import CHECKPOINT_VERSION, prepare_teachers, teacher_path
 from .spec import TaskSpec
 from .taskfile import resolve_task
-from .teachers import EnsembleClassifier, TeacherEnsemble
-
-CHECKPOINT_VERSION = 1
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r} is not a device. Fix: use auto, cpu, cuda or cuda:N.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for CUDA, but no CUDA device is available. Fix: use --device cpu.")
-    return device
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def teacher_dir(output_dir: str | Path, task: TaskSpec) -> Path:
-    return Path(output_dir) / f"Task{task.name}" / "teachers"
-
-
-def teacher_path(output_dir: str | Path, task: TaskSpec, spec) -> Path:
-    """The teacher's own ``checkpoint`` if its spec names one, else ``<teacher_dir>/<name>.pt``."""
-    return Path(spec.checkpoint) if spec.checkpoint else teacher_dir(output_dir, task) / f"{spec.name}.pt"
-
-
-class RunRng:
-    """Every source of randomness of a run, so that a resumed run continues exactly.
-
-    ``loader`` decides the order of the training batches, ``augment`` the
-    crops and flips; the global python, numpy, torch (and CUDA) generators
-    drive initialisation and dropout.
-    """
-
-    def __init__(self, seed: int):
-        self.loader = torch.Generator().manual_seed(seed)
-        self.augment = torch.Generator().manual_seed(seed + 1)
-
-    def state_dict(self) -> dict:
-        kind, keys, pos, has_gauss, cached = np.random.get_state()
-        return {"python": random.getstate(),
-                "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                          "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "loader": self.loader.get_state(), "augment": self.augment.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        random.setstate(state["python"])
-        n = state["numpy"]
-        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                             n["cached_gaussian"]))
-        torch.set_rng_state(state["torch"])
-        if state["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
-        self.loader.set_state(state["loader"])
-        self.augment.set_state(state["augment"])
-
-
-def fit(step: nn.Module, data: TaskData, *, epochs: int, optimizer, scheduler, args: Namespace,
-        device: torch.device, transform: BatchTransform, on_epoch, val_model: nn.Module,
-        title: str, rng: RunRng, start_epoch: int = 1) -> None:
-    """Train ``step`` for epochs ``start_epoch..epochs``; after each, evaluate ``val_model``, call ``on_epoch``."""
-    pin = device.type == "cuda"
-    train_loader = create_loader(data.train, args.batch_size, train=True, generator=rng.loader,
-                                 num_workers=args.num_workers, pin_memory=pin)
-    val_loader = create_loader(data.val, 512, train=False, num_workers=args.num_workers, pin_memory=pin)
-    with create_progress() as progress:
-        for epoch in range(start_epoch, epochs + 1):
-            start = time.perf_counter()
-            lr = optimizer.param_groups[0]["lr"]
-            train = train_one_epoch(step, train_loader, optimizer, transform, device, epoch=epoch,
-                                    generator=rng.augment, progress=progress)
-            val = evaluate(val_model, val_loader, transform, device)
-            scheduler.step()
-            seconds = time.perf_counter() - start
-            console.print(f"{title} {epoch:>3}/{epochs}  loss {train['loss']:.4f}  acc {train['acc']:.4f}  "
-                          f"val {val['acc']:.4f}  lr {lr:.1e}  {seconds:.1f}s", soft_wrap=True)
-            on_epoch(epoch, train, val, lr, seconds)
-
-
-def _adam(model: nn.Module, args: Namespace) -> torch.optim.Optimizer:
-    return torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-
-
-def _teacher_row(spec, model, metrics: dict, status: str) -> dict:
-    return {"name": spec.name, "architecture": spec.architecture, "classes": list(spec.classes),
-            "weight": spec.weight, "params": count_parameters(model), "val_acc": metrics["val_acc"],
-            "test_acc": metrics["test_acc"], "status": status}
-
-
-def train_teacher(spec, task: TaskSpec, data: TaskData, args: Namespace, device: torch.device,
-                  path: Path) -> tuple[nn.Module, dict]:
-    """Train one specialist on its classes; keep the weights of its best validation epoch.
-
-    Adam with the run's ``--lr`` / ``--weight_decay`` / ``--batch_size`` and a
-    cosine schedule over ``--teacher_epochs``.
-    """
-    ids = task.class_indices(spec.classes)
-    own = TaskData(*(data.split(s).select_classes(ids) for s in ("train", "val", "test")))
-    model = create_teacher(spec, task).to(device)
-    optimizer = _adam(model, args)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.teacher_epochs)
-    transform = BatchTransform.for_task(task).to(device)
-    best = {"val_acc": -1.0}
-    writer = SummaryWriter(str(path.with_suffix("")))
-
-    def on_epoch(epoch, train, val, lr, seconds):
-        writer.add_scalar("train/loss", train["loss"], epoch)
-        writer.add_scalar("train/acc", train["acc"], epoch)
-        writer.add_scalar("val/acc", val["acc"], epoch)
-        if val["acc"] > best["val_acc"]:
-            best.update(val_acc=val["acc"], epoch=epoch,
-                        model={k: v.detach().clone() for k, v in model.state_dict().items()})
-
-    seed_everything(args.seed)
-    fit(Distiller(model), own, epochs=args.teacher_epochs, optimizer=optimizer, scheduler=scheduler,
-        args=args, device=device, transform=transform, on_epoch=on_epoch, val_model=model,
-        title=f"teacher {spec.name}", rng=RunRng(args.seed))
-    writer.close()
-    model.load_state_dict(best["model"])
-    test = evaluate(model, create_loader(own.test, 512, train=False), transform, device)
-    metrics = {"val_acc": best["val_acc"], "test_acc": test["acc"], "best_epoch": best["epoch"]}
-    save_checkpoint({"model": model.state_dict(), "architecture": spec.architecture,
-                     "classes": list(spec.classes), "task": task.name, "metrics": metrics,
-                     "epochs": args.teacher_epochs, "version": CHECKPOINT_VERSION}, path)
-    return model, metrics
-
-
-def load_teacher(spec, task: TaskSpec, path: Path) -> tuple[nn.Module, dict]:
-    state = load_checkpoint(path, required=("model", "architecture", "classes", "metrics"))
-    if state["architecture"] != spec.architecture or list(state["classes"]) != list(spec.classes):
-        raise UserError(
-            f"teacher checkpoint {path} was trained as {state['architecture']} on {state['classes']}, "
-            f"but task {task.name} now asks for {spec.architecture} on {list(spec.classes)}. "
-            "Fix: pass --retrain_teachers, or move the old checkpoint away.")
-    model = create_teacher(spec, task)
-    model.load_state_dict(state["model"])
-    return model, state["metrics"]
-
-
-def prepare_teachers(task: TaskSpec, data: TaskData, args: Namespace,
-                     device: torch.device) -> tuple[TeacherEnsemble, list[dict]]:
-    """Load each teacher's checkpoint, training those that have none (or all, if asked)."""
-    models, rows = [], []
-    for spec in task.teachers:
-        path = teacher_path(args.output_dir, task, spec)
-        if path.exists() and not args.retrain_teachers:
-            model, metrics = load_teacher(spec, task, path)
-            status = "reused"
-        else:
-            console.print(f"[bold]Training teacher {spec.name}[/] ({spec.architecture}, "
-                          f"classes {' '.join(spec.classes)})")
-            model, metrics = train_teacher(spec, task, data, args, device, path)
-            status = "trained"
-        models.append(model)
-        rows.append(_teacher_row(spec, model, metrics, status))
-    ensemble = TeacherEnsemble(models, [task.class_indices(t.classes) for t in task.teachers],
-                               [t.weight for t in task.teachers], task.num_classes).to(device)
-    return ensemble, rows
+from .teachers import EnsembleClassifier
 
 
 def create_run_dir(args: Namespace, task: TaskSpec) -> Path:
@@ -299,7 +133,7 @@ def run(args: Namespace, explicit: set[str] = frozenset()) -> dict:
                   f"{len(data.val)} val / {len(data.test)} test images)", soft_wrap=True)
     seed_everything(args.seed)
     step = Distiller(student, ensemble, alpha=args.alpha, temperature=args.temperature)
-    optimizer = _adam(student, args)
+    optimizer = create_optimizer(student, args)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.scheduler_step, gamma=args.scheduler_gamma)
     transform = BatchTransform.for_task(task).to(device)
     rng = RunRng(args.seed)

@@ -36,8 +36,6 @@ def test_task_b_overlapping_specialists():
 
 @pytest.mark.parametrize("name", tasks.list_tasks())
 def test_teachers_are_larger_than_every_student(name):
-    import torch  # noqa: F401  (timm needs it)
-
     from mtkd.models import STUDENTS, count_parameters, create_student, create_teacher
 
     task = tasks.get_task(name)

@@ -1,0 +1,107 @@
+"""Specialist teachers: train each on its own classes, or load it; build the ensemble."""
+from __future__ import annotations
+
+from argparse import Namespace
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.tensorboard import SummaryWriter
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data import BatchTransform, TaskData, create_loader
+from .distill import Distiller
+from .engine import evaluate
+from .errors import UserError
+from .loop import RunRng, create_optimizer, fit, seed_everything
+from .models import count_parameters, create_teacher
+from .report import console
+from .spec import TaskSpec
+from .teachers import TeacherEnsemble
+
+CHECKPOINT_VERSION = 1
+
+
+def teacher_dir(output_dir: str | Path, task: TaskSpec) -> Path:
+    return Path(output_dir) / f"Task{task.name}" / "teachers"
+
+
+def teacher_path(output_dir: str | Path, task: TaskSpec, spec) -> Path:
+    """The teacher's own ``checkpoint`` if its spec names one, else ``<teacher_dir>/<name>.pt``."""
+    return Path(spec.checkpoint) if spec.checkpoint else teacher_dir(output_dir, task) / f"{spec.name}.pt"
+
+def _teacher_row(spec, model, metrics: dict, status: str) -> dict:
+    return {"name": spec.name, "architecture": spec.architecture, "classes": list(spec.classes),
+            "weight": spec.weight, "params": count_parameters(model), "val_acc": metrics["val_acc"],
+            "test_acc": metrics["test_acc"], "status": status}
+
+
+def train_teacher(spec, task: TaskSpec, data: TaskData, args: Namespace, device: torch.device,
+                  path: Path) -> tuple[nn.Module, dict]:
+    """Train one specialist on its classes; keep the weights of its best validation epoch.
+
+    Adam with the run's ``--lr`` / ``--weight_decay`` / ``--batch_size`` and a
+    cosine schedule over ``--teacher_epochs``.
+    """
+    ids = task.class_indices(spec.classes)
+    own = TaskData(*(data.split(s).select_classes(ids) for s in ("train", "val", "test")))
+    model = create_teacher(spec, task).to(device)
+    optimizer = create_optimizer(model, args)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.teacher_epochs)
+    transform = BatchTransform.for_task(task).to(device)
+    best = {"val_acc": -1.0}
+    writer = SummaryWriter(str(path.with_suffix("")))
+
+    def on_epoch(epoch, train, val, lr, seconds):
+        writer.add_scalar("train/loss", train["loss"], epoch)
+        writer.add_scalar("train/acc", train["acc"], epoch)
+        writer.add_scalar("val/acc", val["acc"], epoch)
+        if val["acc"] > best["val_acc"]:
+            best.update(val_acc=val["acc"], epoch=epoch,
+                        model={k: v.detach().clone() for k, v in model.state_dict().items()})
+
+    seed_everything(args.seed)
+    fit(Distiller(model), own, epochs=args.teacher_epochs, optimizer=optimizer, scheduler=scheduler,
+        args=args, device=device, transform=transform, on_epoch=on_epoch, val_model=model,
+        title=f"teacher {spec.name}", rng=RunRng(args.seed))
+    writer.close()
+    model.load_state_dict(best["model"])
+    test = evaluate(model, create_loader(own.test, 512, train=False), transform, device)
+    metrics = {"val_acc": best["val_acc"], "test_acc": test["acc"], "best_epoch": best["epoch"]}
+    save_checkpoint({"model": model.state_dict(), "architecture": spec.architecture,
+                     "classes": list(spec.classes), "task": task.name, "metrics": metrics,
+                     "epochs": args.teacher_epochs, "version": CHECKPOINT_VERSION}, path)
+    return model, metrics
+
+
+def load_teacher(spec, task: TaskSpec, path: Path) -> tuple[nn.Module, dict]:
+    state = load_checkpoint(path, required=("model", "architecture", "classes", "metrics"))
+    if state["architecture"] != spec.architecture or list(state["classes"]) != list(spec.classes):
+        raise UserError(
+            f"teacher checkpoint {path} was trained as {state['architecture']} on {state['classes']}, "
+            f"but task {task.name} now asks for {spec.architecture} on {list(spec.classes)}. "
+            "Fix: pass --retrain_teachers, or move the old checkpoint away.")
+    model = create_teacher(spec, task)
+    model.load_state_dict(state["model"])
+    return model, state["metrics"]
+
+
+def prepare_teachers(task: TaskSpec, data: TaskData, args: Namespace,
+                     device: torch.device) -> tuple[TeacherEnsemble, list[dict]]:
+    """Load each teacher's checkpoint, training those that have none (or all, if asked)."""
+    models, rows = [], []
+    for spec in task.teachers:
+        path = teacher_path(args.output_dir, task, spec)
+        if path.exists() and not args.retrain_teachers:
+            model, metrics = load_teacher(spec, task, path)
+            status = "reused"
+        else:
+            console.print(f"[bold]Training teacher {spec.name}[/] ({spec.architecture}, "
+                          f"classes {' '.join(spec.classes)})")
+            model, metrics = train_teacher(spec, task, data, args, device, path)
+            status = "trained"
+        models.append(model)
+        rows.append(_teacher_row(spec, model, metrics, status))
+    ensemble = TeacherEnsemble(models, [task.class_indices(t.classes) for t in task.teachers],
+                               [t.weight for t in task.teachers], task.num_classes).to(device)
+    return ensemble, rows
