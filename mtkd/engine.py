@@ -53,7 +53,7 @@ def train_one_epoch(step: nn.Module, loader: DataLoader, optimizer: torch.optim.
         correct += (out["logits"].argmax(1) == labels).sum().item()
         for name, value in out.items():
             if name.startswith("loss"):
-                sums[name] += float(value) * n
+                sums[name] += float(value.detach()) * n
         if progress is not None:
             progress.update(bar, advance=1,
                             metrics=f"loss {sums['loss'] / seen:.4f}  acc {correct / seen:.4f}")

@@ -34,6 +34,8 @@ def _setup(case, tmp):
             for c in "ab":
                 for i in range(10):
                     Image.new("L", (8, 8), 40 * i).save(tmp / "imgs" / c / f"{i}.png")
+    if case == "invalid task file":
+        (tmp / "bad.toml").write_text('name = "t"\ncolour = "red"\n')
     if case == "--resume of a folder that is not a run":
         (tmp / "notarun").mkdir()
     if case == "unreadable image":
@@ -47,6 +49,7 @@ CASES = [
     ("unknown student", ["train.py", "--student_model", "VGG16"], "argument --student_model: invalid choice: 'VGG16'"),
     ("unknown architecture", ["train.py", "--task", "{tmp}/t.toml"], "unknown timm architecture 'resnet3'"),
     ("missing task file", ["train.py", "--task", "{tmp}/none.toml"], "task file {tmp}/none.toml not found"),
+    ("invalid task file", ["train.py", "--task", "{tmp}/bad.toml"], "bad.toml: unknown key 'colour' in the task"),
     ("dataset folder missing", ["train.py", "--task", "{tmp}/t.toml"], "dataset folder {tmp}/missing does not exist"),
     ("no such device", ["train.py", "--device", "tpu"], "--device 'tpu' is not a device"),
     ("missing checkpoint", ["evaluation_taskb.py", "--checkpoint", "{tmp}/none.pt"], "checkpoint not found: {tmp}/none.pt"),

@@ -1,0 +1,53 @@
+import pytest
+import torch
+from torch import nn
+
+from mtkd.data import BatchTransform, ImageTensorDataset, create_loader
+from mtkd.engine import NonFiniteLossError, evaluate, train_one_epoch
+
+
+class Step(nn.Module):
+    """A linear classifier whose loss turns NaN from the second batch on, if asked."""
+
+    def __init__(self, nan_after=None):
+        super().__init__()
+        self.model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+        self.calls = 0
+        self.nan_after = nan_after
+
+    def forward(self, x, y):
+        self.calls += 1
+        logits = self.model(x)
+        loss = nn.functional.cross_entropy(logits, y)
+        if self.nan_after is not None and self.calls > self.nan_after:
+            loss = loss * float("nan")
+        return {"loss": loss, "logits": logits, "loss_hard": loss.detach()}
+
+
+def _loader():
+    g = torch.Generator().manual_seed(0)
+    ds = ImageTensorDataset(torch.randint(0, 256, (40, 1, 2, 2), dtype=torch.uint8, generator=g), torch.arange(40) % 3)
+    return create_loader(ds, 8, train=True)
+
+
+def test_train_one_epoch_averages_every_loss_part():
+    step = Step()
+    opt = torch.optim.SGD(step.parameters(), lr=0.1)
+    out = train_one_epoch(step, _loader(), opt, BatchTransform((0.5,), (0.5,)), torch.device("cpu"))
+    assert set(out) == {"loss", "loss_hard", "acc"} and step.calls == 5
+    assert out["loss"] == pytest.approx(out["loss_hard"]) and 0 <= out["acc"] <= 1
+
+
+def test_non_finite_loss_stops_with_epoch_and_step_and_no_update():
+    step = Step(nan_after=1)
+    opt = torch.optim.SGD(step.parameters(), lr=0.1)
+    with pytest.raises(NonFiniteLossError, match="the loss became nan at epoch 3, step 1"):
+        train_one_epoch(step, _loader(), opt, BatchTransform((0.5,), (0.5,)), torch.device("cpu"), epoch=3)
+    assert all(torch.isfinite(p).all() for p in step.parameters())
+
+
+def test_evaluate_top1_top3_and_loss():
+    step = Step()
+    out = evaluate(step.model, create_loader(_loader().dataset, 16, train=False), BatchTransform((0.5,), (0.5,)),
+                   torch.device("cpu"))
+    assert out["top3"] == 1.0 and 0 <= out["acc"] <= 1 and out["loss"] > 0
