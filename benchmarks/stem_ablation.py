@@ -4,12 +4,15 @@ with the adapted stem and with timm's ImageNet stem, same data, seed and epochs.
     python benchmarks/stem_ablation.py --task B --student_model ResNet18 --num_epochs 10
 """
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-import tasks
-from mtkd.config import get_args_parser
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root, for tasks/
+import tasks  # noqa: E402
+from mtkd.config import get_args_parser  # noqa: E402
 from mtkd.data import BatchTransform, create_loader, load_task_data
 from mtkd.distill import Distiller
 from mtkd.engine import evaluate

@@ -5,7 +5,10 @@
 The exported model takes float32 images in [0, 1], shape (N, C, H, W) with a
 dynamic batch size, and returns logits; the task's normalisation is part of
 the graph. The export is run on the task's real test images and compared with
-PyTorch (max absolute difference; above 1e-4 the export fails, exit code 1).
+PyTorch: the maximum absolute difference of the softmax probabilities must
+not exceed 1e-4 (else exit code 1). The logits' difference is printed too; it
+is not the criterion because fp32 rounding alone grows with the logits'
+magnitude (a confident student's logits reach the hundreds).
 ``--quantize dynamic`` stores int8 weights (onnxruntime's dynamic quantisation
 for ONNX; ``torch.ao`` dynamic quantisation of the linear layers for
 TorchScript) and prints the accuracy change on the test split.
@@ -95,6 +98,10 @@ def quantize_onnx(src: Path, dst: Path) -> None:
     quantize_dynamic(str(prepared), str(dst), weight_type=QuantType.QInt8)
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    return torch.softmax(torch.from_numpy(logits).double(), 1).numpy()
+
+
 def batched(run, images: torch.Tensor, batch: int = 256) -> np.ndarray:
     return np.concatenate([run(images[i:i + batch]) for i in range(0, len(images), batch)])
 
@@ -119,7 +126,10 @@ def export(checkpoint, fmt: str, output, quantize: str | None = None, data_root=
             export_torchscript(model, example, fp32)
             run_fp32 = torchscript_runner(fp32)
         exported = batched(run_fp32, images)
-        result = {"format": fmt, "output": str(output), "max_abs_diff": float(np.abs(exported - reference).max()),
+        result = {"format": fmt, "output": str(output), "max_abs_diff": float(np.abs(softmax(exported) -
+                                                                               softmax(reference)).max()),
+                  "max_abs_diff_logits": float(np.abs(exported - reference).max()),
+                  "max_abs_logit": float(np.abs(reference).max()),
                   "test_images": len(labels), "accuracy": float((exported.argmax(1) == labels).mean())}
         if quantize:
             if fmt == "onnx":
@@ -161,7 +171,8 @@ def main(argv=None) -> int:
         return 2
     console.print(f"wrote {r['output']} ({r['size_mb']:.2f} MiB)")
     console.print(f"max abs diff vs PyTorch on {r['test_images']} test images: {r['max_abs_diff']:.3e} "
-                  f"(tolerance {TOLERANCE:g})")
+                  f"in probabilities (tolerance {TOLERANCE:g}); {r['max_abs_diff_logits']:.3e} in logits "
+                  f"(largest |logit| {r['max_abs_logit']:.1f})")
     console.print(f"test accuracy (fp32 export): {r['accuracy']:.4f}")
     if "int8_accuracy" in r:
         console.print(f"test accuracy (int8): {r['int8_accuracy']:.4f}  change {r['int8_accuracy_change']:+.4f}")
