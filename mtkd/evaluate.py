@@ -13,7 +13,6 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
-from torch.utils.tensorboard.summary import hparams
 
 from . import plots
 from .checkpoint import load_checkpoint
@@ -25,8 +24,8 @@ from .models import STUDENTS, count_parameters, create_model, create_student
 from .spec import TaskSpec
 from .speed import file_size_mb, latency_ms, peak_inference_memory_mb
 from .teachers import EnsembleClassifier, TeacherEnsemble
-from .specialists import load_teacher, teacher_path
-from .trainer import list_runs, read_metrics
+from .specialists import create_ensemble, load_teacher, teacher_path
+from .trainer import list_runs, log_hparams, read_metrics
 
 
 def find_checkpoint(task: TaskSpec, output_dir: str | Path, run_dir=None, checkpoint=None) -> Path:
@@ -71,9 +70,8 @@ def load_ensemble(task: TaskSpec, output_dir: str | Path) -> tuple[TeacherEnsemb
     if not all(p.is_file() for p in paths):
         return None, []
     loaded = [load_teacher(t, task, p) for t, p in zip(task.teachers, paths)]
-    ensemble = TeacherEnsemble([m for m, _ in loaded], [task.class_indices(t.classes) for t in task.teachers],
-                               [t.weight for t in task.teachers], task.num_classes)
-    return ensemble, [m for m, _ in loaded]
+    models = [m for m, _ in loaded]
+    return create_ensemble(task, models), models
 
 
 def _short_metrics(m: dict) -> dict:
@@ -241,12 +239,8 @@ def _log_to_run(run_dir: Path, cm_fig, sample_fig, state: dict, results: dict) -
     step = int(state.get("epoch") or 0)
     writer.add_figure("test/confusion_matrix", cm_fig, step, close=False)
     writer.add_figure("test/sample_predictions", sample_fig, step, close=False)
-    hp = {k: v for k, v in state.get("args", {}).items() if isinstance(v, (int, float, str, bool))}
     metrics = {f"test/{k}": results[k] for k in ("overall_accuracy", "top3_accuracy", "f1_macro", "ece")}
-    for s in hparams(hp, metrics):
-        writer.file_writer.add_summary(s)
-    for k, v in metrics.items():
-        writer.add_scalar(k, v, step)
+    log_hparams(writer, state.get("args", {}), metrics, step)
     writer.close()
 
 

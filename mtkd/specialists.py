@@ -102,6 +102,10 @@ def prepare_teachers(task: TaskSpec, data: TaskData, args: Namespace,
             status = "trained"
         models.append(model)
         rows.append(_teacher_row(spec, model, metrics, status))
-    ensemble = TeacherEnsemble(models, [task.class_indices(t.classes) for t in task.teachers],
-                               [t.weight for t in task.teachers], task.num_classes).to(device)
-    return ensemble, rows
+    return create_ensemble(task, models).to(device), rows
+
+
+def create_ensemble(task: TaskSpec, models: list[nn.Module]) -> TeacherEnsemble:
+    """The task's teachers (``models``, in the task's order) as one frozen ensemble."""
+    return TeacherEnsemble(models, [task.class_indices(t.classes) for t in task.teachers],
+                           [t.weight for t in task.teachers], task.num_classes)

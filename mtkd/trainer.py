@@ -193,7 +193,8 @@ def run(args: Namespace, explicit: set[str] = frozenset()) -> dict:
         "ensemble_test_acc": ensemble_test["acc"], "device": str(device), "skipped_files": len(data.skipped),
         "wall_time_s": time.perf_counter() - started,
     }
-    _log_hparams(writer, args, summary)
+    log_hparams(writer, vars(args), {"hparam/best_val_acc": summary["best_val_acc"],
+                                     "hparam/test_acc": summary["test_acc"]})
     writer.close()
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     write_run_curves(run_dir)
@@ -217,12 +218,14 @@ def write_run_curves(run_dir: Path) -> list[Path]:
     return paths
 
 
-def _log_hparams(writer: SummaryWriter, args: Namespace, summary: dict) -> None:
-    """Hyper-parameters and final metrics into the run's own event file (TensorBoard's HPARAMS tab)."""
-    hp = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-    metrics = {"hparam/best_val_acc": summary["best_val_acc"], "hparam/test_acc": summary["test_acc"]}
-    exp, ssi, sei = hparams(hp, metrics)
-    for s in (exp, ssi, sei):
+def log_hparams(writer: SummaryWriter, args: dict, metrics: dict, step: int | None = None) -> None:
+    """Hyper-parameters and ``metrics`` into the writer's own event file (TensorBoard's HPARAMS tab).
+
+    Written through the summary API rather than ``add_hparams``, which would
+    start a separate sub-run folder.
+    """
+    hp = {k: v for k, v in args.items() if isinstance(v, (int, float, str, bool))}
+    for s in hparams(hp, metrics):
         writer.file_writer.add_summary(s)
     for k, v in metrics.items():
-        writer.add_scalar(k, v)
+        writer.add_scalar(k, v, step)
