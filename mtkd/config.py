@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import argparse
 
+from .losses import AGGREGATIONS, KD_LOSSES, WEIGHTINGS
 from .models import list_students
 
 
-def _ranged(kind, low=None, high=None, low_open=False, what=""):
+def _ranged(kind, low=None, high=None, low_open=False, what="", high_open=False):
     """An argparse type that parses ``kind`` and checks ``low <= v <= high``."""
 
     def parse(text: str):
@@ -19,7 +20,7 @@ def _ranged(kind, low=None, high=None, low_open=False, what=""):
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
         too_low = low is not None and (value <= low if low_open else value < low)
-        too_high = high is not None and value > high
+        too_high = high is not None and (value >= high if high_open else value > high)
         if too_low or too_high:
             raise argparse.ArgumentTypeError(f"{text} is out of range: must be {what}")
         return value
@@ -32,6 +33,17 @@ unit_float = _ranged(float, 0.0, 1.0, what="between 0 and 1")
 nonneg_float = _ranged(float, 0.0, what=">= 0")
 positive_int = _ranged(int, 1, what=">= 1")
 nonneg_int = _ranged(int, 0, what=">= 0")
+
+
+def weights_list(text: str) -> list[float]:
+    """``--teacher_weights 0.5,0.3,0.2``: positive numbers, one per teacher."""
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+    if not weights or any(not w > 0 for w in weights):
+        raise argparse.ArgumentTypeError(f"{text}: every weight must be > 0")
+    return weights
 
 
 def task_type(task_names: list[str] | None):
@@ -73,6 +85,31 @@ def get_args_parser(task_names: list[str] | None = None) -> argparse.ArgumentPar
     p.add_argument("--retrain_teachers", action="store_true", help="train the teachers even if checkpoints exist")
     p.add_argument("--num_workers", type=nonneg_int, default=0,
                    help="DataLoader worker processes (in-memory tasks are fastest with 0)")
+    kd = p.add_argument_group("distillation methods")
+    kd.add_argument("--aggregation", default="mixture", choices=AGGREGATIONS,
+                    help="how teachers with different class sets combine: mixture (label-blind weighted mixture), "
+                         "consensus (only teachers that know the label), amalgamate (each teacher vs the student "
+                         "renormalised over its classes)")
+    kd.add_argument("--teacher_weighting", default="fixed", choices=WEIGHTINGS,
+                    help="fixed (task or --teacher_weights), confidence (CA-MKD), entropy (EBKD), per sample")
+    kd.add_argument("--teacher_weights", type=weights_list, default=None, metavar="W1,W2,...",
+                    help="fixed teacher weights, one per teacher, normalised (default: the task's)")
+    kd.add_argument("--kd_loss", default="kl", choices=KD_LOSSES, help="kl (Hinton) or dkd (Decoupled KD)")
+    kd.add_argument("--dkd_alpha", type=nonneg_float, default=1.0, help="DKD target-class (TCKD) weight")
+    kd.add_argument("--dkd_beta", type=nonneg_float, default=8.0, help="DKD non-target-class (NCKD) weight")
+    kd.add_argument("--dkd_warmup", type=nonneg_int, default=5,
+                    help="DKD: epochs over which the soft term ramps up linearly (0 = none)")
+    kd.add_argument("--feature_weight", type=nonneg_float, default=0.0,
+                    help="weight of feature matching (MSE through 1x1 adapters); 0 = off")
+    kd.add_argument("--feature_layers", default="-1", metavar="STAGES",
+                    help="stages to match: comma-separated indices (-1 = last) or timm module names (layer3)")
+    kd.add_argument("--temperature_final", type=positive_float, default=None,
+                    help="temperature at the last epoch; linear schedule from --temperature (default: constant)")
+    kd.add_argument("--ema_teacher", type=_ranged(float, 0.0, 1.0, what="in [0, 1)", high_open=True), default=0.0, metavar="DECAY",
+                    help="> 0: an EMA of the student with this decay joins the teachers (self-distillation)")
+    kd.add_argument("--teacher_cache", default=None, metavar="DIR",
+                    help="cache the teachers' logits on --cache_views augmented views under DIR and replay them")
+    kd.add_argument("--cache_views", type=positive_int, default=8, help="augmented views per image in the cache")
     p.add_argument("--resume", default=None, metavar="latest|RUN_DIR",
                    help="continue a run in its own folder from its last.pt, with its saved arguments "
                         "(flags given here override them, e.g. a larger --num_epochs)")

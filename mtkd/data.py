@@ -105,29 +105,42 @@ class BatchTransform(nn.Module):
         return cls(spec.mean, spec.std, spec.crop_padding, spec.hflip)
 
     def forward(self, images: torch.Tensor, augment: bool = False,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: torch.Generator | None = None, params: dict | None = None) -> torch.Tensor:
+        """Normalise; with ``augment``, first crop / flip with ``params`` (or fresh ones from ``generator``)."""
         x = images.float().div_(255)
         if augment:
-            x = self.augment(x, generator)
+            x = self.apply(x, params if params is not None else self.sample(len(x), generator))
         return (x - self.mean.to(x.device)) / self.std.to(x.device)
 
-    def augment(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(self, n: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Random augmentation parameters for ``n`` images: crop offsets ``dy``, ``dx`` and ``flip``."""
+        p = self.crop_padding
+        zeros = torch.zeros(n, dtype=torch.long)
+        dy = torch.randint(0, 2 * p + 1, (n,), generator=generator) if p > 0 else zeros
+        dx = torch.randint(0, 2 * p + 1, (n,), generator=generator) if p > 0 else zeros
+        flip = torch.rand(n, generator=generator) < 0.5 if self.hflip else torch.zeros(n, dtype=torch.bool)
+        return {"dy": dy, "dx": dx, "flip": flip}
+
+    def apply(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Crop (offsets into the zero-padded image) and flip a float batch, as gathers on its device."""
         n, _, h, w = x.shape
         device = x.device
         if self.crop_padding > 0:
             p = self.crop_padding
             padded = F.pad(x, (p, p, p, p))
-            dy = torch.randint(0, 2 * p + 1, (n,), generator=generator).to(device)
-            dx = torch.randint(0, 2 * p + 1, (n,), generator=generator).to(device)
+            dy, dx = params["dy"].to(device).long(), params["dx"].to(device).long()
             rows = (dy[:, None] + torch.arange(h, device=device))[:, None, :, None]
             cols = (dx[:, None] + torch.arange(w, device=device))[:, None, None, :]
             batch = torch.arange(n, device=device)[:, None, None, None]
             chans = torch.arange(x.shape[1], device=device)[None, :, None, None]
             x = padded[batch, chans, rows, cols]
         if self.hflip:
-            flip = (torch.rand(n, generator=generator) < 0.5).to(device)
+            flip = params["flip"].to(device)
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         return x
+
+    def augment(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.apply(x, self.sample(len(x), generator))
 
 
 @dataclass

@@ -1,30 +1,198 @@
-"""The training step as a module: ``forward(x, y) -> {'loss', 'logits', parts}``."""
+"""The training step as a module: ``forward(x, y) -> {'loss', 'logits', parts}``.
+
+``Distiller`` turns the teachers' outputs into a loss for the student: it
+picks per-sample teacher weights, aggregates the teachers (see ``losses``),
+optionally matches features through learned 1x1 adapters, and optionally adds
+an exponential moving average of the student as one more teacher.
+"""
 from __future__ import annotations
 
+from argparse import Namespace
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from timm.utils import ModelEmaV3
 from torch import Tensor, nn
 
-from .losses import distillation_loss
+from . import losses
+from .models import feature_stages, forward_with_features, resolve_stages
 from .teachers import TeacherEnsemble
+
+
+@dataclass
+class KDConfig:
+    """How the teachers teach; the fields mirror ``train.py``'s flags."""
+
+    alpha: float = 0.0
+    temperature: float = 1.0
+    temperature_final: float | None = None  # linear schedule over the epochs when set
+    epochs: int = 1
+    aggregation: str = "mixture"
+    weighting: str = "fixed"
+    teacher_weights: list[float] | None = None  # overrides the task's weights
+    kd_loss: str = "kl"
+    dkd_alpha: float = 1.0
+    dkd_beta: float = 8.0
+    dkd_warmup: int = 0  # epochs over which the soft term ramps up linearly (DKD)
+    feature_weight: float = 0.0
+    feature_layers: list[str] = field(default_factory=lambda: ["-1"])
+    ema_decay: float = 0.0  # > 0: the student's EMA joins the teachers
+
+    @classmethod
+    def from_args(cls, args: Namespace) -> "KDConfig":
+        weights = getattr(args, "teacher_weights", None)
+        if isinstance(weights, str):
+            weights = [float(w) for w in weights.split(",")]
+        layers = getattr(args, "feature_layers", "-1")
+        return cls(alpha=args.alpha, temperature=args.temperature,
+                   temperature_final=getattr(args, "temperature_final", None), epochs=args.num_epochs,
+                   aggregation=getattr(args, "aggregation", "mixture"),
+                   weighting=getattr(args, "teacher_weighting", "fixed"), teacher_weights=weights,
+                   kd_loss=getattr(args, "kd_loss", "kl"), dkd_alpha=getattr(args, "dkd_alpha", 1.0),
+                   dkd_beta=getattr(args, "dkd_beta", 8.0), dkd_warmup=getattr(args, "dkd_warmup", 0),
+                   feature_weight=getattr(args, "feature_weight", 0.0),
+                   feature_layers=[s.strip() for s in str(layers).split(",") if s.strip()],
+                   ema_decay=getattr(args, "ema_teacher", 0.0) or 0.0)
 
 
 class Distiller(nn.Module):
     """A student trained on labels and, with weight ``alpha``, on the teachers.
 
-    With no ensemble (or ``alpha = 0``) this is plain supervised training, and
-    the teachers are never run.
+    With no ensemble (or ``alpha = 0`` and no feature matching) this is plain
+    supervised training, and the teachers are never run. ``forward`` accepts
+    precomputed ``teacher_logits`` (the teacher-output cache); otherwise it
+    runs the ensemble on the batch.
     """
 
     def __init__(self, student: nn.Module, ensemble: TeacherEnsemble | None = None,
-                 alpha: float = 0.0, temperature: float = 1.0):
+                 config: KDConfig | None = None):
         super().__init__()
         self.student = student
-        self.ensemble = ensemble if alpha > 0 else None
-        self.alpha = alpha
-        self.temperature = temperature
+        self.config = config = config or KDConfig()
+        uses_teachers = ensemble is not None and (config.alpha > 0 or config.feature_weight > 0)
+        self.ensemble = ensemble if uses_teachers else None
+        self.epoch = 1
+        if self.ensemble is None:
+            return
+        if config.aggregation not in losses.AGGREGATIONS:
+            raise ValueError(f"unknown aggregation {config.aggregation!r}")
+        fixed = config.teacher_weights or self.ensemble.weights.tolist()
+        if len(fixed) != len(self.ensemble.teachers):
+            raise ValueError(f"{len(fixed)} teacher weights for {len(self.ensemble.teachers)} teachers")
+        self.register_buffer("fixed_weights", torch.tensor(fixed, dtype=torch.float32) / sum(fixed),
+                             persistent=False)
+        self.adapters = None
+        if config.feature_weight > 0:
+            self._build_adapters()
+        self.ema = None
+        if config.ema_decay > 0:
+            # A frozen copy of the student, updated before every step with the weights after the last one.
+            self.ema = ModelEmaV3(student, decay=config.ema_decay)
+            self.ema.requires_grad_(False)
 
-    def forward(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
-        logits = self.student(x)
-        targets = self.ensemble.soft_targets(x, self.temperature) if self.ensemble is not None else None
-        out = distillation_loss(logits, y, targets, self.alpha, self.temperature)
-        out["logits"] = logits
+    def _build_adapters(self) -> None:
+        """One 1x1 conv per (teacher, stage) from the student's channels to the teacher's."""
+        layers = self.config.feature_layers
+        self.student_stages = resolve_stages(self.student, layers, "student")
+        self.teacher_stages = [resolve_stages(t, layers, f"teacher {n}")
+                               for t, n in zip(self.ensemble.teachers, self.ensemble.names)]
+        s_chs = [feature_stages(self.student)[i]["num_chs"] for i in self.student_stages]
+        adapters = []
+        for teacher, stages in zip(self.ensemble.teachers, self.teacher_stages):
+            t_chs = [feature_stages(teacher)[i]["num_chs"] for i in stages]
+            adapters.append(nn.ModuleList(nn.Conv2d(c_in, c_out, 1, bias=False) for c_in, c_out in zip(s_chs, t_chs)))
+        self.adapters = nn.ModuleList(adapters)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def temperature(self) -> float:
+        """``--temperature`` at epoch 1, linearly to ``--temperature_final`` at the last epoch."""
+        c = self.config
+        if c.temperature_final is None or c.epochs <= 1:
+            return c.temperature
+        frac = min(max((self.epoch - 1) / (c.epochs - 1), 0.0), 1.0)
+        return c.temperature + frac * (c.temperature_final - c.temperature)
+
+    def train(self, mode: bool = True) -> "Distiller":
+        super().train(mode)
+        if getattr(self, "ema", None) is not None:
+            self.ema.eval()
+        return self
+
+    def forward(self, x: Tensor, y: Tensor, teacher_logits: list[Tensor] | None = None) -> dict[str, Tensor]:
+        c = self.config
+        if self.ensemble is None:
+            logits = self.student(x)
+            hard = F.cross_entropy(logits, y)
+            return {"loss": hard, "loss_hard": hard.detach(), "loss_soft": hard.new_zeros(()), "logits": logits}
+
+        features = self.adapters is not None
+        if features:
+            logits, s_feats = forward_with_features(self.student, x, self.student_stages)
+        else:
+            logits = self.student(x)
+        t_feats = None
+        if teacher_logits is None and features:
+            teacher_logits, t_feats = self.ensemble(x, self.teacher_stages)
+        elif teacher_logits is None:
+            teacher_logits = self.ensemble(x)
+        elif features:
+            _, t_feats = self.ensemble(x, self.teacher_stages)
+        teacher_logits = [z.float() for z in teacher_logits]
+        class_ids = list(self.ensemble.class_ids)
+        fixed = self.fixed_weights
+        if self.ema is not None:
+            self.ema.update(self.student)
+            with torch.inference_mode():
+                ema_logits = self.ema.module(x)
+            teacher_logits.append(ema_logits.float().clone())
+            class_ids.append(torch.arange(logits.shape[1], device=logits.device))
+            fixed = torch.cat([fixed, fixed.mean().view(1)])
+            fixed = fixed / fixed.sum()
+
+        T = self.temperature()
+        eligible = torch.ones(len(y), len(class_ids), dtype=torch.bool, device=y.device)
+        if c.aggregation == "consensus":
+            eligible = losses.coverage(class_ids, y)
+        w = losses.teacher_weights(c.weighting, teacher_logits, class_ids, y, fixed.to(y.device), eligible)
+        dkd = (c.dkd_alpha, c.dkd_beta) if c.kd_loss == "dkd" else None
+        if c.aggregation == "amalgamate":
+            soft = losses.amalgamation_loss(logits, teacher_logits, class_ids, w, T, y, dkd)
+        else:
+            if c.aggregation == "consensus":
+                q = losses.consensus_targets(teacher_logits, class_ids, w, y, logits.shape[1], T)
+            else:
+                q = losses.mixture_targets(teacher_logits, class_ids, w, logits.shape[1], T)
+            if dkd is None:
+                soft = losses.kd_kl_loss(logits, q, T)
+            else:
+                soft = losses.dkd_per_sample(logits, q, y, *dkd, T).mean()
+        ramp = min(self.epoch / c.dkd_warmup, 1.0) if c.kd_loss == "dkd" and c.dkd_warmup > 0 else 1.0
+        hard = F.cross_entropy(logits, y)
+        loss = (1.0 - c.alpha) * hard + c.alpha * ramp * soft
+        out = {"loss_hard": hard.detach(), "loss_soft": soft.detach(), "logits": logits,
+               "temperature": torch.tensor(T)}
+        if features:
+            k = len(self.ensemble.teachers)
+            wf = w[:, :k] / w[:, :k].sum(1, keepdim=True).clamp_min(1e-12)
+            adapted = [[_match_size(a(f), ft) for a, f, ft in zip(adapters, s_feats, tf)]
+                       for adapters, tf in zip(self.adapters, t_feats)]
+            feat = losses.feature_loss(adapted, t_feats, wf)
+            loss = loss + c.feature_weight * feat
+            out["loss_feat"] = feat.detach()
+        out["loss"] = loss
+        names = self.ensemble.names + (["ema"] if self.ema is not None else [])
+        for name, mean in zip(names, w.detach().mean(0)):
+            out[f"weight_{name}"] = mean
         return out
+
+
+def _match_size(f: Tensor, target: Tensor) -> Tensor:
+    """Resize a student feature map to the teacher's spatial size (average-pool down, bilinear up)."""
+    if f.shape[-2:] == target.shape[-2:]:
+        return f
+    if f.shape[-2] >= target.shape[-2] and f.shape[-1] >= target.shape[-1]:
+        return F.adaptive_avg_pool2d(f, target.shape[-2:])
+    return F.interpolate(f, size=target.shape[-2:], mode="bilinear", align_corners=False)

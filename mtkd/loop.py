@@ -70,13 +70,18 @@ def fit(step: nn.Module, data: TaskData, *, epochs: int, optimizer, scheduler, a
         title: str, rng: RunRng, start_epoch: int = 1) -> None:
     """Train ``step`` for epochs ``start_epoch..epochs``; after each, evaluate ``val_model``, call ``on_epoch``."""
     pin = device.type == "cuda"
+    # A dataset with per-epoch state (the teacher cache's views) must stay in this process.
+    workers = 0 if hasattr(data.train, "set_epoch") else args.num_workers
     train_loader = create_loader(data.train, args.batch_size, train=True, generator=rng.loader,
-                                 num_workers=args.num_workers, pin_memory=pin)
+                                 num_workers=workers, pin_memory=pin)
     val_loader = create_loader(data.val, 512, train=False, num_workers=args.num_workers, pin_memory=pin)
     with create_progress() as progress:
         for epoch in range(start_epoch, epochs + 1):
             start = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
+            for stateful in (data.train, step):
+                if hasattr(stateful, "set_epoch"):
+                    stateful.set_epoch(epoch)
             train = train_one_epoch(step, train_loader, optimizer, transform, device, epoch=epoch,
                                     generator=rng.augment, progress=progress)
             val = evaluate(val_model, val_loader, transform, device)
@@ -88,5 +93,6 @@ def fit(step: nn.Module, data: TaskData, *, epochs: int, optimizer, scheduler, a
 
 
 def create_optimizer(model: nn.Module, args: Namespace) -> torch.optim.Optimizer:
-    """Adam with the run's ``--lr`` and ``--weight_decay``."""
-    return torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    """Adam with the run's ``--lr`` and ``--weight_decay``, over the trainable parameters of ``model``."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)

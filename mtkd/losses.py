@@ -2,19 +2,33 @@
 
 Conventions (pinned by golden-value tests in ``tests/test_losses.py``):
 
-* Soft targets are probabilities over the task's global classes, produced at
-  temperature ``T`` from the teachers' logits.
-* The KD term is ``T^2 * KL(q || softmax(s / T))`` with ``batchmean``
-  reduction: summed over classes, averaged over the batch. The ``T^2`` keeps
-  its gradient on the scale of the cross-entropy's (Hinton et al., 2015).
+* Teacher ``k`` covers the global classes ``class_ids[k]``: its output unit
+  ``i`` is global class ``class_ids[k][i]``. Teachers may overlap.
+* Teacher weights are a ``(B, K)`` tensor, one row per sample (a ``(K,)``
+  vector is broadcast); rows are normalised over the teachers that contribute.
+* A KD term is ``T^2 * KL(q || softmax(s / T))`` with ``batchmean`` reduction:
+  summed over classes, averaged over the batch. The ``T^2`` keeps its gradient
+  on the scale of the cross-entropy's (Hinton et al., 2015).
 * The total is ``(1 - alpha) * CE(s, y) + alpha * KD``: alpha weights the
   teachers; 0 trains on labels only, 1 on teachers only.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+AGGREGATIONS = ("mixture", "consensus", "amalgamate")
+WEIGHTINGS = ("fixed", "confidence", "entropy")
+KD_LOSSES = ("kl", "dkd")
+
+
+def kl_per_sample(student_logits: Tensor, target_probs: Tensor, temperature: float) -> Tensor:
+    """``T^2 * sum_c q_c (log q_c - log softmax(s / T)_c)`` per sample; ``0 log 0 = 0``."""
+    log_p = F.log_softmax(student_logits / temperature, dim=1)
+    return (torch.special.xlogy(target_probs, target_probs) - target_probs * log_p).sum(1) * temperature**2
 
 
 def kd_kl_loss(student_logits: Tensor, target_probs: Tensor, temperature: float) -> Tensor:
@@ -24,6 +38,36 @@ def kd_kl_loss(student_logits: Tensor, target_probs: Tensor, temperature: float)
     """
     log_p = F.log_softmax(student_logits / temperature, dim=1)
     return F.kl_div(log_p, target_probs, reduction="batchmean") * temperature**2
+
+
+def dkd_per_sample(student_logits: Tensor, target_probs: Tensor, target: Tensor, alpha: float, beta: float,
+                   temperature: float) -> Tensor:
+    """Decoupled KD (Zhao et al., CVPR 2022), per sample, on a target distribution ``q``.
+
+    With ``p = softmax(s / T)`` and ``t`` the sample's target class::
+
+        TCKD = KL([q_t, 1 - q_t] || [p_t, 1 - p_t])
+        NCKD = KL(q_{c != t} / (1 - q_t) || p_{c != t} / (1 - p_t))
+        DKD  = T^2 * (alpha * TCKD + beta * NCKD)
+
+    ``target = -1`` means the sample's class is not among these classes
+    (a specialist that does not cover it): every class is then a non-target
+    class, TCKD is 0 and NCKD is the plain KL over all of them.
+    """
+    has = target >= 0
+    t = target.clamp_min(0)[:, None]
+    mask = F.one_hot(t.squeeze(1), student_logits.shape[1]).bool() & has[:, None]
+    p = F.softmax(student_logits / temperature, dim=1)
+    q_t, p_t = target_probs.gather(1, t).squeeze(1), p.gather(1, t).squeeze(1)
+    b_q = torch.stack([q_t, 1 - q_t], 1)
+    b_p = torch.stack([p_t, 1 - p_t], 1).clamp_min(1e-12)
+    tckd = torch.where(has, (torch.special.xlogy(b_q, b_q) - b_q * b_p.log()).sum(1), 0.0)
+    # Non-target distributions: drop the target class and renormalise.
+    log_p_nt = F.log_softmax(student_logits / temperature - 1e4 * mask, dim=1)
+    q_nt = target_probs.masked_fill(mask, 0.0)
+    q_nt = q_nt / q_nt.sum(1, keepdim=True).clamp_min(1e-12)
+    nckd = (torch.special.xlogy(q_nt, q_nt) - q_nt * log_p_nt.masked_fill(mask, 0.0)).sum(1)
+    return (alpha * tckd + beta * nckd) * temperature**2
 
 
 def distillation_loss(student_logits: Tensor, labels: Tensor, target_probs: Tensor | None,
@@ -42,14 +86,75 @@ def distillation_loss(student_logits: Tensor, labels: Tensor, target_probs: Tens
     return {"loss": loss, "loss_hard": hard.detach(), "loss_soft": soft.detach()}
 
 
+def coverage(class_ids: list[Tensor], labels: Tensor) -> Tensor:
+    """``(B, K)`` bool: does teacher ``k`` cover sample ``b``'s label?"""
+    return torch.stack([(labels[:, None] == ids[None, :]).any(1) for ids in class_ids], 1)
+
+
+def local_labels(ids: Tensor, labels: Tensor) -> Tensor:
+    """Each label's output unit in a teacher over ``ids``, or -1 where the teacher lacks the class."""
+    match = labels[:, None] == ids[None, :]
+    return torch.where(match.any(1), match.long().argmax(1), -1)
+
+
+def _normalise_rows(w: Tensor) -> Tensor:
+    return w / w.sum(1, keepdim=True).clamp_min(1e-12)
+
+
+def teacher_weights(mode: str, teacher_logits: list[Tensor], class_ids: list[Tensor], labels: Tensor,
+                    fixed: Tensor, eligible: Tensor) -> Tensor:
+    """Per-sample teacher weights ``(B, K)``, each row summing to 1 over its eligible teachers.
+
+    * ``fixed``: ``w_k`` proportional to the fixed weight ``fixed[k]``.
+    * ``confidence`` (CA-MKD, Zhang et al., ICASSP 2022): with ``CE_k`` teacher
+      ``k``'s cross-entropy on the true label, ``w_k = (1 - softmax_k(CE)_k) /
+      (n - 1)`` over the ``n`` eligible teachers that cover the label (a lone
+      such teacher gets 1). Teachers that cannot express the label get 0.
+    * ``entropy`` (EBKD, Kwon et al., ICASSP 2020): ``w_k = softmax_k(-H_k)``
+      with ``H_k`` the entropy of teacher ``k``'s prediction divided by
+      ``log |C_k|`` so that specialists of different sizes compare.
+
+    ``eligible`` ``(B, K)`` bool marks the teachers that may contribute;
+    a sample with none gets a row of zeros.
+    """
+    if mode == "fixed":
+        return _normalise_rows(fixed.float()[None, :] * eligible)
+    if mode == "confidence":
+        cover = eligible & coverage(class_ids, labels)
+        ce = torch.stack([
+            -F.log_softmax(z.float(), 1).gather(1, local_labels(ids, labels).clamp_min(0)[:, None]).squeeze(1)
+            for z, ids in zip(teacher_logits, class_ids)], 1)
+        s = F.softmax(ce.masked_fill(~cover, float("-inf")), dim=1).nan_to_num(0.0)
+        lone = cover.sum(1, keepdim=True) == 1
+        return _normalise_rows(torch.where(lone, cover.float(), (1 - s) * cover))
+    if mode == "entropy":
+        h = []
+        for z in teacher_logits:
+            logp = F.log_softmax(z.float(), 1)
+            scale = math.log(z.shape[1]) if z.shape[1] > 1 else 1.0
+            h.append(-(logp.exp() * logp).sum(1) / scale)
+        logits = (-torch.stack(h, 1)).masked_fill(~eligible, float("-inf"))
+        return F.softmax(logits, dim=1).nan_to_num(0.0)
+    raise ValueError(f"unknown teacher weighting {mode!r}; choose from {WEIGHTINGS}")
+
+
+def _placed(teacher_logits: list[Tensor], class_ids: list[Tensor], num_classes: int, temperature: float):
+    """Each teacher's tempered distribution at its global classes: ``(B, K, num_classes)``, and coverage."""
+    batch = teacher_logits[0].shape[0]
+    p = teacher_logits[0].new_zeros(batch, len(class_ids), num_classes, dtype=torch.float32)
+    covers = torch.zeros(len(class_ids), num_classes, dtype=torch.bool, device=p.device)
+    for k, (z, ids) in enumerate(zip(teacher_logits, class_ids)):
+        p[:, k, ids] = F.softmax(z.float() / temperature, dim=1)
+        covers[k, ids] = True
+    return p, covers
+
+
 def mixture_targets(teacher_logits: list[Tensor], class_ids: list[Tensor], weights: Tensor,
                     num_classes: int, temperature: float) -> Tensor:
     """Weighted mixture of the teachers' tempered distributions, in global classes.
 
-    Teacher ``k`` covers the global classes ``class_ids[k]`` (its output unit
-    ``i`` is global class ``class_ids[k][i]``). With
-    ``p_k = softmax(z_k / T)`` placed at those classes (zero elsewhere) and
-    ``w_k`` the teacher weights::
+    With ``p_k = softmax(z_k / T)`` placed at teacher ``k``'s classes (zero
+    elsewhere) and ``w_k`` the teacher weights::
 
         q = sum_k w_k p_k / sum_k w_k
 
@@ -57,9 +162,68 @@ def mixture_targets(teacher_logits: list[Tensor], class_ids: list[Tensor], weigh
     from each of them; a class outside a teacher's subset receives none from
     it. The result does not depend on the label.
     """
-    batch = teacher_logits[0].shape[0]
-    q = teacher_logits[0].new_zeros(batch, num_classes, dtype=torch.float32)
-    for logits, ids, w in zip(teacher_logits, class_ids, weights):
-        p = F.softmax(logits.float() / temperature, dim=1)
-        q.index_add_(1, ids, p * w)
-    return q / weights.sum()
+    p, _ = _placed(teacher_logits, class_ids, num_classes, temperature)
+    w = _normalise_rows(weights.float().expand(p.shape[0], -1))
+    return torch.einsum("bk,bkc->bc", w, p)
+
+
+def consensus_targets(teacher_logits: list[Tensor], class_ids: list[Tensor], weights: Tensor, labels: Tensor,
+                      num_classes: int, temperature: float) -> Tensor:
+    """Soft targets from the teachers that know the sample's label.
+
+    Only teachers ``k`` with ``y in C_k`` contribute (``m_k = 1``). Each
+    one's ``p_k = softmax(z_k / T)`` is placed at its classes; a class ``c``
+    gets the weighted average of the contributing teachers that cover it::
+
+        r_c = sum_k m_k w_k p_kc / sum_{k: c in C_k} m_k w_k ,   q = r / sum_c r_c
+
+    Classes that no contributing teacher covers get 0. A sample whose label
+    no teacher covers gets a row of zeros (no soft loss).
+    """
+    p, covers = _placed(teacher_logits, class_ids, num_classes, temperature)
+    w = weights.float().expand(p.shape[0], -1) * coverage(class_ids, labels)
+    num = torch.einsum("bk,bkc->bc", w, p)
+    den = w @ covers.float()
+    r = torch.where(den > 0, num / den.clamp_min(1e-12), 0.0)
+    return r / r.sum(1, keepdim=True).clamp_min(1e-12)
+
+
+def amalgamation_loss(student_logits: Tensor, teacher_logits: list[Tensor], class_ids: list[Tensor],
+                      weights: Tensor, temperature: float, labels: Tensor | None = None,
+                      dkd: tuple[float, float] | None = None) -> Tensor:
+    """Every teacher against the student renormalised over that teacher's classes.
+
+    (Hinton et al. 2015, section 5; Vongkulbhisal et al., CVPR 2019.) With
+    ``p_k = softmax(z_k / T)`` over teacher ``k``'s classes ``C_k`` and the
+    student's logits restricted to them, ``s[C_k]``::
+
+        L = (1/B) sum_b sum_k w_bk * T^2 * KL(p_k || softmax(s[C_k] / T))
+
+    ``dkd = (alpha, beta)`` replaces each KL by ``dkd_per_sample`` with the
+    label's position in ``C_k`` as target (``labels`` needed).
+    """
+    w = weights.float().expand(student_logits.shape[0], -1)
+    total = student_logits.new_zeros(student_logits.shape[0])
+    for k, (z, ids) in enumerate(zip(teacher_logits, class_ids)):
+        s_k = student_logits[:, ids]
+        p_k = F.softmax(z.float() / temperature, dim=1)
+        if dkd is None:
+            term = kl_per_sample(s_k, p_k, temperature)
+        else:
+            term = dkd_per_sample(s_k, p_k, local_labels(ids, labels), *dkd, temperature)
+        total = total + w[:, k] * term
+    return total.mean()
+
+
+def feature_loss(student_features: list[Tensor], teacher_features: list[list[Tensor]], weights: Tensor) -> Tensor:
+    """``(1/B) sum_b sum_k w_bk * sum_l MSE(f^s_l(b), f^k_l(b))`` (FitNets, Romero et al., 2015).
+
+    ``student_features[k][l]`` is the student's stage ``l`` after its adapter
+    to teacher ``k`` (same shape as ``teacher_features[k][l]``). Each MSE is
+    the mean over channels and positions of one sample.
+    """
+    total = weights.new_zeros(weights.shape[0])
+    for k, (fs_k, ft_k) in enumerate(zip(student_features, teacher_features)):
+        for fs, ft in zip(fs_k, ft_k):
+            total = total + weights[:, k] * (fs - ft.float()).pow(2).flatten(1).mean(1)
+    return total.mean()

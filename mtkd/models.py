@@ -77,5 +77,40 @@ def create_teacher(teacher: TeacherSpec, task: TaskSpec) -> nn.Module:
     return create_model(teacher.architecture, len(teacher.classes), task.channels, task.image_size)
 
 
+def feature_stages(model: nn.Module) -> list[dict]:
+    """The stages timm can return features from: ``[{'module', 'num_chs', 'reduction'}, ...]``."""
+    info = getattr(model, "feature_info", None)
+    if not info or not hasattr(model, "forward_intermediates"):
+        raise UserError(f"{type(model).__name__} cannot return intermediate features (timm's "
+                        "forward_intermediates). Fix: use a timm CNN, or --feature_weight 0.")
+    return list(info)
+
+
+def resolve_stages(model: nn.Module, layers: list[str], who: str = "model") -> list[int]:
+    """``--feature_layers`` entries (stage indices like ``-1`` or module names like ``layer3``) -> indices."""
+    stages = feature_stages(model)
+    names = [s["module"] for s in stages]
+    out = []
+    for layer in layers:
+        try:
+            i = int(layer)
+        except ValueError:
+            if layer not in names:
+                raise UserError(f"--feature_layers: the {who} has no stage {layer!r}. "
+                                f"Fix: use one of {', '.join(names)} or an index 0..{len(names) - 1}.") from None
+            i = names.index(layer)
+        if not -len(names) <= i < len(names):
+            raise UserError(f"--feature_layers: stage {layer} is out of range for the {who} "
+                            f"({len(names)} stages: {', '.join(names)}).")
+        out.append(i % len(names))
+    return sorted(set(out))
+
+
+def forward_with_features(model: nn.Module, x, stages: list[int]):
+    """``(logits, [features at each stage in stages])`` in one pass."""
+    final, feats = model.forward_intermediates(x, indices=stages)
+    return model.forward_head(final), feats
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -108,4 +108,4 @@ def prepare_teachers(task: TaskSpec, data: TaskData, args: Namespace,
 def create_ensemble(task: TaskSpec, models: list[nn.Module]) -> TeacherEnsemble:
     """The task's teachers (``models``, in the task's order) as one frozen ensemble."""
     return TeacherEnsemble(models, [task.class_indices(t.classes) for t in task.teachers],
-                           [t.weight for t in task.teachers], task.num_classes)
+                           [t.weight for t in task.teachers], task.num_classes, [t.name for t in task.teachers])

@@ -1,21 +1,25 @@
 """The frozen teacher ensemble: runs the specialists and maps them to global classes."""
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from torch import Tensor, nn
 
 from .losses import mixture_targets
+from .models import forward_with_features
 
 
 class TeacherEnsemble(nn.Module):
     """Specialist teachers, each over its own subset of the task's classes.
 
     Frozen for good: ``eval()`` mode that ``train()`` cannot undo, no
-    gradients, and forward passes under ``torch.inference_mode``.
+    gradients, and forward passes under ``torch.inference_mode`` (in fp16
+    autocast on CUDA). Each teacher runs once per batch.
     """
 
     def __init__(self, teachers: list[nn.Module], class_ids: list[list[int]],
-                 weights: list[float], num_classes: int):
+                 weights: list[float], num_classes: int, names: list[str] | None = None):
         super().__init__()
         if not (len(teachers) == len(class_ids) == len(weights)):
             raise ValueError("one class list and one weight per teacher")
@@ -24,6 +28,7 @@ class TeacherEnsemble(nn.Module):
             self.register_buffer(f"class_ids_{k}", torch.tensor(ids, dtype=torch.long))
         self.register_buffer("weights", torch.tensor(weights, dtype=torch.float32))
         self.num_classes = num_classes
+        self.names = list(names) if names else [f"teacher{k}" for k in range(len(teachers))]
         self.requires_grad_(False)
         self.train(False)
 
@@ -35,12 +40,22 @@ class TeacherEnsemble(nn.Module):
     def class_ids(self) -> list[Tensor]:
         return [getattr(self, f"class_ids_{k}") for k in range(len(self.teachers))]
 
-    def forward(self, x: Tensor) -> list[Tensor]:
-        """Each teacher's logits over its own classes."""
-        with torch.inference_mode():
-            logits = [teacher(x) for teacher in self.teachers]
+    def forward(self, x: Tensor, stages: list[list[int]] | None = None):
+        """Each teacher's logits over its own classes (float32).
+
+        With ``stages`` (a list of stage indices per teacher) returns
+        ``(logits, features)``, features being a list per teacher.
+        """
+        autocast = torch.autocast("cuda", dtype=torch.float16) if x.is_cuda else nullcontext()
+        with torch.inference_mode(), autocast:
+            if stages is None:
+                out = [teacher(x) for teacher in self.teachers]
+            else:
+                out = [forward_with_features(t, x, s) for t, s in zip(self.teachers, stages)]
         # Inference tensors cannot be saved for backward; clone them out of it.
-        return [z.clone() for z in logits]
+        if stages is None:
+            return [z.float().clone() for z in out]
+        return [z.float().clone() for z, _ in out], [[f.float().clone() for f in fs] for _, fs in out]
 
     def soft_targets(self, x: Tensor, temperature: float) -> Tensor:
         """Weighted mixture of the teachers' tempered distributions (see ``mixture_targets``)."""

@@ -20,8 +20,9 @@ from torch.utils.tensorboard.summary import hparams
 
 from . import plots
 from .checkpoint import load_checkpoint, save_checkpoint
-from .data import BatchTransform, create_loader, load_task_data
-from .distill import Distiller
+from .cache import CachedViews, open_teacher_cache
+from .data import BatchTransform, TaskData, create_loader, load_task_data
+from .distill import Distiller, KDConfig
 from .engine import evaluate
 from .errors import UserError
 from .loop import RunRng, create_optimizer, fit, resolve_device, seed_everything
@@ -112,6 +113,7 @@ def run(args: Namespace, explicit: set[str] = frozenset()) -> dict:
         task = resolve_task(args.task)
     for spec in task.teachers:  # fail before any data is read
         check_architecture(spec.architecture)
+    kd = check_kd_args(args, task)
     device = resolve_device(args.device)
     data = load_task_data(task, args.data_root)
     if data.skipped:
@@ -132,16 +134,25 @@ def run(args: Namespace, explicit: set[str] = frozenset()) -> dict:
     console.print(f"[bold]Run folder[/] {run_dir}  (device {device}, {len(data.train)} train / "
                   f"{len(data.val)} val / {len(data.test)} test images)", soft_wrap=True)
     seed_everything(args.seed)
-    step = Distiller(student, ensemble, alpha=args.alpha, temperature=args.temperature)
-    optimizer = create_optimizer(student, args)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.scheduler_step, gamma=args.scheduler_gamma)
+    step = Distiller(student, ensemble, kd).to(device)
     transform = BatchTransform.for_task(task).to(device)
+    train_data, cache_status = data, None
+    if args.teacher_cache and step.ensemble is not None:
+        started_cache = time.perf_counter()
+        cache, cache_path, cache_status = open_teacher_cache(args.teacher_cache, task.name, ensemble, data.train,
+                                                             transform, args.cache_views, device)
+        console.print(f"[bold]Teacher cache[/] {cache_path}: {cache_status}, {cache.num_views} views "
+                      f"({time.perf_counter() - started_cache:.1f}s)", soft_wrap=True)
+        train_data = TaskData(CachedViews(data.train, cache), data.val, data.test)
+    optimizer = create_optimizer(step, args)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.scheduler_step, gamma=args.scheduler_gamma)
     rng = RunRng(args.seed)
     best = {"val_acc": -1.0, "epoch": 0}
     start_epoch = 1
     metrics_path = run_dir / "metrics.csv"
     if last is not None:
         student.load_state_dict(last["model"])
+        step.load_state_dict(last.get("distiller", {}), strict=False)
         optimizer.load_state_dict(last["optimizer"])
         scheduler.load_state_dict(last["scheduler"])
         rng.load_state_dict(last["rng"])
@@ -166,7 +177,7 @@ def run(args: Namespace, explicit: set[str] = frozenset()) -> dict:
             out.writerow(row)
         if val["acc"] > best["val_acc"]:
             best.update(val_acc=val["acc"], epoch=epoch)
-        state = {"model": student.state_dict(), "optimizer": optimizer.state_dict(),
+        state = {"model": student.state_dict(), "distiller": distiller_state(step), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "epoch": epoch, "val_acc": val["acc"],
                  "best_val_acc": best["val_acc"], "best_epoch": best["epoch"], "rng": rng.state_dict(),
                  "args": vars(args), "task": task.name, "student_model": args.student_model,
@@ -175,7 +186,7 @@ def run(args: Namespace, explicit: set[str] = frozenset()) -> dict:
             save_checkpoint(state, run_dir / "best.pt")
         save_checkpoint(state, run_dir / "last.pt")
 
-    fit(step, data, epochs=args.num_epochs, optimizer=optimizer, scheduler=scheduler, args=args,
+    fit(step, train_data, epochs=args.num_epochs, optimizer=optimizer, scheduler=scheduler, args=args,
         device=device, transform=transform, on_epoch=on_epoch, val_model=student, title="student",
         rng=rng, start_epoch=start_epoch)
 
@@ -187,6 +198,8 @@ def run(args: Namespace, explicit: set[str] = frozenset()) -> dict:
     summary = {
         "task": task.name, "student_model": args.student_model, "run_dir": str(run_dir),
         "alpha": args.alpha, "temperature": args.temperature, "epochs": args.num_epochs, "seed": args.seed,
+        "aggregation": kd.aggregation, "teacher_weighting": kd.weighting, "kd_loss": kd.kd_loss,
+        "teacher_cache": cache_status,
         "best_epoch": best["epoch"], "best_val_acc": best["val_acc"], "test_acc": test["acc"],
         "student_params": count_parameters(student), "teachers": teacher_rows,
         "ensemble_params": count_parameters(ensemble), "ensemble_val_acc": ensemble_val["acc"],
@@ -200,6 +213,24 @@ def run(args: Namespace, explicit: set[str] = frozenset()) -> dict:
     write_run_curves(run_dir)
     console.print(run_summary_table(summary))
     return summary
+
+
+def check_kd_args(args: Namespace, task: TaskSpec) -> KDConfig:
+    """The run's distillation settings, checked against the task before any work starts."""
+    kd = KDConfig.from_args(args)
+    if kd.teacher_weights is not None and len(kd.teacher_weights) != len(task.teachers):
+        raise UserError(f"--teacher_weights has {len(kd.teacher_weights)} weights but task {task.name} has "
+                        f"{len(task.teachers)} teachers ({', '.join(t.name for t in task.teachers)}). "
+                        "Fix: give one weight per teacher, in that order.")
+    if args.teacher_cache and kd.feature_weight > 0:
+        raise UserError("--teacher_cache stores the teachers' logits only, but --feature_weight needs their "
+                        "features on every step. Fix: drop one of the two.")
+    return kd
+
+
+def distiller_state(step: Distiller) -> dict:
+    """What the step trains or tracks besides the student: feature adapters, the EMA teacher."""
+    return {k: v for k, v in step.state_dict().items() if not k.startswith(("student.", "ensemble."))}
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

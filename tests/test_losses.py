@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mtkd.losses import distillation_loss, kd_kl_loss, mixture_targets
+from mtkd.losses import (amalgamation_loss, consensus_targets, distillation_loss, dkd_per_sample, feature_loss,
+                         kd_kl_loss, mixture_targets, teacher_weights)
 
 S = torch.tensor([[1.0, 2.0, 0.0], [0.0, 0.0, 3.0]])
 Q = torch.tensor([[0.2, 0.5, 0.3], [0.0, 1.0, 0.0]])
@@ -67,3 +68,138 @@ def test_mixture_temperature_softens_each_teacher():
     # One teacher over classes {2, 0} with logits [2 ln 3, 0] at T=2: softmax([ln 3, 0]) = [3/4, 1/4].
     q = mixture_targets([torch.tensor([[2 * math.log(3), 0.0]])], [torch.tensor([2, 0])], torch.tensor([1.0]), 3, 2.0)
     assert q.squeeze().tolist() == pytest.approx([0.25, 0.0, 0.75], abs=1e-7)
+
+
+# --- aggregation of teachers with different class sets ------------------------------------------
+# Teacher A over classes {0, 1}: logits [0, ln 3] -> p_A = [1/4, 3/4]; weight 1.
+# Teacher B over classes {1, 2}: logits [0, ln 4] -> p_B = [1/5, 4/5]; weight 3.
+TA, TB = torch.tensor([[0.0, math.log(3)]]), torch.tensor([[0.0, math.log(4)]])
+IDS = [torch.tensor([0, 1]), torch.tensor([1, 2])]
+
+
+def test_consensus_targets_golden():
+    logits = [TA.repeat(3, 1), TB.repeat(3, 1)]
+    q = consensus_targets(logits, IDS, torch.tensor([1.0, 3.0]), torch.tensor([0, 1, 2]), 3, 1.0)
+    # label 0: only A knows it -> [1/4, 3/4, 0]. label 2: only B -> [0, 1/5, 4/5].
+    # label 1: both. Class 0 from A alone (1/4), class 2 from B alone (4/5), class 1 averaged by weight:
+    #   (1 * 3/4 + 3 * 1/5) / 4 = 0.3375; r = [0.25, 0.3375, 0.8], sum 1.3875.
+    assert q[0].tolist() == pytest.approx([0.25, 0.75, 0.0], abs=1e-7)
+    assert q[1].tolist() == pytest.approx([0.25 / 1.3875, 0.3375 / 1.3875, 0.8 / 1.3875], abs=1e-7)
+    assert q[2].tolist() == pytest.approx([0.0, 0.2, 0.8], abs=1e-7)
+
+
+def test_consensus_gives_no_target_when_no_teacher_knows_the_label():
+    q = consensus_targets([TA], IDS[:1], torch.tensor([1.0]), torch.tensor([2]), 3, 1.0)
+    assert q.tolist() == [[0.0, 0.0, 0.0]]
+
+
+def test_amalgamation_loss_golden():
+    s = torch.tensor([[0.0, math.log(2), math.log(3)]])  # student softmax [1/6, 2/6, 3/6]
+    # Over A's classes {0, 1} the student renormalised is [1/3, 2/3]; over B's {1, 2} it is [2/5, 3/5].
+    kl_a = 0.25 * math.log(0.25 / (1 / 3)) + 0.75 * math.log(0.75 / (2 / 3))
+    kl_b = 0.2 * math.log(0.2 / 0.4) + 0.8 * math.log(0.8 / 0.6)
+    loss = amalgamation_loss(s, [TA, TB], IDS, torch.tensor([[0.25, 0.75]]), 1.0)
+    assert loss.item() == pytest.approx(0.25 * kl_a + 0.75 * kl_b, rel=1e-6)
+    # At T = 2 every logit is halved and the loss scaled by T^2 = 4.
+    halved = [torch.tensor([[0.0, math.log(3)]]) * 2, torch.tensor([[0.0, math.log(4)]]) * 2]
+    assert amalgamation_loss(s * 2, halved, IDS, torch.tensor([0.25, 0.75]), 2.0).item() == pytest.approx(
+        4 * (0.25 * kl_a + 0.75 * kl_b), rel=1e-6)
+
+
+def test_full_coverage_teachers_reduce_to_weighted_ensemble_kd():
+    torch.manual_seed(0)
+    B, C, T = 6, 5, 3.0
+    teachers = [torch.randn(B, C) for _ in range(3)]
+    ids = [torch.arange(C)] * 3
+    w = torch.tensor([0.2, 0.3, 0.5])
+    y = torch.randint(0, C, (B,))
+    ensemble_q = sum(wk * F.softmax(z / T, 1) for wk, z in zip(w, teachers))
+    assert torch.allclose(consensus_targets(teachers, ids, w, y, C, T), ensemble_q, atol=1e-6)
+    assert torch.allclose(mixture_targets(teachers, ids, w, C, T), ensemble_q, atol=1e-6)
+    # amalgamate: sum_k w_k KL(p_k || p_s) = KL(q || p_s) + const, so the gradients are equal.
+    s1 = torch.randn(B, C, requires_grad=True)
+    s2 = s1.detach().clone().requires_grad_()
+    amalgamation_loss(s1, teachers, ids, w, T).backward()
+    kd_kl_loss(s2, ensemble_q, T).backward()
+    assert torch.allclose(s1.grad, s2.grad, atol=1e-6)
+
+
+def test_mixture_accepts_per_sample_weights():
+    logits = [TA.repeat(2, 1), TB.repeat(2, 1)]
+    q = mixture_targets(logits, IDS, torch.tensor([[1.0, 0.0], [1.0, 3.0]]), 3, 1.0)
+    assert q[0].tolist() == pytest.approx([0.25, 0.75, 0.0], abs=1e-7)
+    assert q[1].tolist() == pytest.approx([0.0625, 0.3375, 0.6], abs=1e-7)
+
+
+# --- per-sample teacher weights -------------------------------------------------------------------
+def test_confidence_weights_golden():
+    # Teacher C over {0, 2}: logits [0, 0] -> [1/2, 1/2].
+    logits = [TA.repeat(3, 1), TB.repeat(3, 1), torch.zeros(3, 2)]
+    ids = IDS + [torch.tensor([0, 2])]
+    y = torch.tensor([1, 0, 2])
+    w = teacher_weights("confidence", logits, ids, y, torch.ones(3), torch.ones(3, 3, dtype=torch.bool))
+    # label 1: CE_A = ln(4/3), CE_B = ln 5, C cannot express 1. softmax = [4/3, 5] / (19/3) = [4/19, 15/19];
+    #   w = 1 - that = [15/19, 4/19] (n - 1 = 1).
+    # label 0: CE_A = ln 4, CE_C = ln 2: softmax = [4/6, 2/6]; w = [1/3, 0, 2/3].
+    # label 2: CE_B = ln(5/4), CE_C = ln 2: softmax = [5/13, 8/13]; w = [0, 8/13, 5/13].
+    assert w[0].tolist() == pytest.approx([15 / 19, 4 / 19, 0.0], abs=1e-6)
+    assert w[1].tolist() == pytest.approx([1 / 3, 0.0, 2 / 3], abs=1e-6)
+    assert w[2].tolist() == pytest.approx([0.0, 8 / 13, 5 / 13], abs=1e-6)
+
+
+def test_confidence_weight_of_a_lone_teacher_is_one():
+    w = teacher_weights("confidence", [TA, TB], IDS, torch.tensor([0]), torch.ones(2), torch.ones(1, 2, dtype=torch.bool))
+    assert w.tolist() == [[1.0, 0.0]]
+
+
+def test_entropy_weights_golden():
+    # A over 2 classes at [1/2, 1/2]: entropy ln 2 / ln 2 = 1. B over 4 classes, one-hot: entropy 0.
+    logits = [torch.zeros(1, 2), torch.tensor([[100.0, 0.0, 0.0, 0.0]])]
+    ids = [torch.tensor([0, 1]), torch.tensor([0, 1, 2, 3])]
+    w = teacher_weights("entropy", logits, ids, torch.tensor([0]), torch.ones(2), torch.ones(1, 2, dtype=torch.bool))
+    e = math.exp(-1)
+    assert w.squeeze().tolist() == pytest.approx([e / (e + 1), 1 / (e + 1)], abs=1e-6)
+
+
+def test_fixed_weights_are_normalised_over_eligible_teachers():
+    eligible = torch.tensor([[True, True, True], [False, True, True]])
+    w = teacher_weights("fixed", [TA] * 3, IDS * 2, torch.tensor([0, 0]), torch.tensor([1.0, 1.0, 2.0]), eligible)
+    assert w[0].tolist() == pytest.approx([0.25, 0.25, 0.5])
+    assert w[1].tolist() == pytest.approx([0.0, 1 / 3, 2 / 3])
+
+
+# --- Decoupled KD ---------------------------------------------------------------------------------
+def test_dkd_golden():
+    s = torch.tensor([[0.0, math.log(2), math.log(3)]])  # p = [1/6, 2/6, 3/6]
+    q = torch.tensor([[0.5, 0.3, 0.2]])
+    tckd = 0.5 * math.log(0.5 / (1 / 6)) + 0.5 * math.log(0.5 / (5 / 6))
+    nckd = 0.6 * math.log(0.6 / 0.4) + 0.4 * math.log(0.4 / 0.6)  # non-target: [0.6, 0.4] vs [2/5, 3/5]
+    out = dkd_per_sample(s, q, torch.tensor([0]), 1.0, 8.0, 1.0)
+    assert out.item() == pytest.approx(tckd + 8 * nckd, rel=1e-6)
+    # No target among these classes: TCKD is 0 and NCKD is the KL over all classes.
+    kl = sum(qc * math.log(qc / pc) for qc, pc in zip([0.5, 0.3, 0.2], [1 / 6, 2 / 6, 3 / 6]))
+    assert dkd_per_sample(s, q, torch.tensor([-1]), 1.0, 8.0, 1.0).item() == pytest.approx(8 * kl, rel=1e-6)
+
+
+def test_dkd_matches_the_logit_masking_formulation():
+    # DKD as written in its paper's code: binary target/non-target probabilities, and non-target
+    # distributions by masking the target logit with -1000 before the softmax.
+    torch.manual_seed(1)
+    s, t, y, T = torch.randn(4, 6), torch.randn(4, 6), torch.tensor([0, 3, 5, 2]), 4.0
+    gt = F.one_hot(y, 6).bool()
+    ps, pt = F.softmax(s / T, 1), F.softmax(t / T, 1)
+    bs = torch.stack([ps[gt], 1 - ps[gt]], 1)
+    bt = torch.stack([pt[gt], 1 - pt[gt]], 1)
+    tckd = (bt * (bt.log() - bs.log())).sum(1)
+    pt2 = F.softmax(t / T - 1000.0 * gt, 1)
+    log_ps2 = F.log_softmax(s / T - 1000.0 * gt, 1)
+    nckd = (pt2 * (pt2.clamp_min(1e-30).log() - log_ps2)).sum(1)
+    expected = (2.0 * tckd + 5.0 * nckd) * T**2
+    assert torch.allclose(dkd_per_sample(s, pt, y, 2.0, 5.0, T), expected, atol=1e-5)
+
+
+def test_feature_loss_golden():
+    fs = [[torch.tensor([[[[1.0, 2.0]]], [[[0.0, 0.0]]]])]]  # one teacher, one stage, (2, 1, 1, 2)
+    ft = [[torch.tensor([[[[0.0, 0.0]]], [[[1.0, 1.0]]]])]]
+    # per-sample MSE: (1 + 4) / 2 = 2.5 and 1; weights 1 and 0.5 -> (2.5 + 0.5) / 2
+    assert feature_loss(fs, ft, torch.tensor([[1.0], [0.5]])).item() == pytest.approx(1.5)

@@ -1,0 +1,189 @@
+"""Throughput of distillation: baseline vs online KD vs cached KD, and of the data pipeline.
+
+All in one process, on the same data and student:
+
+* ``baseline_img_s``: the student trained on labels only (``alpha 0``);
+* ``online_kd_img_s``: the student distilled from the task's teacher ensemble,
+  the teachers run on every batch;
+* ``cached_kd_img_s``: the same from the teacher-output cache (its one-off
+  build time is ``cache_build_s``);
+* ``data_batched_img_s``: the in-memory uint8 tensor, augmented per batch
+  with tensor ops (mtkd's path), no model;
+* ``data_pil_img_s``: a torchvision per-sample pipeline (``ToPILImage``,
+  ``RandomCrop``, flip, ``ToTensor``, ``Normalize``) through a DataLoader.
+
+Teachers are randomly initialised: speed does not depend on their weights.
+``--synthetic N`` replaces the task's images with N random ones of its shape
+(e.g. Task A's 32x32 RGB without downloading CIFAR-100).
+
+    python benchmarks/bench_distill.py --task B --student_model ResNet18 --json
+    python benchmarks/bench_distill.py --task A --synthetic 20000 --batch_size 512 --amp bf16 --channels_last
+"""
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root, for tasks/
+import tasks  # noqa: E402,F401
+from mtkd.cache import CachedViews, open_teacher_cache  # noqa: E402
+from mtkd.data import BatchTransform, ImageTensorDataset, create_loader, load_task_data  # noqa: E402
+from mtkd.distill import Distiller, KDConfig  # noqa: E402
+from mtkd.engine import train_one_epoch  # noqa: E402
+from mtkd.loop import create_optimizer, resolve_device, seed_everything  # noqa: E402
+from mtkd.models import create_student, create_teacher, list_students  # noqa: E402
+from mtkd.spec import get_task, list_tasks  # noqa: E402
+from mtkd.specialists import create_ensemble  # noqa: E402
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--task", default="B", choices=list_tasks())
+    p.add_argument("--student_model", default="ResNet18", choices=list_students())
+    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--images", type=int, default=2048, help="training images per timed pass")
+    p.add_argument("--synthetic", type=int, default=0, metavar="N", help="use N random images of the task's shape")
+    p.add_argument("--cache_views", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"])
+    p.add_argument("--channels_last", action="store_true")
+    p.add_argument("--repeats", type=int, default=3, help="timed passes per measurement; the best is kept")
+    p.add_argument("--data_root", default="data")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    return p
+
+
+def training_images(task, args) -> ImageTensorDataset:
+    g = torch.Generator().manual_seed(args.seed)
+    if args.synthetic:
+        n = args.synthetic
+        return ImageTensorDataset(
+            torch.randint(0, 256, (n, task.channels, task.image_size, task.image_size), dtype=torch.uint8, generator=g),
+            torch.randint(0, task.num_classes, (n,), generator=g))
+    train = load_task_data(task, args.data_root).train
+    reps = -(-args.images // len(train))  # repeat a small set up to --images
+    idx = torch.arange(len(train)).repeat(reps)[: args.images]
+    return ImageTensorDataset(train.images[idx], train.labels[idx])
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def images_per_second(device, repeats, fn, n) -> float:
+    fn()  # warm-up: allocator, cudnn autotuning, lazy inits
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return n / best
+
+
+def training_speed(task, data, ensemble, cfg, args, device, transform, cache=None) -> float:
+    seed_everything(args.seed)
+    student = create_student(args.student_model, task).to(device)
+    if args.channels_last:
+        student = student.to(memory_format=torch.channels_last)
+    step = Distiller(student, ensemble, cfg).to(device)
+    optimizer = create_optimizer(step, argparse.Namespace(lr=1e-3, weight_decay=5e-4))
+    scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
+    loader = create_loader(CachedViews(data, cache) if cache else data, args.batch_size, train=True)
+    epoch = [0]
+
+    def one_pass():
+        epoch[0] += 1
+        if cache:
+            loader.dataset.set_epoch(epoch[0])
+        train_one_epoch(step, loader, optimizer, transform, device, epoch=epoch[0], amp=args.amp,
+                        channels_last=args.channels_last, scaler=scaler)
+
+    return images_per_second(device, args.repeats, one_pass, len(data))
+
+
+class PILPipeline(Dataset):
+    """The per-sample torchvision pipeline: uint8 tensor -> PIL -> crop / flip -> tensor -> normalise."""
+
+    def __init__(self, data: ImageTensorDataset, task):
+        self.data = data
+        ops = [T.ToPILImage()]
+        if task.crop_padding:
+            ops.append(T.RandomCrop(task.image_size, padding=task.crop_padding))
+        if task.hflip:
+            ops.append(T.RandomHorizontalFlip())
+        self.transform = T.Compose(ops + [T.ToTensor(), T.Normalize(task.mean, task.std)])
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        return self.transform(self.data.images[i]), self.data.labels[i]
+
+
+def data_speeds(task, data, args, device, transform) -> tuple[float, float]:
+    batched = create_loader(data, args.batch_size, train=True)
+    pil = DataLoader(PILPipeline(data, task), batch_size=args.batch_size, shuffle=True)
+
+    def run_batched():
+        for images, labels in batched:
+            transform(images.to(device), augment=True)
+            labels.to(device)
+
+    def run_pil():
+        for x, labels in pil:
+            x.to(device), labels.to(device)
+
+    return (images_per_second(device, args.repeats, run_batched, len(data)),
+            images_per_second(device, args.repeats, run_pil, len(data)))
+
+
+def main(args) -> dict:
+    device = resolve_device(args.device)
+    task = get_task(args.task)
+    data = training_images(task, args)
+    transform = BatchTransform.for_task(task).to(device)
+    seed_everything(args.seed)
+    ensemble = create_ensemble(task, [create_teacher(t, task) for t in task.teachers]).to(device)
+    if args.channels_last:
+        ensemble = ensemble.to(memory_format=torch.channels_last)
+    kd = KDConfig(alpha=0.5, temperature=4.0)
+    result = {"baseline_img_s": training_speed(task, data, None, KDConfig(), args, device, transform),
+              "online_kd_img_s": training_speed(task, data, ensemble, kd, args, device, transform)}
+    with tempfile.TemporaryDirectory() as cache_dir:
+        start = time.perf_counter()
+        cache, _, _ = open_teacher_cache(cache_dir, task.name, ensemble, data, transform, args.cache_views, device)
+        result["cache_build_s"] = time.perf_counter() - start
+    result["cached_kd_img_s"] = training_speed(task, data, ensemble, kd, args, device, transform, cache)
+    result["data_batched_img_s"], result["data_pil_img_s"] = data_speeds(task, data, args, device, transform)
+    result["cached_vs_baseline"] = result["cached_kd_img_s"] / result["baseline_img_s"]
+    result["online_vs_baseline"] = result["online_kd_img_s"] / result["baseline_img_s"]
+    result["batched_vs_pil"] = result["data_batched_img_s"] / result["data_pil_img_s"]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    result.update(device=f"{device} ({name})", threads=torch.get_num_threads(), torch=torch.__version__,
+                  task=task.name, student_model=args.student_model, batch_size=args.batch_size, images=len(data),
+                  image_shape=list(data.images.shape[1:]), amp=args.amp, channels_last=args.channels_last,
+                  cache_views=args.cache_views, repeats=args.repeats)
+    return result
+
+
+if __name__ == "__main__":
+    args = get_args_parser().parse_args()
+    out = main(args)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        width = max(map(len, out))
+        for key, value in out.items():
+            print(f"{key:<{width}}  {value:,.2f}" if isinstance(value, float) else f"{key:<{width}}  {value}")

@@ -1,0 +1,176 @@
+"""Teacher-output cache: the teachers' logits on K fixed augmented views of every training image.
+
+A sweep over alpha, temperature, student or seed pays for the teachers once.
+The cache stores, per view ``v`` and training image ``i``, the augmentation
+parameters (crop offsets, flip) and each teacher's logits (fp16). Student epoch
+``e`` (counting from 1) replays view ``(e - 1) mod K``: the student sees
+exactly the pixels the teachers saw (consistent teaching, Beyer et al., CVPR
+2022; FKD, Shen & Xing, ECCV 2022).
+
+The file name is a hash of everything the logits depend on: the teachers'
+weights and classes, the training images and labels, the augmentation
+settings and K. A checksum over the stored tensors detects corruption; a
+corrupt, partial or mismatched file is rebuilt, never used.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from .checkpoint import save_checkpoint
+from .data import BatchTransform, ImageTensorDataset
+from .report import console
+from .teachers import TeacherEnsemble
+
+CACHE_VERSION = 1
+VIEW_SEED = 0  # views do not depend on the run's --seed, so every run of a sweep shares them
+
+
+def _hash_tensor(h, t: Tensor) -> None:
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    t = t.detach().cpu().contiguous().reshape(-1)
+    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def cache_key(ensemble: TeacherEnsemble, dataset: ImageTensorDataset, transform: BatchTransform,
+              num_views: int) -> str:
+    """sha256 over the teachers' weights and classes, the images and labels, augmentation and K."""
+    h = hashlib.sha256(f"mtkd-teacher-cache v{CACHE_VERSION} views={num_views} seed={VIEW_SEED}".encode())
+    for teacher, ids in zip(ensemble.teachers, ensemble.class_ids):
+        _hash_tensor(h, ids)
+        for name, t in teacher.state_dict().items():
+            h.update(name.encode())
+            _hash_tensor(h, t)
+    _hash_tensor(h, dataset.images)
+    _hash_tensor(h, dataset.labels)
+    h.update(f"pad={transform.crop_padding} flip={transform.hflip}".encode())
+    _hash_tensor(h, transform.mean.float())
+    _hash_tensor(h, transform.std.float())
+    return h.hexdigest()
+
+
+def _checksum(tensors: dict[str, Tensor | list[Tensor]]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        for t in tensors[name] if isinstance(tensors[name], list) else [tensors[name]]:
+            h.update(name.encode())
+            _hash_tensor(h, t)
+    return h.hexdigest()
+
+
+class CacheError(Exception):
+    """The cache file cannot be used (corrupt, partial, or for other teachers or data)."""
+
+
+class TeacherCache:
+    """``logits[k]``: ``(K, N, C_k)`` fp16; ``dy``, ``dx``: ``(K, N)``; ``flip``: ``(K, N)`` bool."""
+
+    def __init__(self, key: str, logits: list[Tensor], dy: Tensor, dx: Tensor, flip: Tensor):
+        self.key, self.logits, self.dy, self.dx, self.flip = key, logits, dy, dx, flip
+
+    @property
+    def num_views(self) -> int:
+        return self.dy.shape[0]
+
+    def tensors(self) -> dict:
+        return {"logits": self.logits, "dy": self.dy, "dx": self.dx, "flip": self.flip}
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, ensemble: TeacherEnsemble, dataset: ImageTensorDataset, transform: BatchTransform,
+              num_views: int, device: torch.device, batch_size: int = 512) -> "TeacherCache":
+        """Run every teacher once on each of ``num_views`` augmented views of the whole dataset."""
+        n = len(dataset)
+        gen = torch.Generator().manual_seed(VIEW_SEED)
+        logits = [torch.empty(num_views, n, len(ids), dtype=torch.float16) for ids in ensemble.class_ids]
+        params = {k: [] for k in ("dy", "dx", "flip")}
+        for v in range(num_views):
+            view = transform.sample(n, gen)
+            for k in params:
+                params[k].append(view[k])
+            for start in range(0, n, batch_size):
+                sl = slice(start, start + batch_size)
+                x = transform(dataset.images[sl].to(device), augment=True,
+                              params={k: t[sl] for k, t in view.items()})
+                for k, z in enumerate(ensemble(x)):
+                    logits[k][v, sl] = z.to("cpu", torch.float16)
+        return cls(cache_key(ensemble, dataset, transform, num_views), logits,
+                   torch.stack(params["dy"]).to(torch.int16), torch.stack(params["dx"]).to(torch.int16),
+                   torch.stack(params["flip"]))
+
+    def save(self, path: Path) -> None:
+        tensors = self.tensors()
+        save_checkpoint({"version": CACHE_VERSION, "key": self.key, "checksum": _checksum(tensors), **tensors}, path)
+
+    @classmethod
+    def load(cls, path: Path, key: str, num_views: int, num_images: int, sizes: list[int]) -> "TeacherCache":
+        """Load and verify a cache file; raise ``CacheError`` saying what is wrong."""
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CacheError(f"unreadable ({type(e).__name__})") from None
+        if not isinstance(state, dict) or state.get("version") != CACHE_VERSION or state.get("key") != key:
+            raise CacheError("written for other teachers, data or settings")
+        try:
+            cache = cls(key, list(state["logits"]), state["dy"], state["dx"], state["flip"])
+            ok = ([tuple(z.shape) for z in cache.logits] == [(num_views, num_images, c) for c in sizes]
+                  and all(tuple(t.shape) == (num_views, num_images) for t in (cache.dy, cache.dx, cache.flip)))
+        except (KeyError, TypeError, AttributeError):
+            raise CacheError("incomplete") from None
+        if not ok:
+            raise CacheError("tensors of the wrong shape")
+        if _checksum(cache.tensors()) != state.get("checksum"):
+            raise CacheError("checksum mismatch")
+        return cache
+
+
+def open_teacher_cache(cache_dir: str | Path, task_name: str, ensemble: TeacherEnsemble,
+                       dataset: ImageTensorDataset, transform: BatchTransform, num_views: int,
+                       device: torch.device) -> tuple[TeacherCache, Path, str]:
+    """Load the matching cache from ``cache_dir``, or build and save it; returns it, its path, and
+    ``'reused'``, ``'built'`` or ``'rebuilt (reason)'``."""
+    key = cache_key(ensemble, dataset, transform, num_views)
+    path = Path(cache_dir) / f"Task{task_name}-{key[:16]}.pt"
+    sizes = [len(ids) for ids in ensemble.class_ids]
+    status = "built"
+    if path.exists():
+        try:
+            return TeacherCache.load(path, key, num_views, len(dataset), sizes), path, "reused"
+        except CacheError as e:
+            console.print(f"[yellow]teacher cache {path} is not usable ({e}); rebuilding it[/]", soft_wrap=True)
+            status = f"rebuilt ({e})"
+    cache = TeacherCache.build(ensemble, dataset, transform, num_views, device)
+    cache.save(path)
+    return cache, path, status
+
+
+class CachedViews(Dataset):
+    """The training set with its cached views: batches are ``(images, labels, extras)``.
+
+    ``extras`` holds the view's augmentation parameters (``aug``) and the
+    teachers' logits on it (``teacher_logits``); ``set_epoch(e)`` picks view
+    ``(e - 1) mod K``.
+    """
+
+    def __init__(self, dataset: ImageTensorDataset, cache: TeacherCache):
+        self.dataset, self.cache, self.view = dataset, cache, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.view = (epoch - 1) % self.cache.num_views
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitems__(self, indices):
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        c, v = self.cache, self.view
+        aug = {"dy": c.dy[v, idx], "dx": c.dx[v, idx], "flip": c.flip[v, idx]}
+        return (self.dataset.images[idx], self.dataset.labels[idx],
+                {"aug": aug, "teacher_logits": [z[v, idx] for z in c.logits]})
+
+    def __getitem__(self, i):
+        return self.__getitems__([i])

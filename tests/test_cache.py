@@ -1,0 +1,93 @@
+import torch
+from torch import nn
+
+from mtkd.cache import CachedViews, TeacherCache, cache_key, open_teacher_cache
+from mtkd.data import BatchTransform, ImageTensorDataset, create_loader
+from mtkd.losses import mixture_targets
+from mtkd.teachers import TeacherEnsemble
+
+
+class ConvTeacher(nn.Module):
+    def __init__(self, n_out, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 8 * 8, n_out)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).relu().flatten(1))
+
+
+def make_setup(seed=0):
+    ens = TeacherEnsemble([ConvTeacher(2, seed), ConvTeacher(3, seed + 1)], [[0, 1], [1, 2, 3]], [1.0, 1.0], 4)
+    g = torch.Generator().manual_seed(0)
+    data = ImageTensorDataset(torch.randint(0, 256, (50, 1, 8, 8), dtype=torch.uint8, generator=g),
+                              torch.randint(0, 4, (50,), generator=g))
+    transform = BatchTransform([0.3], [0.4], crop_padding=2, hflip=True)
+    return ens, data, transform
+
+
+def test_cached_soft_targets_equal_the_online_teachers_on_the_replayed_views(tmp_path):
+    ens, data, transform = make_setup()
+    cache, _, status = open_teacher_cache(tmp_path, "T", ens, data, transform, 3, torch.device("cpu"))
+    assert status == "built" and cache.num_views == 3
+    views = CachedViews(data, cache)
+    seen = []
+    for epoch in (1, 2, 4):
+        views.set_epoch(epoch)
+        images, labels, extras = next(iter(create_loader(views, 16, train=True, seed=epoch)))
+        x = transform(images, augment=True, params=extras["aug"])
+        online = ens(x)
+        for cached, live in zip(extras["teacher_logits"], online):
+            assert cached.dtype == torch.float16
+            assert torch.allclose(cached.float(), live, atol=2e-3, rtol=2e-3)
+        q_cached = mixture_targets([z.float() for z in extras["teacher_logits"]], ens.class_ids, ens.weights, 4, 2.0)
+        q_online = mixture_targets(online, ens.class_ids, ens.weights, 4, 2.0)
+        assert torch.allclose(q_cached, q_online, atol=1e-3)
+        seen.append(x)
+    # Epoch 4 replays view 0 (as epoch 1) and differs from epoch 2's view.
+    assert views.view == 0
+    assert not torch.equal(cache.dx[0], cache.dx[1]) or not torch.equal(cache.flip[0], cache.flip[1])
+
+
+def test_key_follows_teachers_data_and_augmentation_only():
+    ens, data, transform = make_setup()
+    key = cache_key(ens, data, transform, 4)
+    assert cache_key(*make_setup(), 4) == key  # same contents, new objects
+    assert cache_key(ens, data, transform, 5) != key
+    assert cache_key(make_setup(seed=7)[0], data, transform, 4) != key  # other teacher weights
+    other = ImageTensorDataset(data.images.clone(), data.labels.clone())
+    other.images[0, 0, 0, 0] ^= 1
+    assert cache_key(ens, other, transform, 4) != key  # one pixel of the data
+    assert cache_key(ens, data, BatchTransform([0.3], [0.4], crop_padding=1, hflip=True), 4) != key
+
+
+def test_cache_is_reused_and_rebuilt_when_corrupt(tmp_path, monkeypatch):
+    ens, data, transform = make_setup()
+    cpu = torch.device("cpu")
+    first, path, _ = open_teacher_cache(tmp_path, "T", ens, data, transform, 2, cpu)
+    built = []
+    original = TeacherCache.build.__func__
+
+    def counting_build(cls, *a, **k):
+        built.append(1)
+        return original(cls, *a, **k)
+
+    monkeypatch.setattr(TeacherCache, "build", classmethod(counting_build))
+    again, path2, status = open_teacher_cache(tmp_path, "T", ens, data, transform, 2, cpu)
+    assert (status, path2, built) == ("reused", path, [])
+    assert all(torch.equal(a, b) for a, b in zip(first.logits, again.logits))
+
+    # A truncated file (a killed writer that did not use the atomic rename) is rebuilt.
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
+    _, _, status = open_teacher_cache(tmp_path, "T", ens, data, transform, 2, cpu)
+    assert status.startswith("rebuilt (unreadable") and built == [1]
+
+    # Tampered values that still load: the checksum catches them.
+    state = torch.load(path, weights_only=True)
+    state["logits"][0][0, 0, 0] += 1
+    torch.save(state, path)
+    cache, _, status = open_teacher_cache(tmp_path, "T", ens, data, transform, 2, cpu)
+    assert status == "rebuilt (checksum mismatch)" and built == [1, 1]
+    assert torch.equal(cache.logits[0], first.logits[0])

@@ -1,0 +1,128 @@
+import pytest
+import timm
+import torch
+from torch import nn
+
+from mtkd.distill import Distiller, KDConfig
+from mtkd.errors import UserError
+from mtkd.losses import AGGREGATIONS, KD_LOSSES, WEIGHTINGS
+from mtkd.loop import create_optimizer
+from mtkd.teachers import TeacherEnsemble
+
+
+class LinearTeacher(nn.Module):
+    def __init__(self, n_out, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.fc = nn.Linear(4, n_out)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def make_ensemble():
+    # Overlapping specialists over 4 global classes, as in task B.
+    return TeacherEnsemble([LinearTeacher(2, 0), LinearTeacher(3, 1)], [[0, 1], [1, 2, 3]], [1.0, 2.0], 4,
+                           ["low", "high"])
+
+
+X, Y = torch.randn(8, 4), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+
+
+@pytest.mark.parametrize("kd_loss", KD_LOSSES)
+@pytest.mark.parametrize("weighting", WEIGHTINGS)
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_every_method_trains_the_student_only(aggregation, weighting, kd_loss):
+    ens, student = make_ensemble(), nn.Linear(4, 4)
+    cfg = KDConfig(alpha=0.7, temperature=2.0, aggregation=aggregation, weighting=weighting, kd_loss=kd_loss)
+    out = Distiller(student, ens, cfg)(X, Y)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and out["loss_soft"] > 0
+    assert student.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in ens.parameters())
+    # The weights actually used are reported per teacher, each a mean of rows summing to 1.
+    assert out["weight_low"] + out["weight_high"] == pytest.approx(1.0)
+
+
+def test_cached_teacher_logits_give_the_online_loss():
+    ens, student = make_ensemble(), nn.Linear(4, 4)
+    step = Distiller(student, ens, KDConfig(alpha=0.5, temperature=3.0, aggregation="consensus"))
+    assert step(X, Y)["loss"].item() == pytest.approx(step(X, Y, teacher_logits=ens(X))["loss"].item(), rel=1e-6)
+
+
+def test_alpha_zero_never_runs_the_teachers():
+    class Exploding(nn.Module):
+        def forward(self, x):
+            raise AssertionError("teacher was run")
+
+    ens = TeacherEnsemble([Exploding()], [[0, 1, 2]], [1.0], 3)
+    out = Distiller(nn.Linear(1, 3), ens, KDConfig(alpha=0.0))(torch.randn(2, 1), torch.tensor([0, 1]))
+    assert out["loss_soft"].item() == 0.0
+
+
+def test_single_teacher_over_all_classes_is_classic_kd():
+    teacher = TeacherEnsemble([LinearTeacher(4, 3)], [[0, 1, 2, 3]], [1.0], 4)
+    grads = []
+    for aggregation in AGGREGATIONS:
+        student = nn.Linear(4, 4)
+        torch.nn.init.constant_(student.weight, 0.1)
+        torch.nn.init.zeros_(student.bias)
+        out = Distiller(student, teacher, KDConfig(alpha=1.0, temperature=2.0, aggregation=aggregation))(X, Y)
+        out["loss"].backward()
+        grads.append(student.weight.grad)
+    assert all(torch.allclose(g, grads[0], atol=1e-6) for g in grads)
+
+
+def test_temperature_schedule_and_dkd_warmup():
+    ens = make_ensemble()
+    step = Distiller(nn.Linear(4, 4), ens, KDConfig(alpha=0.5, temperature=4.0, temperature_final=1.0, epochs=5,
+                                                    kd_loss="dkd", dkd_warmup=4))
+    temps = []
+    for epoch in (1, 3, 5):
+        step.set_epoch(epoch)
+        temps.append(step.temperature())
+    assert temps == [4.0, 2.5, 1.0]
+    step.set_epoch(1)
+    out = step(X, Y)
+    # Epoch 1 of a 4-epoch warm-up: the soft term counts a quarter.
+    assert out["loss"].item() == pytest.approx(0.5 * out["loss_hard"].item() + 0.5 * 0.25 * out["loss_soft"].item(),
+                                               rel=1e-5)
+
+
+def test_ema_teacher_joins_the_ensemble_and_follows_the_student():
+    student = nn.Linear(4, 4)
+    step = Distiller(student, make_ensemble(), KDConfig(alpha=0.5, temperature=2.0, ema_decay=0.5))
+    opt = create_optimizer(step, type("A", (), {"lr": 0.1, "weight_decay": 0.0})())
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == 20  # the student's 16 + 4 only
+    for _ in range(3):
+        out = step(X, Y)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    assert out["weight_ema"] > 0
+    ema_w = step.ema.module.weight
+    assert not ema_w.requires_grad
+    assert not torch.equal(ema_w, student.weight) and (ema_w - student.weight).abs().max() < 1.0
+
+
+def tiny_resnet(n):
+    return timm.create_model("resnet18", num_classes=n, in_chans=1)
+
+
+def test_feature_matching_trains_adapters_and_student_only():
+    torch.manual_seed(0)
+    ens = TeacherEnsemble([tiny_resnet(2), tiny_resnet(3)], [[0, 1], [1, 2, 3]], [1.0, 1.0], 4)
+    student = timm.create_model("mobilenetv3_small_100", num_classes=4, in_chans=1)
+    step = Distiller(student, ens, KDConfig(alpha=0.5, temperature=2.0, feature_weight=1.0,
+                                            feature_layers=["-1", "2"], aggregation="consensus"))
+    assert len(step.adapters) == 2 and len(step.adapters[0]) == 2
+    assert step.adapters[0][1].out_channels == 512  # resnet18's last stage
+    step.train()
+    out = step(torch.randn(4, 1, 32, 32), Y[:4])
+    out["loss"].backward()
+    assert out["loss_feat"] > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in step.adapters.parameters())
+    assert all(p.grad is None for p in ens.parameters())
+    # Stage names are resolved per model; a name the student lacks is a clear error.
+    with pytest.raises(UserError, match="no stage 'layer3'"):
+        Distiller(student, ens, KDConfig(alpha=0.5, feature_weight=1.0, feature_layers=["layer3"]))
