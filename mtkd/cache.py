@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from .checkpoint import save_checkpoint
-from .data import BatchTransform, ImageTensorDataset
+from .data import BatchTransform, FileImageDataset, ImageTensorDataset
 from .report import console
 from .teachers import TeacherEnsemble
 
@@ -36,17 +36,17 @@ def _hash_tensor(h, t: Tensor) -> None:
     h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
 
-def cache_key(ensemble: TeacherEnsemble, dataset: ImageTensorDataset, transform: BatchTransform,
-              num_views: int) -> str:
-    """sha256 over the teachers' weights and classes, the images and labels, augmentation and K."""
+def cache_key(ensemble: TeacherEnsemble, dataset: ImageTensorDataset | FileImageDataset,
+              transform: BatchTransform, num_views: int) -> str:
+    """sha256 over the teachers' weights and classes, the images (pixels, or files' paths, sizes and
+    modification times) and labels, augmentation and K."""
     h = hashlib.sha256(f"mtkd-teacher-cache v{CACHE_VERSION} views={num_views} seed={VIEW_SEED}".encode())
     for teacher, ids in zip(ensemble.teachers, ensemble.class_ids):
         _hash_tensor(h, ids)
         for name, t in teacher.state_dict().items():
             h.update(name.encode())
             _hash_tensor(h, t)
-    _hash_tensor(h, dataset.images)
-    _hash_tensor(h, dataset.labels)
+    dataset.fingerprint(h)
     h.update(f"pad={transform.crop_padding} flip={transform.hflip}".encode())
     _hash_tensor(h, transform.mean.float())
     _hash_tensor(h, transform.std.float())
@@ -94,7 +94,8 @@ class TeacherCache:
                 params[k].append(view[k])
             for start in range(0, n, batch_size):
                 sl = slice(start, start + batch_size)
-                x = transform(dataset.images[sl].to(device), augment=True,
+                images, _ = dataset.__getitems__(range(start, min(start + batch_size, n)))
+                x = transform(images.to(device), augment=True,
                               params={k: t[sl] for k, t in view.items()})
                 for k, z in enumerate(ensemble(x)):
                     logits[k][v, sl] = z.to("cpu", torch.float16)
@@ -169,7 +170,8 @@ class CachedViews(Dataset):
         idx = torch.as_tensor(indices, dtype=torch.long)
         c, v = self.cache, self.view
         aug = {"dy": c.dy[v, idx], "dx": c.dx[v, idx], "flip": c.flip[v, idx]}
-        return (self.dataset.images[idx], self.dataset.labels[idx],
+        images, labels = self.dataset.__getitems__(idx)
+        return (images, labels,
                 {"aug": aug, "teacher_logits": [z[v, idx] for z in c.logits]})
 
     def __getitem__(self, i):

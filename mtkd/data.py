@@ -50,11 +50,63 @@ class ImageTensorDataset(Dataset):
 
     def select_classes(self, class_ids: list[int]) -> "ImageTensorDataset":
         """The samples of ``class_ids``, relabelled to their position in that list."""
-        lookup = torch.full((int(self.labels.max()) + 1,), -1, dtype=torch.long)
-        lookup[torch.as_tensor(class_ids)] = torch.arange(len(class_ids))
-        local = lookup[self.labels]
-        keep = local >= 0
+        keep, local = _relabel(self.labels, class_ids)
         return ImageTensorDataset(self.images[keep], local[keep])
+
+    def fingerprint(self, h) -> None:
+        """Feed everything the samples depend on into the hash ``h`` (for the teacher cache's key)."""
+        for t in (self.images, self.labels):
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+
+
+def _relabel(labels: torch.Tensor, class_ids: list[int]):
+    lookup = torch.full((max(int(labels.max()) if len(labels) else 0, max(class_ids)) + 1,), -1, dtype=torch.long)
+    lookup[torch.as_tensor(class_ids)] = torch.arange(len(class_ids))
+    local = lookup[labels]
+    return local >= 0, local
+
+
+class FileImageDataset(Dataset):
+    """Image files decoded on access, for image folders too large to hold in memory.
+
+    Batches have the in-memory dataset's form (``uint8 (B, C, S, S)``, labels),
+    so the same batched augmentation follows; decoding runs in DataLoader
+    workers (``--num_workers``), with pinned memory and persistent workers.
+    """
+
+    def __init__(self, paths: list[str], labels: torch.Tensor, channels: int, size: int):
+        self.paths, self.labels = list(paths), labels.long()
+        self.channels, self.size = channels, size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(self._read(self.paths[i])), self.labels[i]
+
+    def __getitems__(self, indices):
+        idx = [int(i) for i in indices]
+        return torch.from_numpy(np.stack([self._read(self.paths[i]) for i in idx])), self.labels[idx]
+
+    def _read(self, path: str) -> np.ndarray:
+        try:
+            return read_image(path, self.channels, self.size)
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+            raise UserError(f"cannot decode {path} ({type(e).__name__}: {e}), although it passed the check "
+                            "when the task was loaded. Fix: remove or replace the file.") from None
+
+    def select_classes(self, class_ids: list[int]) -> "FileImageDataset":
+        keep, local = _relabel(self.labels, class_ids)
+        return FileImageDataset([p for p, k in zip(self.paths, keep.tolist()) if k], local[keep],
+                                self.channels, self.size)
+
+    def fingerprint(self, h) -> None:
+        h.update(f"files {self.channels} {self.size}".encode())
+        for path in self.paths:
+            st = Path(path).stat()
+            h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        h.update(self.labels.numpy().tobytes())
 
 
 def _batch_collate(batch):
@@ -145,11 +197,11 @@ class BatchTransform(nn.Module):
 
 @dataclass
 class TaskData:
-    """The three splits of a task, in memory, and the files that could not be read."""
+    """The three splits of a task (in memory, or image files) and the files that could not be read."""
 
-    train: ImageTensorDataset
-    val: ImageTensorDataset
-    test: ImageTensorDataset
+    train: ImageTensorDataset | FileImageDataset
+    val: ImageTensorDataset | FileImageDataset
+    test: ImageTensorDataset | FileImageDataset
     skipped: list[str] = field(default_factory=list)
 
     def split(self, name: str) -> ImageTensorDataset:
@@ -269,30 +321,72 @@ def read_image(path: str | Path, channels: int, size: int) -> np.ndarray:
         return np.asarray(img, dtype=np.uint8).reshape(size, size, channels).transpose(2, 0, 1)
 
 
-def _read_folder(folder: Path, class_names, channels: int, size: int, skipped: list[str]):
-    """Every image under ``folder/<class>/``; unreadable files are listed in ``skipped``."""
+# Image folders whose decoded uint8 pixels exceed this are read from disk batch by batch.
+IN_MEMORY_LIMIT = 2 * 2**30
+
+
+def _list_folder(folder: Path, class_names) -> tuple[list[str], np.ndarray]:
     index = {c: i for i, c in enumerate(class_names)}
     present = {c: i for c, i in index.items() if (folder / c).is_dir()}
     samples = make_dataset(str(folder), present, extensions=IMG_EXTENSIONS, allow_empty=True)
-    images, labels = [], []
-    for path, label in samples:
+    return [p for p, _ in samples], np.asarray([y for _, y in samples], dtype=np.int64)
+
+
+def _check_file(path: str) -> None:
+    """Open and verify an image without decoding its pixels (for the on-disk path)."""
+    with Image.open(path) as img:
+        img.verify()
+
+
+def _read_folder(folder: Path, class_names, channels: int, size: int, skipped: list[str], in_memory: bool):
+    """Every image under ``folder/<class>/``: decoded ``(images, labels)``, or ``(paths, labels)``.
+
+    Unreadable files are listed in ``skipped`` and left out, never a crash later.
+    """
+    paths, labels = _list_folder(folder, class_names)
+    good, images = [], []
+    for i, path in enumerate(paths):
         try:
-            images.append(read_image(path, channels, size))
-            labels.append(label)
+            if in_memory:
+                images.append(read_image(path, channels, size))
+            else:
+                _check_file(path)
+            good.append(i)
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
             skipped.append(f"{path}: {type(e).__name__}: {e}")
+    if not in_memory:
+        return [paths[i] for i in good], labels[good]
     stack = np.stack(images) if images else np.zeros((0, channels, size, size), np.uint8)
-    return stack, np.asarray(labels, dtype=np.int64)
+    return stack, labels[good]
+
+
+def _make_dataset(items, labels: np.ndarray, channels: int, size: int):
+    if isinstance(items, list):
+        return FileImageDataset(items, torch.from_numpy(labels), channels, size)
+    return _to_dataset(items, labels)
+
+
+def _take(items, idx: np.ndarray):
+    return [items[i] for i in idx] if isinstance(items, list) else items[idx]
 
 
 def _load_imagefolder(spec: TaskSpec, data_root: Path, download: bool) -> TaskData:
-    """Class folders, either under train/, val/ and test/, or in one folder split by fractions (seeded)."""
+    """Class folders, either under train/, val/ and test/, or in one folder split by fractions (seeded).
+
+    Decoded into memory when the pixels fit in ``IN_MEMORY_LIMIT`` bytes (or
+    as the task's ``in_memory`` says), else read from disk batch by batch.
+    """
     root = Path(spec.source_options["root"])
     size, channels, skipped = spec.image_size, spec.channels, []
+    folders = [root / s for s in SPLITS] if spec.source_options["layout"] == "split" else [root]
+    in_memory = spec.source_options.get("in_memory", "auto")
+    if in_memory == "auto":
+        count = sum(len(_list_folder(f, spec.class_names)[0]) for f in folders)
+        in_memory = count * channels * size * size <= IN_MEMORY_LIMIT
     if spec.source_options["layout"] == "split":
-        splits = [_read_folder(root / s, spec.class_names, channels, size, skipped) for s in SPLITS]
-        return TaskData(*(_to_dataset(*s) for s in splits), skipped=skipped)
-    images, labels = _read_folder(root, spec.class_names, channels, size, skipped)
+        splits = [_read_folder(f, spec.class_names, channels, size, skipped, in_memory) for f in folders]
+        return TaskData(*(_make_dataset(*s, channels, size) for s in splits), skipped=skipped)
+    items, labels = _read_folder(root, spec.class_names, channels, size, skipped, in_memory)
     try:
         rest, test = stratified_split(labels, spec.test_fraction, spec.split_seed)
         train, val = stratified_split(labels[rest], spec.val_fraction / (1 - spec.test_fraction), spec.split_seed)
@@ -300,7 +394,8 @@ def _load_imagefolder(spec: TaskSpec, data_root: Path, download: bool) -> TaskDa
         raise UserError(f"cannot split {root} into train/val/test ({e}). Fix: add images (at least a few "
                         "per class), or provide train/, val/ and test/ folders.") from None
     train, val = rest[train], rest[val]
-    return TaskData(*(_to_dataset(images[i], labels[i]) for i in (train, val, test)), skipped=skipped)
+    return TaskData(*(_make_dataset(_take(items, i), labels[i], channels, size) for i in (train, val, test)),
+                    skipped=skipped)
 
 
 SOURCES.register("digits", _load_digits)

@@ -167,7 +167,7 @@ def sample_predictions(data: TaskData, logits, labels, names, title, n: int = 32
     wrong = torch.nonzero(pred != labels).flatten()[: n // 4]
     rest = torch.linspace(0, len(labels) - 1, n - len(wrong)).long()
     idx = torch.cat([wrong, rest[~torch.isin(rest, wrong)]])[:n]
-    return plots.sample_predictions_figure(data.test.images[idx].numpy(), pred[idx].tolist(),
+    return plots.sample_predictions_figure(data.test.__getitems__(idx.tolist())[0].numpy(), pred[idx].tolist(),
                                            labels[idx].tolist(), names, title)
 
 

@@ -110,8 +110,8 @@ def export(checkpoint, fmt: str, output, quantize: str | None = None, data_root=
     """Export, check against PyTorch on the test split, and return the numbers."""
     model, task = load_deploy_model(checkpoint)
     test = load_task_data(task, data_root).test
-    images = test.images.float() / 255
-    labels = test.labels.numpy()
+    images, labels = test.__getitems__(range(len(test)))
+    images, labels = images.float() / 255, labels.numpy()
     with torch.inference_mode():
         reference = batched(lambda x: model(x).numpy(), images)
     output = Path(output)

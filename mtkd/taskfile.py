@@ -28,7 +28,7 @@ from .errors import UserError
 from .spec import TaskSpec, TeacherSpec, get_task
 
 TOP_KEYS = {"name", "title", "image_size", "channels", "mean", "std", "crop_padding", "hflip", "dataset", "teachers"}
-DATASET_KEYS = {"type", "root", "val_fraction", "test_fraction", "split_seed"}
+DATASET_KEYS = {"type", "root", "val_fraction", "test_fraction", "split_seed", "in_memory"}
 TEACHER_KEYS = {"name", "architecture", "classes", "weight", "checkpoint"}
 SPLIT_FOLDERS = ("train", "val", "test")
 
@@ -110,6 +110,9 @@ def load_task_file(path: str | Path) -> TaskSpec:
         raise UserError(f"{path}: [dataset] type {dataset['type']!r} is not supported. Fix: type = \"imagefolder\".")
     root = (path.parent / _need(path, dataset, "root", str, "[dataset]")).resolve()
     layout, classes = dataset_layout(root)
+    in_memory = dataset.get("in_memory", "auto")
+    if in_memory not in (True, False, "auto"):
+        raise UserError(f"{path}: [dataset] in_memory must be true, false or \"auto\", got {in_memory!r}.")
 
     teachers_raw = _need(path, raw, "teachers", list, "the task")
     if not teachers_raw:
@@ -145,7 +148,7 @@ def load_task_file(path: str | Path) -> TaskSpec:
             teachers=tuple(teachers), val_fraction=float(dataset.get("val_fraction", 0.1)),
             test_fraction=float(dataset.get("test_fraction", 0.1)) if layout == "single" else 0.0,
             split_seed=int(dataset.get("split_seed", 0)), crop_padding=int(raw.get("crop_padding", image_size // 8)),
-            hflip=bool(raw.get("hflip", True)), source_options={"root": str(root), "layout": layout},
+            hflip=bool(raw.get("hflip", True)), source_options={"root": str(root), "layout": layout, "in_memory": in_memory},
         )
     except ValueError as e:
         raise UserError(f"{path}: {e}") from None

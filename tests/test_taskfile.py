@@ -1,8 +1,13 @@
+import hashlib
+import os
+from pathlib import Path
+
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
-from mtkd.data import load_task_data, read_image
+from mtkd.data import FileImageDataset, ImageTensorDataset, create_loader, load_task_data, read_image
 from mtkd.errors import UserError
 from mtkd.taskfile import load_task_file, resolve_task
 
@@ -68,6 +73,36 @@ def test_split_folders_layout(tmp_path):
     (tmp_path / "t.toml").write_text(TOML)
     data = load_task_data(load_task_file(tmp_path / "t.toml"))
     assert (len(data.train), len(data.val), len(data.test)) == (6, 6, 6)
+
+
+def test_large_image_folders_are_read_from_disk_batch_by_batch(task_file, tmp_path):
+    good = (tmp_path / "images" / "zebra" / "0.png").read_bytes()
+    (tmp_path / "images" / "zebra" / "truncated.png").write_bytes(good[: len(good) // 2])
+    decoded = load_task_data(resolve_task(str(task_file)))
+    task_file.write_text(TOML.replace('type = "imagefolder"', 'type = "imagefolder"\nin_memory = false'))
+    lazy = load_task_data(resolve_task(str(task_file)))
+    assert isinstance(decoded.train, ImageTensorDataset) and isinstance(lazy.train, FileImageDataset)
+    # The file that cannot be read is found when the task loads, on both paths.
+    assert len(lazy.skipped) == len(decoded.skipped) == 1 and "truncated.png" in lazy.skipped[0]
+    for split in ("train", "val", "test"):
+        images, labels = lazy.split(split).__getitems__(range(len(lazy.split(split))))
+        assert torch.equal(images, decoded.split(split).images) and torch.equal(labels, decoded.split(split).labels)
+    # Worker processes decode the batches; the order is the loader's, as in memory.
+    batches = [create_loader(d, 4, train=True, seed=3, num_workers=w) for d, w in ((lazy.train, 2), (decoded.train, 0))]
+    for (a, ya), (b, yb) in zip(*batches):
+        assert torch.equal(a, b) and torch.equal(ya, yb)
+    sub = lazy.train.select_classes([2, 0])
+    assert set(sub.labels.tolist()) <= {0, 1} and len(sub) == int(torch.isin(lazy.train.labels, torch.tensor([0, 2])).sum())
+    # The teacher cache's key follows the files: touching one changes it.
+    def key(ds):
+        h = hashlib.sha256()
+        ds.fingerprint(h)
+        return h.hexdigest()
+
+    before = key(lazy.train)
+    first = Path(lazy.train.paths[0])
+    os.utime(first, ns=(1, 1))
+    assert key(lazy.train) != before
 
 
 @pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "LA", "I;16"])

@@ -73,6 +73,14 @@ def test_run_curves_are_written_next_to_the_checkpoints(smoke_run):
     (["--num_epochs", "0"], "--num_epochs: 0 is out of range"),
     (["--student_model", "VGG"], "--student_model: invalid choice: 'VGG'"),
     (["--task", "Z"], "--task: unknown task 'Z'; known: A, B, or a PATH.toml task file"),
+    (["--aggregation", "vote"], "--aggregation: invalid choice: 'vote'"),
+    (["--teacher_weighting", "random"], "--teacher_weighting: invalid choice: 'random'"),
+    (["--teacher_weights", "0.5,x"], "--teacher_weights: '0.5,x' is not a comma-separated list of numbers"),
+    (["--teacher_weights", "0.5,0"], "--teacher_weights: 0.5,0: every weight must be > 0"),
+    (["--kd_loss", "mse"], "--kd_loss: invalid choice: 'mse'"),
+    (["--ema_teacher", "1"], "--ema_teacher: 1 is out of range: must be in [0, 1)"),
+    (["--cache_views", "0"], "--cache_views: 0 is out of range"),
+    (["--feature_weight", "-1"], "--feature_weight: -1 is out of range"),
 ])
 def test_parser_rejects_bad_values_with_exit_2(flags, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -100,22 +108,40 @@ def test_missing_cifar_exits_2_with_one_message(tmp_path, monkeypatch):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--teacher_weights", "1,2"], "--teacher_weights has 2 weights but task B has 3 teachers"),
+    (["--teacher_cache", "c", "--feature_weight", "1"], "--teacher_cache stores the teachers' logits only"),
+])
+def test_distillation_flags_that_do_not_fit_the_task_exit_2(flags, message, tmp_path, capsys):
+    assert train.main(flags + ["--output_dir", str(tmp_path / "runs")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_cpu_device_and_bad_device(tmp_path, capsys):
     code = train.main(["--device", "tpu", "--output_dir", str(tmp_path)])
     assert code == 2 and "is not a device" in capsys.readouterr().err
     assert torch.device("cpu").type == "cpu"
 
 
-def test_resume_continues_exactly(smoke_run, tmp_path):
-    """Two epochs straight == one epoch, then --resume to two: every tensor of the model is equal."""
-    out = smoke_run["output_dir"]
-    flags = ["--student_model", "MobileNetV3", "--batch_size", "256", "--alpha", "0.5", "--output_dir", out]
-    assert run_script("train.py", *flags, "--num_epochs", "2", "--run", "straight").returncode == 0
-    assert run_script("train.py", *flags, "--num_epochs", "1", "--run", "cut").returncode == 0
+def test_resume_continues_exactly_with_the_teacher_cache(smoke_run, tmp_path, capsys):
+    """Two epochs straight == one epoch, then --resume to two: every tensor of the model is equal.
+
+    The runs distil from the teacher cache (built by the first, reused by the others), so this
+    also shows that a resumed run replays the same cached views.
+    """
+    out = tmp_path / "runs"
+    (out / "TaskB").mkdir(parents=True)
+    (out / "TaskB" / "teachers").symlink_to(smoke_run["output_dir"] / "TaskB" / "teachers")
+    flags = ["--student_model", "MobileNetV3", "--batch_size", "256", "--alpha", "0.5", "--aggregation", "consensus",
+             "--teacher_cache", str(tmp_path / "cache"), "--cache_views", "2", "--output_dir", str(out)]
+    assert train.main(flags + ["--num_epochs", "2", "--run", "straight"]) == 0
+    assert ": built, 2 views" in capsys.readouterr().out
+    assert train.main(flags + ["--num_epochs", "1", "--run", "cut"]) == 0
+    assert ": reused, 2 views" in capsys.readouterr().out
     cut = next((out / "TaskB").glob("*_cut"))
-    proc = run_script("train.py", "--resume", cut, "--num_epochs", "2")
-    assert proc.returncode == 0, proc.stderr
-    assert "Resuming at epoch 2 of 2" in proc.stdout
+    assert train.main(["--resume", str(cut), "--num_epochs", "2"]) == 0
+    assert "Resuming at epoch 2 of 2" in capsys.readouterr().out
     straight = load_checkpoint(next((out / "TaskB").glob("*_straight")) / "last.pt")
     resumed = load_checkpoint(cut / "last.pt")
     assert resumed["epoch"] == 2
@@ -124,6 +150,38 @@ def test_resume_continues_exactly(smoke_run, tmp_path):
     assert json.loads((cut / "args.json").read_text())["num_epochs"] == 2
     # Finished: resuming again without more epochs is refused, and nothing is touched.
     before = (cut / "last.pt").stat().st_mtime_ns
-    proc = run_script("train.py", "--resume", cut)
-    assert proc.returncode == 2 and "already finished 2 of 2 epochs" in proc.stderr
+    assert train.main(["--resume", str(cut)]) == 2
+    assert "already finished 2 of 2 epochs" in capsys.readouterr().err
     assert (cut / "last.pt").stat().st_mtime_ns == before
+
+
+def test_single_teacher_task_with_every_distillation_signal(tmp_path, monkeypatch):
+    """One teacher over all classes (classic KD), with DKD, features, EMA teacher and a temperature schedule."""
+    from dataclasses import replace
+
+    from mtkd.spec import TASKS, TeacherSpec
+    from tasks import task_b
+
+    single = replace(task_b.TASK, name="B1", teachers=(TeacherSpec("all", "resnet10t", task_b.DIGITS),))
+    monkeypatch.setitem(TASKS._items, "B1", single)
+    out = tmp_path / "runs"
+    code = train.main(["--task", "B1", "--teacher_epochs", "1", "--num_epochs", "2", "--student_model", "ResNet18",
+                       "--batch_size", "128", "--alpha", "0.5", "--aggregation", "amalgamate",
+                       "--teacher_weighting", "confidence", "--kd_loss", "dkd", "--dkd_warmup", "2",
+                       "--feature_weight", "0.5", "--feature_layers", "layer2,-1", "--ema_teacher", "0.9",
+                       "--temperature", "4", "--temperature_final", "1", "--output_dir", str(out)])
+    assert code == 0
+    run_dir = next(p for p in (out / "TaskB1").iterdir() if p.name != "teachers")
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    assert [float(r["train_temperature"]) for r in rows] == [4.0, 1.0]
+    assert all(float(r["train_loss_feat"]) > 0 and float(r["train_loss_soft"]) > 0 for r in rows)
+    # The teacher and the EMA teacher share the weight per sample; TensorBoard gets the means.
+    assert all(float(r["train_weight_all"]) + float(r["train_weight_ema"]) == pytest.approx(1.0) for r in rows)
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    assert {"train/weight_all", "train/weight_ema", "train/loss_feat"} <= set(acc.Tags()["scalars"])
+    # Adapters and the EMA model are saved with the student.
+    best = load_checkpoint(run_dir / "best.pt")
+    assert any(k.startswith("adapters.0.1.") for k in best["distiller"])
+    assert any(k.startswith("ema.module.") for k in best["distiller"])
+    assert json.loads((run_dir / "summary.json").read_text())["aggregation"] == "amalgamate"
