@@ -16,7 +16,7 @@ import tasks
 from mtkd.config import get_eval_args_parser
 from mtkd.errors import UserError
 from mtkd.evaluate import predict_image, run_task, summary_row
-from mtkd.report import console, error_console, summary_table
+from mtkd.report import console, print_error, summary_table
 from mtkd.taskfile import resolve_task
 from mtkd.loop import resolve_device
 
@@ -25,7 +25,7 @@ SCRIPTS = {script.TASK: script for script in (evaluation_taska, evaluation_taskb
 
 def predict(args) -> int:
     if not args.task or len(args.task) != 1:
-        error_console.print("[bold red]error:[/] --image needs exactly one --task, e.g. --task B")
+        print_error("--image needs exactly one --task, e.g. --task B")
         return 2
     task = resolve_task(args.task[0])
     top = predict_image(task, args.image, output_dir=args.output_dir, checkpoint=args.checkpoint,
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
             except UserError as e:
                 rows.append({"task": name, "error": str(e).splitlines()[0]})
     except UserError as e:
-        error_console.print(f"[bold red]error:[/] {e}")
+        print_error(e)
         return e.exit_code
     console.print(summary_table(rows))
     Path(args.eval_dir).mkdir(parents=True, exist_ok=True)

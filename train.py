@@ -5,19 +5,20 @@
 import sys
 
 import tasks
-from mtkd.config import explicit_flags, get_args_parser
+from mtkd.config import apply_config, explicit_flags, get_args_parser
 from mtkd.errors import UserError
-from mtkd.report import error_console
+from mtkd.report import print_error
 from mtkd.trainer import run
 
 
 def main(argv=None) -> int:
     parser = get_args_parser(tasks.list_tasks())
+    apply_config(parser, argv)
     args = parser.parse_args(argv)
     try:
         run(args, explicit=explicit_flags(parser, argv))
     except UserError as e:
-        error_console.print(f"[bold red]error:[/] {e}")
+        print_error(e)
         return e.exit_code
     return 0
 

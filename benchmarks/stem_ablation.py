@@ -8,7 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root, for tasks/
 import tasks  # noqa: E402
@@ -16,7 +15,8 @@ from mtkd.config import get_args_parser  # noqa: E402
 from mtkd.data import BatchTransform, create_loader, load_task_data
 from mtkd.distill import Distiller
 from mtkd.engine import evaluate
-from mtkd.loop import RunRng, create_optimizer, fit, resolve_device, seed_everything
+from mtkd.loop import RunRng, fit, resolve_device, seed_everything
+from mtkd.optim import create_optimizer, create_scheduler
 from mtkd.models import STUDENTS, count_parameters, create_model
 
 
@@ -26,7 +26,7 @@ def train_and_test(task, data, args, adapt: bool) -> dict:
     model = create_model(STUDENTS[args.student_model], task.num_classes, task.channels, task.image_size,
                          adapt=adapt).to(device)
     optimizer = create_optimizer(model, args)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.scheduler_step, args.scheduler_gamma)
+    scheduler = create_scheduler(optimizer, args, args.num_epochs)
     transform = BatchTransform.for_task(task).to(device)
     best = {"acc": -1.0}
 

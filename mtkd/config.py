@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 
 from .losses import AGGREGATIONS, KD_LOSSES, WEIGHTINGS
+from .optim import OPTIMIZERS, SCHEDULERS
 from .models import list_students
 
 
@@ -70,14 +71,16 @@ def get_args_parser(task_names: list[str] | None = None) -> argparse.ArgumentPar
     p.add_argument("--num_epochs", type=positive_int, default=100, help="student training epochs")
     p.add_argument("--weight_decay", type=nonneg_float, default=0.0005, help="weight decay")
     p.add_argument("--temperature", type=positive_float, default=2.0, help="distillation temperature T")
-    p.add_argument("--alpha", type=unit_float, default=0.1,
+    p.add_argument("--alpha", type=unit_float, default=0.5,
                    help="weight of the teachers' soft loss: 0 = labels only, 1 = teachers only")
     p.add_argument("--scheduler_step", type=positive_int, default=30, help="StepLR step size (epochs)")
     p.add_argument("--scheduler_gamma", type=_ranged(float, 0.0, 1.0, low_open=True, what="in (0, 1]"),
                    default=0.5, help="StepLR decay factor")
     p.add_argument("--student_model", default="EfficientNet", choices=list_students(), help="student architecture")
     p.add_argument("--seed", type=int, default=42, help="random seed")
-    p.add_argument("--run", default="", help="suffix appended to the run folder name")
+    p.add_argument("--run", "--run_name", dest="run", default="",
+                   help="suffix appended to the run folder name (--run_name under torchrun, whose own parser "
+                        "takes --run for its --run-path)")
     p.add_argument("--data_root", default="data", help="where datasets are found or downloaded")
     p.add_argument("--output_dir", default="runs", help="where run folders and teachers are written")
     p.add_argument("--device", default="auto", help="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
@@ -86,7 +89,7 @@ def get_args_parser(task_names: list[str] | None = None) -> argparse.ArgumentPar
     p.add_argument("--num_workers", type=nonneg_int, default=0,
                    help="DataLoader worker processes (in-memory tasks are fastest with 0)")
     kd = p.add_argument_group("distillation methods")
-    kd.add_argument("--aggregation", default="mixture", choices=AGGREGATIONS,
+    kd.add_argument("--aggregation", default="consensus", choices=AGGREGATIONS,
                     help="how teachers with different class sets combine: mixture (label-blind weighted mixture), "
                          "consensus (only teachers that know the label), amalgamate (each teacher vs the student "
                          "renormalised over its classes)")
@@ -110,6 +113,27 @@ def get_args_parser(task_names: list[str] | None = None) -> argparse.ArgumentPar
     kd.add_argument("--teacher_cache", default=None, metavar="DIR",
                     help="cache the teachers' logits on --cache_views augmented views under DIR and replay them")
     kd.add_argument("--cache_views", type=positive_int, default=8, help="augmented views per image in the cache")
+    tr = p.add_argument_group("training options")
+    tr.add_argument("--optimizer", default="adam", choices=OPTIMIZERS, help="adam, adamw, or sgd (Nesterov 0.9)")
+    tr.add_argument("--scheduler", default="step", choices=SCHEDULERS,
+                    help="step (--scheduler_step / --scheduler_gamma), cosine (to 0 at the last epoch), or plateau "
+                         "(lr *= --scheduler_gamma after --scheduler_step epochs without a better val accuracy)")
+    tr.add_argument("--warmup_epochs", type=nonneg_int, default=0, help="linear learning-rate warm-up epochs")
+    tr.add_argument("--clip_grad", type=nonneg_float, default=0.0, metavar="NORM",
+                    help="clip the gradients' global L2 norm to NORM; 0 = off")
+    tr.add_argument("--grad_accum", type=positive_int, default=1, metavar="N",
+                    help="accumulate the gradients of N batches per optimiser step")
+    tr.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"],
+                    help="mixed precision (fp16 uses a GradScaler); channels_last is used on CUDA")
+    tr.add_argument("--compile", action="store_true", help="torch.compile the student")
+    tr.add_argument("--deterministic", action="store_true",
+                    help="deterministic algorithms only (bit-exact reruns and resumes; slower on GPU)")
+    tr.add_argument("--early_stopping", type=nonneg_int, default=0, metavar="PATIENCE",
+                    help="stop after PATIENCE epochs without a better validation accuracy; 0 = off")
+    tr.add_argument("--save_top_k", type=positive_int, default=1, metavar="K",
+                    help="keep the K best checkpoints by validation accuracy (best.pt, and top/epoch_N.pt if K > 1)")
+    p.add_argument("--config", default=None, metavar="FILE.yaml",
+                   help="YAML (or JSON) file of flag values that replace the defaults; command-line flags win")
     p.add_argument("--resume", default=None, metavar="latest|RUN_DIR",
                    help="continue a run in its own folder from its last.pt, with its saved arguments "
                         "(flags given here override them, e.g. a larger --num_epochs)")
@@ -132,8 +156,60 @@ def explicit_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> s
     return set(vars(given))
 
 
+# Not meaningful in a config file: they name this invocation, not a setting.
+NOT_IN_CONFIG = ("config", "resume")
+
+
+def apply_config(parser: argparse.ArgumentParser, argv: list[str] | None) -> None:
+    """Make ``--config FILE``'s values the parser's defaults, checked like command-line values.
+
+    Unknown keys and bad values end the program with exit code 2 and one
+    message (``parser.error``). The run folder's ``config.yaml`` (and
+    ``args.json``) can be fed back as they are.
+    """
+    probe = argparse.ArgumentParser(add_help=False)
+    probe.add_argument("--config")
+    path = probe.parse_known_args(argv)[0].config
+    if not path:
+        return
+    import yaml
+
+    try:
+        raw = yaml.safe_load(open(path)) or {}
+    except OSError as e:
+        parser.error(f"--config {path}: cannot read it ({e.strerror}). Fix: check the path.")
+    except yaml.YAMLError as e:
+        parser.error(f"--config {path}: not valid YAML ({str(e).splitlines()[0]}).")
+    if not isinstance(raw, dict):
+        parser.error(f"--config {path}: expected a mapping of flag names to values.")
+    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest != "help"}
+    unknown = sorted(set(raw) - set(actions) - set(NOT_IN_CONFIG))
+    if unknown:
+        parser.error(f"--config {path}: unknown key(s) {', '.join(unknown)}. Fix: use flag names without "
+                     f"dashes, e.g. alpha: 0.5 (python train.py --help lists them).")
+    defaults = {}
+    for key, value in raw.items():
+        action = actions.get(key)
+        if action is None or key in NOT_IN_CONFIG:
+            continue
+        if value is None or action.nargs == 0:
+            defaults[key] = value if action.nargs != 0 else bool(value)
+            continue
+        text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+        try:
+            converted = action.type(text) if action.type else text
+        except (argparse.ArgumentTypeError, ValueError) as e:
+            parser.error(f"--config {path}: {key}: {e}")
+        if action.choices is not None and converted not in action.choices:
+            parser.error(f"--config {path}: {key}: {converted!r} is not one of {', '.join(map(str, action.choices))}")
+        defaults[key] = converted
+    parser.set_defaults(**defaults)
+
+
 def parse_args(argv: list[str] | None = None, task_names: list[str] | None = None) -> argparse.Namespace:
-    return get_args_parser(task_names).parse_args(argv)
+    parser = get_args_parser(task_names)
+    apply_config(parser, argv)
+    return parser.parse_args(argv)
 
 
 def get_eval_args_parser(task_names: list[str] | None = None, with_task: bool = True) -> argparse.ArgumentParser:

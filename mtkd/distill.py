@@ -28,7 +28,7 @@ class KDConfig:
     temperature: float = 1.0
     temperature_final: float | None = None  # linear schedule over the epochs when set
     epochs: int = 1
-    aggregation: str = "mixture"
+    aggregation: str = "consensus"
     weighting: str = "fixed"
     teacher_weights: list[float] | None = None  # overrides the task's weights
     kd_loss: str = "kl"
@@ -47,7 +47,7 @@ class KDConfig:
         layers = getattr(args, "feature_layers", "-1")
         return cls(alpha=args.alpha, temperature=args.temperature,
                    temperature_final=getattr(args, "temperature_final", None), epochs=args.num_epochs,
-                   aggregation=getattr(args, "aggregation", "mixture"),
+                   aggregation=getattr(args, "aggregation", "consensus"),
                    weighting=getattr(args, "teacher_weighting", "fixed"), teacher_weights=weights,
                    kd_loss=getattr(args, "kd_loss", "kl"), dkd_alpha=getattr(args, "dkd_alpha", 1.0),
                    dkd_beta=getattr(args, "dkd_beta", 8.0), dkd_warmup=getattr(args, "dkd_warmup", 0),
@@ -66,9 +66,12 @@ class Distiller(nn.Module):
     """
 
     def __init__(self, student: nn.Module, ensemble: TeacherEnsemble | None = None,
-                 config: KDConfig | None = None):
+                 config: KDConfig | None = None, compile: bool = False):
         super().__init__()
         self.student = student
+        # torch.compile'd forward of the same student (same parameters); kept out of the module tree so
+        # that state_dict keys stay the student's own.
+        self.__dict__["student_forward"] = torch.compile(student) if compile else student
         self.config = config = config or KDConfig()
         uses_teachers = ensemble is not None and (config.alpha > 0 or config.feature_weight > 0)
         self.ensemble = ensemble if uses_teachers else None
@@ -124,7 +127,7 @@ class Distiller(nn.Module):
     def forward(self, x: Tensor, y: Tensor, teacher_logits: list[Tensor] | None = None) -> dict[str, Tensor]:
         c = self.config
         if self.ensemble is None:
-            logits = self.student(x)
+            logits = self.student_forward(x)
             hard = F.cross_entropy(logits, y)
             return {"loss": hard, "loss_hard": hard.detach(), "loss_soft": hard.new_zeros(()), "logits": logits}
 
@@ -132,7 +135,7 @@ class Distiller(nn.Module):
         if features:
             logits, s_feats = forward_with_features(self.student, x, self.student_stages)
         else:
-            logits = self.student(x)
+            logits = self.student_forward(x)
         t_feats = None
         if teacher_logits is None and features:
             teacher_logits, t_feats = self.ensemble(x, self.teacher_stages)

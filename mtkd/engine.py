@@ -4,50 +4,80 @@
 'logits', ...}`` and averages every scalar part it returns, so new loss terms
 show up in the logs without touching this file. A loader may yield
 ``(images, labels, extras)``: ``extras['aug']`` (augmentation parameters) goes
-to the transform, the rest to the step.
+to the transform, the rest to the step. ``reduce`` (sums over processes under
+DDP) is applied to the sums before they are averaged.
 """
 from __future__ import annotations
 
 import math
 from collections import defaultdict
+from contextlib import nullcontext
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from .data import BatchTransform
 from .errors import UserError
-from .metrics import topk_accuracy
+
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NonFiniteLossError(UserError):
     """The loss became NaN or infinite."""
 
 
-AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+class TrainingInterrupted(Exception):
+    """A stop was requested (SIGINT / SIGTERM) before step ``step`` of epoch ``epoch``."""
+
+    def __init__(self, epoch: int, step: int):
+        super().__init__(f"interrupted at epoch {epoch}, step {step}")
+        self.epoch, self.step = epoch, step
 
 
 def autocast(device: torch.device, amp: str = "off"):
     """``torch.autocast`` for ``--amp bf16|fp16``, or a no-op context for ``off``."""
-    return torch.autocast(device.type, dtype=AMP_DTYPES[amp], enabled=amp != "off")
+    if amp == "off":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=AMP_DTYPES[amp])
+
+
+def _identity(sums):
+    return sums
+
+
+def _to_device(obj, device):
+    if torch.is_tensor(obj):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    return type(obj)(_to_device(v, device) for v in obj)
 
 
 def train_one_epoch(step: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     transform: BatchTransform, device: torch.device, *, epoch: int = 0,
                     generator: torch.Generator | None = None, progress=None, amp: str = "off",
-                    channels_last: bool = False, scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
+                    channels_last: bool = False, scaler: torch.amp.GradScaler | None = None,
+                    grad_accum: int = 1, clip_grad: float = 0.0, stop=None, reduce=_identity) -> dict[str, float]:
     """One pass over ``loader``; returns the sample-weighted mean of each part and ``acc``.
 
-    ``amp`` runs the step under autocast (``scaler``, a ``GradScaler``, is
-    needed for fp16); ``channels_last`` hands the step NHWC-strided batches.
-    ``progress`` is an optional ``rich.progress.Progress``; a bar per epoch
-    shows the running loss and accuracy.
+    * ``amp`` runs the step under autocast (``scaler``, a ``GradScaler``, for fp16);
+      ``channels_last`` hands the step NHWC-strided batches.
+    * ``grad_accum`` N: gradients of N batches (each loss divided by N) make
+      one optimiser step; the last, shorter group of an epoch steps too.
+    * ``clip_grad`` > 0 clips the gradients' global L2 norm (after unscaling).
+    * ``stop()`` is asked before every batch; when true, ``TrainingInterrupted``.
+    * ``progress``: an optional ``rich.progress.Progress`` for a bar per epoch.
     """
     step.train()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     sums: dict[str, float] = defaultdict(float)
-    seen = correct = 0
     bar = progress.add_task(f"epoch {epoch}", total=len(loader), metrics="") if progress else None
+    optimizer.zero_grad(set_to_none=True)
     for i, batch in enumerate(loader):
+        if stop is not None and stop():
+            raise TrainingInterrupted(epoch, i)
         images, labels = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
         extras = _to_device(batch[2], device) if len(batch) > 2 else {}
         x = transform(images, augment=True, generator=generator, params=extras.pop("aug", None))
@@ -59,38 +89,38 @@ def train_one_epoch(step: nn.Module, loader: DataLoader, optimizer: torch.optim.
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"the loss became {loss.item()} at epoch {epoch}, step {i}. "
-                "Fix: lower --lr, or check the data; the last saved checkpoint is intact.")
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+                "Fix: lower --lr (or use --clip_grad, --amp bf16), or check the data; "
+                "the last saved checkpoint is intact.")
+        scaled = loss / grad_accum
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        if (i + 1) % grad_accum == 0 or i + 1 == len(loader):
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            if clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(params, clip_grad)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
         n = labels.numel()
-        seen += n
-        correct += (out["logits"].argmax(1) == labels).sum().item()
+        sums["seen"] += n
+        sums["correct"] += (out["logits"].argmax(1) == labels).sum().item()
         for name, value in out.items():
             if name != "logits" and (not torch.is_tensor(value) or value.ndim == 0):
                 sums[name] += float(value.detach() if torch.is_tensor(value) else value) * n
         if progress is not None:
             progress.update(bar, advance=1,
-                            metrics=f"loss {sums['loss'] / seen:.4f}  acc {correct / seen:.4f}")
+                            metrics=f"loss {sums['loss'] / sums['seen']:.4f}  acc {sums['correct'] / sums['seen']:.4f}")
     if progress is not None:
         progress.remove_task(bar)
-    metrics = {name: total / max(seen, 1) for name, total in sums.items()}
-    metrics["acc"] = correct / max(seen, 1)
+    sums = reduce(dict(sums))
+    seen = max(sums.pop("seen", 0), 1)
+    metrics = {name: total / seen for name, total in sums.items() if name != "correct"}
+    metrics["acc"] = sums.get("correct", 0) / seen
     return metrics
-
-
-def _to_device(obj, device):
-    if torch.is_tensor(obj):
-        return obj.to(device, non_blocking=True)
-    if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    return type(obj)(_to_device(v, device) for v in obj)
 
 
 @torch.inference_mode()
@@ -106,13 +136,14 @@ def predict(model: nn.Module, loader: DataLoader, transform: BatchTransform,
 
 
 def evaluate(model: nn.Module, loader: DataLoader, transform: BatchTransform,
-             device: torch.device) -> dict[str, float]:
-    """Top-1 and top-3 accuracy and mean cross-entropy over ``loader``."""
+             device: torch.device, reduce=_identity) -> dict[str, float]:
+    """Top-1 and top-3 accuracy and mean cross-entropy over ``loader`` (and, with ``reduce``, other ranks')."""
     logits, labels = predict(model, loader, transform, device)
-    if len(labels) == 0:
+    k = min(3, logits.shape[1]) if len(labels) else 1
+    top = logits.topk(k, dim=1).indices if len(labels) else torch.zeros(0, k, dtype=torch.long)
+    hit = top == labels[:, None]
+    sums = reduce({"n": len(labels), "top1": hit[:, 0].sum().item(), "top3": hit.any(1).sum().item(),
+                   "loss": F.cross_entropy(logits, labels, reduction="sum").item() if len(labels) else 0.0})
+    if sums["n"] == 0:
         return {"acc": math.nan, "top3": math.nan, "loss": math.nan}
-    return {
-        "acc": topk_accuracy(logits, labels, 1),
-        "top3": topk_accuracy(logits, labels, 3),
-        "loss": torch.nn.functional.cross_entropy(logits, labels).item(),
-    }
+    return {"acc": sums["top1"] / sums["n"], "top3": sums["top3"] / sums["n"], "loss": sums["loss"] / sums["n"]}

@@ -25,7 +25,7 @@ from .spec import TaskSpec
 from .speed import file_size_mb, latency_ms, peak_inference_memory_mb
 from .teachers import EnsembleClassifier, TeacherEnsemble
 from .specialists import create_ensemble, load_teacher, teacher_path
-from .trainer import list_runs, log_hparams, read_metrics
+from .runs import list_runs, log_hparams, read_metrics
 
 
 def find_checkpoint(task: TaskSpec, output_dir: str | Path, run_dir=None, checkpoint=None) -> Path:
@@ -289,13 +289,13 @@ def summary_row(results: dict) -> dict:
 def task_script_main(task_name: str, argv=None) -> int:
     """``main`` of ``evaluation_task<x>.py``: evaluate one task, exit 2 on a user error."""
     from .config import get_eval_args_parser
-    from .report import error_console
+    from .report import print_error
     from .taskfile import resolve_task
 
     args = get_eval_args_parser(with_task=False).parse_args(argv)
     try:
         run_task(resolve_task(task_name), args)
     except UserError as e:
-        error_console.print(f"[bold red]error:[/] {e}")
+        print_error(e)
         return e.exit_code
     return 0

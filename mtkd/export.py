@@ -30,7 +30,7 @@ from torch import nn
 from .checkpoint import load_checkpoint
 from .data import load_task_data
 from .errors import UserError
-from .report import console, error_console
+from .report import console, print_error
 
 TOLERANCE = 1e-4
 
@@ -164,10 +164,10 @@ def main(argv=None) -> int:
     try:
         r = export(args.checkpoint, args.format, args.output, args.quantize, args.data_root)
     except UserError as e:
-        error_console.print(f"[bold red]error:[/] {e}")
+        print_error(e)
         return e.exit_code
     except ImportError as e:
-        error_console.print(f"[bold red]error:[/] {e}. Fix: pip install -e \".[export]\"")
+        print_error(f"{e}. Fix: pip install -e \".[export]\"")
         return 2
     console.print(f"wrote {r['output']} ({r['size_mb']:.2f} MiB)")
     console.print(f"max abs diff vs PyTorch on {r['test_images']} test images: {r['max_abs_diff']:.3e} "
@@ -177,8 +177,7 @@ def main(argv=None) -> int:
     if "int8_accuracy" in r:
         console.print(f"test accuracy (int8): {r['int8_accuracy']:.4f}  change {r['int8_accuracy_change']:+.4f}")
     if r["max_abs_diff"] > TOLERANCE:
-        error_console.print(f"[bold red]error:[/] the export differs from PyTorch by {r['max_abs_diff']:.3e} "
-                            f"> {TOLERANCE:g}")
+        print_error(f"the export differs from PyTorch by {r['max_abs_diff']:.3e} > {TOLERANCE:g}")
         return 1
     return 0
 

@@ -2,14 +2,19 @@
 from __future__ import annotations
 
 import random
+import signal
+import threading
 import time
 from argparse import Namespace
+from functools import partial
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DistributedSampler
 
 from .data import BatchTransform, TaskData, create_loader
+from .distributed import DistInfo, all_reduce_sums, shard, sync_buffers
 from .engine import evaluate, train_one_epoch
 from .errors import UserError
 from .report import console, create_progress
@@ -65,34 +70,79 @@ class RunRng:
         self.augment.set_state(state["augment"])
 
 
+class GracefulStop:
+    """SIGINT / SIGTERM set a flag that the training loop reads before every step.
+
+    The step in flight finishes, the epoch is abandoned, and the run exits
+    cleanly with its last complete epoch saved. A second signal interrupts at once.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous = {}
+
+    def __enter__(self) -> "GracefulStop":
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        console.print(f"[yellow]{signal.Signals(signum).name}: stopping after the current step[/]")
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+
 def fit(step: nn.Module, data: TaskData, *, epochs: int, optimizer, scheduler, args: Namespace,
         device: torch.device, transform: BatchTransform, on_epoch, val_model: nn.Module,
-        title: str, rng: RunRng, start_epoch: int = 1) -> None:
-    """Train ``step`` for epochs ``start_epoch..epochs``; after each, evaluate ``val_model``, call ``on_epoch``."""
+        title: str, rng: RunRng, start_epoch: int = 1, stop=None, dist: DistInfo = DistInfo()) -> None:
+    """Train ``step`` for epochs ``start_epoch..epochs``; after each, evaluate ``val_model``, call ``on_epoch``.
+
+    ``on_epoch`` returning True stops the run (early stopping). Under DDP the
+    training set is split by a ``DistributedSampler`` and validation by
+    ``shard``, and metrics are summed over the ranks.
+    """
     pin = device.type == "cuda"
     # A dataset with per-epoch state (the teacher cache's views) must stay in this process.
     workers = 0 if hasattr(data.train, "set_epoch") else args.num_workers
+    sampler = DistributedSampler(data.train, dist.world_size, dist.rank, shuffle=True, seed=args.seed) \
+        if dist.enabled else None
     train_loader = create_loader(data.train, args.batch_size, train=True, generator=rng.loader,
-                                 num_workers=workers, pin_memory=pin)
-    val_loader = create_loader(data.val, 512, train=False, num_workers=args.num_workers, pin_memory=pin)
-    with create_progress() as progress:
+                                 num_workers=workers, pin_memory=pin, sampler=sampler)
+    val_loader = create_loader(shard(data.val, dist), 512, train=False, num_workers=args.num_workers,
+                               pin_memory=pin)
+    reduce = partial(all_reduce_sums, dist, device=device)
+    amp = getattr(args, "amp", "off")
+    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+    with create_progress(disable=not dist.is_main) as progress:
         for epoch in range(start_epoch, epochs + 1):
             start = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
-            for stateful in (data.train, step):
+            for stateful in (data.train, step, sampler, getattr(step, "module", None)):
                 if hasattr(stateful, "set_epoch"):
                     stateful.set_epoch(epoch)
             train = train_one_epoch(step, train_loader, optimizer, transform, device, epoch=epoch,
-                                    generator=rng.augment, progress=progress)
-            val = evaluate(val_model, val_loader, transform, device)
-            scheduler.step()
+                                    generator=rng.augment, progress=progress, amp=amp,
+                                    channels_last=device.type == "cuda", scaler=scaler,
+                                    grad_accum=getattr(args, "grad_accum", 1), clip_grad=getattr(args, "clip_grad", 0.0),
+                                    stop=stop, reduce=reduce)
+            sync_buffers(dist, val_model)
+            val = evaluate(val_model, val_loader, transform, device, reduce=reduce)
+            scheduler.step(val["acc"])
             seconds = time.perf_counter() - start
-            console.print(f"{title} {epoch:>3}/{epochs}  loss {train['loss']:.4f}  acc {train['acc']:.4f}  "
-                          f"val {val['acc']:.4f}  lr {lr:.1e}  {seconds:.1f}s", soft_wrap=True)
-            on_epoch(epoch, train, val, lr, seconds)
-
-
-def create_optimizer(model: nn.Module, args: Namespace) -> torch.optim.Optimizer:
-    """Adam with the run's ``--lr`` and ``--weight_decay``, over the trainable parameters of ``model``."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
+            if dist.is_main:
+                console.print(f"{title} {epoch:>3}/{epochs}  loss {train['loss']:.4f}  acc {train['acc']:.4f}  "
+                              f"val {val['acc']:.4f}  lr {lr:.1e}  {seconds:.1f}s", soft_wrap=True)
+            if on_epoch(epoch, train, val, lr, seconds):
+                break

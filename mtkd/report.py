@@ -4,15 +4,22 @@ from __future__ import annotations
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 # Rich assumes 80 columns when output is not a terminal; logs and CI read better wider.
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
-error_console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 120)
+# Errors are not wrapped: a path or command in them must survive copy and paste.
+error_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
-def create_progress() -> Progress:
+def print_error(message: str) -> None:
+    """``error: <message>`` on stderr; the message is text, not rich markup."""
+    error_console.print(f"[bold red]error:[/] {escape(str(message))}")
+
+
+def create_progress(disable: bool = False) -> Progress:
     """A progress display whose bars show ``metrics`` (live loss / accuracy)."""
     return Progress(
         TextColumn("[bold]{task.description}"),
@@ -22,6 +29,7 @@ def create_progress() -> Progress:
         TextColumn("{task.fields[metrics]}"),
         console=console,
         transient=True,
+        disable=disable,
     )
 
 

@@ -13,7 +13,8 @@ from .data import BatchTransform, TaskData, create_loader
 from .distill import Distiller
 from .engine import evaluate
 from .errors import UserError
-from .loop import RunRng, create_optimizer, fit, seed_everything
+from .loop import RunRng, fit, seed_everything
+from .optim import EpochScheduler, create_optimizer
 from .models import count_parameters, create_teacher
 from .report import console
 from .spec import TaskSpec
@@ -46,8 +47,10 @@ def train_teacher(spec, task: TaskSpec, data: TaskData, args: Namespace, device:
     ids = task.class_indices(spec.classes)
     own = TaskData(*(data.split(s).select_classes(ids) for s in ("train", "val", "test")))
     model = create_teacher(spec, task).to(device)
+    # Teachers keep one recipe whatever the student's options: Adam, cosine, no accumulation or clipping.
+    args = Namespace(**{**vars(args), "optimizer": "adam", "grad_accum": 1, "clip_grad": 0.0})
     optimizer = create_optimizer(model, args)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.teacher_epochs)
+    scheduler = EpochScheduler(optimizer, "cosine", args.teacher_epochs)
     transform = BatchTransform.for_task(task).to(device)
     best = {"val_acc": -1.0}
     writer = SummaryWriter(str(path.with_suffix("")))

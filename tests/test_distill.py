@@ -6,7 +6,7 @@ from torch import nn
 from mtkd.distill import Distiller, KDConfig
 from mtkd.errors import UserError
 from mtkd.losses import AGGREGATIONS, KD_LOSSES, WEIGHTINGS
-from mtkd.loop import create_optimizer
+from mtkd.optim import create_optimizer
 from mtkd.teachers import TeacherEnsemble
 
 

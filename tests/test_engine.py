@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from mtkd.data import BatchTransform, ImageTensorDataset, create_loader
-from mtkd.engine import NonFiniteLossError, evaluate, train_one_epoch
+from mtkd.engine import NonFiniteLossError, TrainingInterrupted, evaluate, train_one_epoch
 
 
 class Step(nn.Module):
@@ -24,10 +24,56 @@ class Step(nn.Module):
         return {"loss": loss, "logits": logits, "loss_hard": loss.detach()}
 
 
-def _loader():
+def _loader(batch=8):
     g = torch.Generator().manual_seed(0)
     ds = ImageTensorDataset(torch.randint(0, 256, (40, 1, 2, 2), dtype=torch.uint8, generator=g), torch.arange(40) % 3)
-    return create_loader(ds, 8, train=True)
+    return create_loader(ds, batch, train=True)
+
+
+def _params_after_epoch(batch, **kwargs):
+    torch.manual_seed(0)
+    step = Step()
+    opt = torch.optim.SGD(step.parameters(), lr=0.5)
+    train_one_epoch(step, _loader(batch), opt, BatchTransform((0.5,), (0.5,)), torch.device("cpu"), **kwargs)
+    return step, torch.cat([p.detach().flatten() for p in step.parameters()])
+
+
+def test_grad_accumulation_of_two_half_batches_is_one_full_batch():
+    # The sampler's order does not depend on the batch size: two batches of 4 are one batch of 8.
+    _, full = _params_after_epoch(8)
+    step, accumulated = _params_after_epoch(4, grad_accum=2)
+    assert step.calls == 10 and torch.allclose(full, accumulated, atol=1e-6)
+    _, plain = _params_after_epoch(4)
+    assert not torch.allclose(full, plain, atol=1e-4)
+
+
+def test_clip_grad_bounds_every_update():
+    torch.manual_seed(0)
+    start = torch.cat([p.detach().flatten() for p in Step().parameters()])
+    _, clipped = _params_after_epoch(8, clip_grad=0.01)
+    # Plain SGD with lr 0.5: each of the 5 steps moves the parameters by at most 0.5 * 0.01.
+    assert (clipped - start).norm() <= 5 * 0.5 * 0.01 + 1e-6
+    _, free = _params_after_epoch(8)
+    assert (free - start).norm() > 5 * 0.5 * 0.01
+
+
+def test_stop_request_interrupts_before_the_next_step():
+    step = Step()
+    opt = torch.optim.SGD(step.parameters(), lr=0.1)
+    asked = []
+
+    def stop():
+        asked.append(1)
+        return len(asked) > 2
+
+    with pytest.raises(TrainingInterrupted) as e:
+        train_one_epoch(step, _loader(), opt, BatchTransform((0.5,), (0.5,)), torch.device("cpu"), epoch=4, stop=stop)
+    assert (e.value.epoch, e.value.step, step.calls) == (4, 2, 2)
+
+
+def test_bf16_autocast_on_cpu():
+    _, params = _params_after_epoch(8, amp="bf16")
+    assert torch.isfinite(params).all()
 
 
 def test_train_one_epoch_averages_every_loss_part():

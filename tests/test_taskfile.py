@@ -158,23 +158,22 @@ def test_missing_task_file(tmp_path):
         resolve_task(str(tmp_path / "nope.toml"))
 
 
-def test_custom_task_trains_and_evaluates_end_to_end(task_file, tmp_path):
-    from conftest import run_script
+def test_custom_task_trains_and_evaluates_end_to_end(task_file, tmp_path, capsys):
+    import evaluation
+    import train
 
     write_images(tmp_path / "images", per_class=10)
     good = (tmp_path / "images" / "zebra" / "0.png").read_bytes()
     (tmp_path / "images" / "zebra" / "truncated.png").write_bytes(good[: len(good) // 2])
     out = tmp_path / "runs"
-    proc = run_script("train.py", "--task", task_file, "--teacher_epochs", "1", "--num_epochs", "1",
-                      "--student_model", "MobileNetV3", "--output_dir", out)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "skipped 1 unreadable image file" in proc.stdout
+    assert train.main(["--task", str(task_file), "--teacher_epochs", "1", "--num_epochs", "1",
+                       "--student_model", "MobileNetV3", "--output_dir", str(out)]) == 0
+    assert "skipped 1 unreadable image file" in capsys.readouterr().out
     assert (tmp_path / "teachers" / "stripes.pt").is_file()  # the file's own checkpoint path
     assert (out / "Taskanimals" / "teachers" / "cats.pt").is_file()
     run_dir = next(p for p in (out / "Taskanimals").iterdir() if p.name != "teachers")
     assert "truncated.png" in (run_dir / "skipped_files.txt").read_text()
-    proc = run_script("evaluation.py", "--task", task_file, "--output_dir", out, "--eval_dir", tmp_path / "ev",
-                      "--speed_repeats", "1")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert evaluation.main(["--task", str(task_file), "--output_dir", str(out), "--eval_dir", str(tmp_path / "ev"),
+                            "--speed_repeats", "1"]) == 0
     assert (tmp_path / "ev" / "Taskanimals" / "results.json").is_file()
-    assert "animals" in proc.stdout
+    assert "animals" in capsys.readouterr().out

@@ -1,20 +1,24 @@
 import csv
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train
-from conftest import run_script
+from conftest import ROOT, run_script
 from mtkd.checkpoint import load_checkpoint
 
 
 def test_smoke_run_writes_checkpoints_metrics_and_args(smoke_run):
     run_dir = smoke_run["run_dir"]
-    assert run_dir.name.startswith("ResNet18_a0.1_T2_e2_s42_") and run_dir.name.endswith("_smoke")
+    assert run_dir.name.startswith("ResNet18_a0.5_T2_e2_s42_") and run_dir.name.endswith("_smoke")
     args = json.loads((run_dir / "args.json").read_text())
-    assert args["task"] == "B" and args["num_epochs"] == 2 and args["alpha"] == 0.1
+    assert args["task"] == "B" and args["num_epochs"] == 2 and args["alpha"] == 0.5 and args["aggregation"] == "consensus"
     rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert {"train_loss", "train_loss_hard", "train_loss_soft", "train_acc", "val_acc", "lr"} <= set(rows[0])
@@ -124,39 +128,101 @@ def test_cpu_device_and_bad_device(tmp_path, capsys):
     assert torch.device("cpu").type == "cpu"
 
 
-def test_resume_continues_exactly_with_the_teacher_cache(smoke_run, tmp_path, capsys):
-    """Two epochs straight == one epoch, then --resume to two: every tensor of the model is equal.
-
-    The runs distil from the teacher cache (built by the first, reused by the others), so this
-    also shows that a resumed run replays the same cached views.
-    """
+def _runs_with_teachers(smoke_run, tmp_path):
+    """An output folder that shares the smoke run's teachers."""
     out = tmp_path / "runs"
     (out / "TaskB").mkdir(parents=True)
     (out / "TaskB" / "teachers").symlink_to(smoke_run["output_dir"] / "TaskB" / "teachers")
+    return out
+
+
+def _start(*flags):
+    return subprocess.Popen([sys.executable, "train.py", *map(str, flags)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_epoch(proc, run_glob, epoch, timeout=600):
+    """Poll until ``metrics.csv`` of the run has ``epoch`` rows (or the process ends)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and proc.poll() is None:
+        metrics = list(run_glob())
+        if metrics and len(metrics[0].read_text().splitlines()) > epoch:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"epoch {epoch} never finished: {proc.poll()} {proc.stderr.read() if proc.poll() else ''}")
+
+
+def test_interrupted_and_killed_runs_resume_exactly(smoke_run, tmp_path, capsys):
+    """3 epochs straight == SIGTERM in epoch 2, resume, SIGKILL after epoch 2, resume: every tensor equal.
+
+    The runs distil from the teacher cache (built by the first, reused by the others), so this also
+    shows that a resumed run replays the same cached views.
+    """
+    out = _runs_with_teachers(smoke_run, tmp_path)
     flags = ["--student_model", "MobileNetV3", "--batch_size", "256", "--alpha", "0.5", "--aggregation", "consensus",
-             "--teacher_cache", str(tmp_path / "cache"), "--cache_views", "2", "--output_dir", str(out)]
-    assert train.main(flags + ["--num_epochs", "2", "--run", "straight"]) == 0
+             "--teacher_cache", str(tmp_path / "cache"), "--cache_views", "2", "--deterministic",
+             "--num_epochs", "3", "--output_dir", str(out)]
+    assert train.main(flags + ["--run", "straight"]) == 0
     assert ": built, 2 views" in capsys.readouterr().out
-    assert train.main(flags + ["--num_epochs", "1", "--run", "cut"]) == 0
-    assert ": reused, 2 views" in capsys.readouterr().out
+
+    proc = _start(*flags, "--run", "cut")
+    _wait_for_epoch(proc, lambda: (out / "TaskB").glob("*_cut/metrics.csv"), 1)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
     cut = next((out / "TaskB").glob("*_cut"))
-    assert train.main(["--resume", str(cut), "--num_epochs", "2"]) == 0
-    assert "Resuming at epoch 2 of 2" in capsys.readouterr().out
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "SIGTERM at epoch 2" in stderr and f"Resume with: python train.py --resume {cut}" in stderr
+    assert "Traceback" not in stderr and ": reused, 2 views" in stdout
+    assert load_checkpoint(cut / "last.pt")["epoch"] == 1
+
+    proc = _start("--resume", cut)
+    _wait_for_epoch(proc, lambda: [cut / "metrics.csv"], 2)
+    proc.kill()
+    proc.communicate()
+    assert load_checkpoint(cut / "last.pt")["epoch"] in (1, 2)  # SIGKILL: whatever was saved last
+
+    assert train.main(["--resume", str(cut)]) == 0
     straight = load_checkpoint(next((out / "TaskB").glob("*_straight")) / "last.pt")
     resumed = load_checkpoint(cut / "last.pt")
-    assert resumed["epoch"] == 2
+    assert resumed["epoch"] == 3
     assert all(torch.equal(straight["model"][k], resumed["model"][k]) for k in straight["model"])
-    assert [int(r["epoch"]) for r in csv.DictReader((cut / "metrics.csv").open())] == [1, 2]
-    assert json.loads((cut / "args.json").read_text())["num_epochs"] == 2
+    assert [int(r["epoch"]) for r in csv.DictReader((cut / "metrics.csv").open())] == [1, 2, 3]
     # Finished: resuming again without more epochs is refused, and nothing is touched.
     before = (cut / "last.pt").stat().st_mtime_ns
     assert train.main(["--resume", str(cut)]) == 2
-    assert "already finished 2 of 2 epochs" in capsys.readouterr().err
+    assert "already finished 3 of 3 epochs" in capsys.readouterr().err
     assert (cut / "last.pt").stat().st_mtime_ns == before
 
 
+def test_torchrun_two_processes_match_a_single_process_evaluation(smoke_run, tmp_path):
+    out = _runs_with_teachers(smoke_run, tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "train.py", "--num_epochs", "1", "--student_model", "ResNet18", "--batch_size", "64",
+                           "--alpha", "0.5", "--output_dir", str(out), "--run_name", "ddp"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "x 2 processes" in proc.stdout and proc.stdout.count("Run folder") == 1  # rank 0 prints
+    runs = [p for p in (out / "TaskB").iterdir() if p.name != "teachers"]
+    assert len(runs) == 1 and (runs[0] / "summary.json").is_file()
+    reported = float(next(csv.DictReader((runs[0] / "metrics.csv").open()))["val_acc"])
+
+    from mtkd.data import BatchTransform, create_loader, load_task_data
+    from mtkd.engine import evaluate
+    from mtkd.models import create_student
+    from tasks import get_task
+
+    task = get_task("B")
+    student = create_student("ResNet18", task)
+    student.load_state_dict(load_checkpoint(runs[0] / "last.pt")["model"])
+    val = evaluate(student, create_loader(load_task_data(task).val, 512, train=False), BatchTransform.for_task(task),
+                   torch.device("cpu"))
+    assert reported == pytest.approx(val["acc"], abs=1e-9)
+
+
 def test_single_teacher_task_with_every_distillation_signal(tmp_path, monkeypatch):
-    """One teacher over all classes (classic KD), with DKD, features, EMA teacher and a temperature schedule."""
+    """One teacher over all classes (classic KD), with DKD, features, EMA teacher and a temperature
+    schedule; and the training options: SGD, plateau schedule with warm-up, clipping, accumulation,
+    early stopping and top-k checkpoints."""
     from dataclasses import replace
 
     from mtkd.spec import TASKS, TeacherSpec
@@ -165,15 +231,17 @@ def test_single_teacher_task_with_every_distillation_signal(tmp_path, monkeypatc
     single = replace(task_b.TASK, name="B1", teachers=(TeacherSpec("all", "resnet10t", task_b.DIGITS),))
     monkeypatch.setitem(TASKS._items, "B1", single)
     out = tmp_path / "runs"
-    code = train.main(["--task", "B1", "--teacher_epochs", "1", "--num_epochs", "2", "--student_model", "ResNet18",
+    code = train.main(["--task", "B1", "--teacher_epochs", "1", "--num_epochs", "3", "--student_model", "ResNet18",
                        "--batch_size", "128", "--alpha", "0.5", "--aggregation", "amalgamate",
                        "--teacher_weighting", "confidence", "--kd_loss", "dkd", "--dkd_warmup", "2",
                        "--feature_weight", "0.5", "--feature_layers", "layer2,-1", "--ema_teacher", "0.9",
-                       "--temperature", "4", "--temperature_final", "1", "--output_dir", str(out)])
+                       "--temperature", "4", "--temperature_final", "1", "--optimizer", "sgd", "--lr", "0.05",
+                       "--scheduler", "plateau", "--warmup_epochs", "1", "--clip_grad", "5", "--grad_accum", "2",
+                       "--early_stopping", "1", "--save_top_k", "2", "--output_dir", str(out)])
     assert code == 0
     run_dir = next(p for p in (out / "TaskB1").iterdir() if p.name != "teachers")
     rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
-    assert [float(r["train_temperature"]) for r in rows] == [4.0, 1.0]
+    assert [float(r["train_temperature"]) for r in rows] == [4.0, 2.5, 1.0][: len(rows)]
     assert all(float(r["train_loss_feat"]) > 0 and float(r["train_loss_soft"]) > 0 for r in rows)
     # The teacher and the EMA teacher share the weight per sample; TensorBoard gets the means.
     assert all(float(r["train_weight_all"]) + float(r["train_weight_ema"]) == pytest.approx(1.0) for r in rows)
@@ -185,3 +253,12 @@ def test_single_teacher_task_with_every_distillation_signal(tmp_path, monkeypatc
     assert any(k.startswith("adapters.0.1.") for k in best["distiller"])
     assert any(k.startswith("ema.module.") for k in best["distiller"])
     assert json.loads((run_dir / "summary.json").read_text())["aggregation"] == "amalgamate"
+    # Warm-up: lr 0.025 in epoch 1, then 0.05.
+    assert [float(r["lr"]) for r in rows[:2]] == pytest.approx([0.025, 0.05][: len(rows[:2])])
+    # Early stopping (patience 1): the run ends at the first epoch that does not beat the best so far.
+    val = [float(r["val_acc"]) for r in rows]
+    first_flat = next((e for e in range(1, len(val)) if val[e] <= max(val[:e])), None)
+    assert len(rows) == (first_flat + 1 if first_flat is not None else 3)
+    # Top-2 checkpoints by validation accuracy (ties: the earlier epoch).
+    ranked = sorted(range(len(val)), key=lambda e: (-val[e], e))[:2]
+    assert sorted(p.name for p in (run_dir / "top").glob("*.pt")) == sorted(f"epoch_{e + 1:03d}.pt" for e in ranked)

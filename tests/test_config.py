@@ -1,0 +1,47 @@
+import pytest
+
+from mtkd.config import parse_args
+from mtkd.trainer import write_run_args
+
+TASKS = ["A", "B"]
+
+
+def test_config_file_replaces_defaults_and_the_command_line_wins(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("alpha: 0.3\noptimizer: sgd\nteacher_weights: [1, 2, 3]\ncompile: true\nscheduler: cosine\n")
+    args = parse_args(["--config", str(cfg), "--alpha", "0.2"], TASKS)
+    assert args.alpha == 0.2 and args.optimizer == "sgd" and args.teacher_weights == [1.0, 2.0, 3.0]
+    assert args.compile is True and args.scheduler == "cosine" and args.lr == 0.001  # untouched default
+
+
+@pytest.mark.parametrize("text, message", [
+    ("alpha: 0.5\ncolour: red\n", "unknown key(s) colour"),
+    ("alpha: 2\n", "alpha: 2 is out of range: must be between 0 and 1"),
+    ("optimizer: rmsprop\n", "optimizer: 'rmsprop' is not one of adam, adamw, sgd"),
+    ("task: Z\n", "task: unknown task 'Z'"),
+    ("- alpha\n", "expected a mapping"),
+    ("alpha: [unclosed\n", "not valid YAML"),
+])
+def test_bad_config_files_exit_2_with_one_message(tmp_path, capsys, text, message):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--config", str(cfg)], TASKS)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_missing_config_file_exits_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--config", str(tmp_path / "none.yaml")], TASKS)
+    assert e.value.code == 2 and "cannot read it" in capsys.readouterr().err
+
+
+def test_a_runs_saved_config_feeds_back_to_the_same_arguments(tmp_path):
+    args = parse_args(["--alpha", "0.7", "--teacher_weights", "1,2,3", "--temperature_final", "1",
+                       "--aggregation", "amalgamate", "--save_top_k", "3", "--resume", "latest"], TASKS)
+    write_run_args(tmp_path, args)
+    again = parse_args(["--config", str(tmp_path / "config.yaml")], TASKS)
+    expected = {**vars(args), "config": str(tmp_path / "config.yaml"), "resume": None}
+    assert vars(again) == expected
+    # args.json is JSON, which YAML reads too.
+    assert vars(parse_args(["--config", str(tmp_path / "args.json")], TASKS))["alpha"] == 0.7
