@@ -1,0 +1,34 @@
+"""The benchmark scripts run and report what the README quotes (tiny sizes: behaviour, not speed)."""
+import importlib.util
+import json
+
+from conftest import ROOT
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_distill_reports_every_rate_as_json(capsys):
+    bench = load("bench_distill")
+    args = bench.get_args_parser().parse_args(["--task", "B", "--synthetic", "32", "--batch_size", "16",
+                                               "--repeats", "1", "--cache_views", "1", "--student_model",
+                                               "MobileNetV3", "--json"])
+    out = bench.main(args)
+    for key in ("baseline_img_s", "online_kd_img_s", "cached_kd_img_s", "data_batched_img_s", "data_pil_img_s"):
+        assert out[key] > 0
+    assert out["image_shape"] == [1, 8, 8] and out["images"] == 32 and out["device"].startswith("cpu")
+    json.dumps(out)  # one JSON object
+
+
+def test_sweep_table_summarises_seeds(tmp_path):
+    sweep = load("sweep_methods")
+    rows = [{"method": "consensus:fixed", "seed": s, "test_acc": a, "best_val_acc": 0.9, "ensemble_test_acc": 0.7}
+            for s, a in ((0, 0.97), (1, 0.99))]
+    table = sweep.table(rows)
+    assert "| consensus:fixed | 2 | 98.00 ± 1.41 | 90.00 |" in table and "| 70.00 |" in table
+    assert sweep.method_flags("amalgamate:entropy+online") == {
+        "aggregation": "amalgamate", "teacher_weighting": "entropy", "teacher_cache": None}
