@@ -11,13 +11,14 @@ setup(
     install_requires=[
         "torch>=2.2",
         "torchvision>=0.17",
-        "timm>=0.9",
+        "timm>=1.0",  # forward_intermediates, ModelEmaV3
         "numpy",
         "tensorboard",
         "scikit-learn",
         "rich",
         "matplotlib",
         "pillow",
+        "pyyaml",
     ],
     extras_require={
         "export": ["onnx", "onnxruntime"],

@@ -126,3 +126,15 @@ def test_feature_matching_trains_adapters_and_student_only():
     # Stage names are resolved per model; a name the student lacks is a clear error.
     with pytest.raises(UserError, match="no stage 'layer3'"):
         Distiller(student, ens, KDConfig(alpha=0.5, feature_weight=1.0, feature_layers=["layer3"]))
+
+
+def test_compiled_student_matches_and_keeps_its_state_dict_keys():
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 4))
+    x = torch.randn(8, 1, 8, 8)
+    compiled = Distiller(student, None, KDConfig(), compile=True)
+    out = compiled(x, Y)
+    assert torch.allclose(out["logits"], Distiller(student)(x, Y)["logits"], atol=1e-5)
+    assert list(compiled.state_dict()) == [f"student.{k}" for k in student.state_dict()]
+    out["loss"].backward()
+    assert student[3].weight.grad.abs().sum() > 0
