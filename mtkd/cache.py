@@ -22,18 +22,12 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from .checkpoint import save_checkpoint
-from .data import BatchTransform, FileImageDataset, ImageTensorDataset
+from .data import BatchTransform, FileImageDataset, ImageTensorDataset, hash_tensor
 from .report import console
 from .teachers import TeacherEnsemble
 
 CACHE_VERSION = 1
 VIEW_SEED = 0  # views do not depend on the run's --seed, so every run of a sweep shares them
-
-
-def _hash_tensor(h, t: Tensor) -> None:
-    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-    t = t.detach().cpu().contiguous().reshape(-1)
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
 
 def cache_key(ensemble: TeacherEnsemble, dataset: ImageTensorDataset | FileImageDataset,
@@ -42,14 +36,14 @@ def cache_key(ensemble: TeacherEnsemble, dataset: ImageTensorDataset | FileImage
     modification times) and labels, augmentation and K."""
     h = hashlib.sha256(f"mtkd-teacher-cache v{CACHE_VERSION} views={num_views} seed={VIEW_SEED}".encode())
     for teacher, ids in zip(ensemble.teachers, ensemble.class_ids):
-        _hash_tensor(h, ids)
+        hash_tensor(h, ids)
         for name, t in teacher.state_dict().items():
             h.update(name.encode())
-            _hash_tensor(h, t)
+            hash_tensor(h, t)
     dataset.fingerprint(h)
     h.update(f"pad={transform.crop_padding} flip={transform.hflip}".encode())
-    _hash_tensor(h, transform.mean.float())
-    _hash_tensor(h, transform.std.float())
+    hash_tensor(h, transform.mean.float())
+    hash_tensor(h, transform.std.float())
     return h.hexdigest()
 
 
@@ -58,7 +52,7 @@ def _checksum(tensors: dict[str, Tensor | list[Tensor]]) -> str:
     for name in sorted(tensors):
         for t in tensors[name] if isinstance(tensors[name], list) else [tensors[name]]:
             h.update(name.encode())
-            _hash_tensor(h, t)
+            hash_tensor(h, t)
     return h.hexdigest()
 
 
@@ -81,9 +75,12 @@ class TeacherCache:
 
     @classmethod
     @torch.no_grad()
-    def build(cls, ensemble: TeacherEnsemble, dataset: ImageTensorDataset, transform: BatchTransform,
+    def build(cls, key: str, ensemble: TeacherEnsemble, dataset: ImageTensorDataset, transform: BatchTransform,
               num_views: int, device: torch.device, batch_size: int = 512) -> "TeacherCache":
-        """Run every teacher once on each of ``num_views`` augmented views of the whole dataset."""
+        """Run every teacher once on each of ``num_views`` augmented views of the whole dataset.
+
+        ``key`` is ``cache_key`` of these arguments (computed once, by the caller).
+        """
         n = len(dataset)
         gen = torch.Generator().manual_seed(VIEW_SEED)
         logits = [torch.empty(num_views, n, len(ids), dtype=torch.float16) for ids in ensemble.class_ids]
@@ -99,7 +96,7 @@ class TeacherCache:
                               params={k: t[sl] for k, t in view.items()})
                 for k, z in enumerate(ensemble(x)):
                     logits[k][v, sl] = z.to("cpu", torch.float16)
-        return cls(cache_key(ensemble, dataset, transform, num_views), logits,
+        return cls(key, logits,
                    torch.stack(params["dy"]).to(torch.int16), torch.stack(params["dx"]).to(torch.int16),
                    torch.stack(params["flip"]))
 
@@ -144,7 +141,7 @@ def open_teacher_cache(cache_dir: str | Path, task_name: str, ensemble: TeacherE
         except CacheError as e:
             console.print(f"[yellow]teacher cache {path} is not usable ({e}); rebuilding it[/]", soft_wrap=True)
             status = f"rebuilt ({e})"
-    cache = TeacherCache.build(ensemble, dataset, transform, num_views, device)
+    cache = TeacherCache.build(key, ensemble, dataset, transform, num_views, device)
     cache.save(path)
     return cache, path, status
 

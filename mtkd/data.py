@@ -24,6 +24,8 @@ from .registry import Registry
 from .spec import TaskSpec
 
 SPLITS = ("train", "val", "test")
+# What PIL raises on a file that is not a readable image (truncated, wrong format, bad header).
+READ_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError)
 
 
 class ImageTensorDataset(Dataset):
@@ -55,9 +57,15 @@ class ImageTensorDataset(Dataset):
 
     def fingerprint(self, h) -> None:
         """Feed everything the samples depend on into the hash ``h`` (for the teacher cache's key)."""
-        for t in (self.images, self.labels):
-            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        hash_tensor(h, self.images)
+        hash_tensor(h, self.labels)
+
+
+def hash_tensor(h, t: torch.Tensor) -> None:
+    """Feed a tensor's dtype, shape and bytes into the hashlib object ``h``."""
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    t = t.detach().cpu().contiguous().reshape(-1)
+    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
 
 def _relabel(labels: torch.Tensor, class_ids: list[int]):
@@ -92,7 +100,7 @@ class FileImageDataset(Dataset):
     def _read(self, path: str) -> np.ndarray:
         try:
             return read_image(path, self.channels, self.size)
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+        except READ_ERRORS as e:
             raise UserError(f"cannot decode {path} ({type(e).__name__}: {e}), although it passed the check "
                             "when the task was loaded. Fix: remove or replace the file.") from None
 
@@ -352,7 +360,7 @@ def _read_folder(folder: Path, class_names, channels: int, size: int, skipped: l
             else:
                 _check_file(path)
             good.append(i)
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+        except READ_ERRORS as e:
             skipped.append(f"{path}: {type(e).__name__}: {e}")
     if not in_memory:
         return [paths[i] for i in good], labels[good]

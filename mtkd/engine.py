@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from .data import BatchTransform
 from .errors import UserError
+from .metrics import topk_correct
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -139,11 +140,12 @@ def evaluate(model: nn.Module, loader: DataLoader, transform: BatchTransform,
              device: torch.device, reduce=_identity) -> dict[str, float]:
     """Top-1 and top-3 accuracy and mean cross-entropy over ``loader`` (and, with ``reduce``, other ranks')."""
     logits, labels = predict(model, loader, transform, device)
-    k = min(3, logits.shape[1]) if len(labels) else 1
-    top = logits.topk(k, dim=1).indices if len(labels) else torch.zeros(0, k, dtype=torch.long)
-    hit = top == labels[:, None]
-    sums = reduce({"n": len(labels), "top1": hit[:, 0].sum().item(), "top3": hit.any(1).sum().item(),
-                   "loss": F.cross_entropy(logits, labels, reduction="sum").item() if len(labels) else 0.0})
+    if len(labels):
+        local = {"n": len(labels), "top1": topk_correct(logits, labels, 1), "top3": topk_correct(logits, labels, 3),
+                 "loss": F.cross_entropy(logits, labels, reduction="sum").item()}
+    else:  # an empty shard (more ranks than samples) still takes part in the reduction
+        local = {"n": 0, "top1": 0, "top3": 0, "loss": 0.0}
+    sums = reduce(local)
     if sums["n"] == 0:
         return {"acc": math.nan, "top3": math.nan, "loss": math.nan}
     return {"acc": sums["top1"] / sums["n"], "top3": sums["top3"] / sums["n"], "loss": sums["loss"] / sums["n"]}

@@ -9,10 +9,15 @@ from sklearn.metrics import classification_report, confusion_matrix, precision_r
 from torch import Tensor
 
 
+def topk_correct(logits: Tensor, labels: Tensor, k: int) -> int:
+    """How many samples have their label among the ``k`` highest logits."""
+    k = min(k, logits.shape[1])
+    return int((logits.topk(k, dim=1).indices == labels[:, None]).any(1).sum())
+
+
 def topk_accuracy(logits: Tensor, labels: Tensor, k: int) -> float:
     """Fraction of samples whose label is among the ``k`` highest logits."""
-    k = min(k, logits.shape[1])
-    return (logits.topk(k, dim=1).indices == labels[:, None]).any(1).float().mean().item()
+    return topk_correct(logits, labels, k) / len(labels)
 
 
 def expected_calibration_error(probs: Tensor, labels: Tensor, n_bins: int = 15) -> float:
