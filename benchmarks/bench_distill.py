@@ -110,7 +110,7 @@ def training_pass(task, data, ensemble, cfg, args, device, transform, cache=None
     if args.channels_last:
         student = student.to(memory_format=torch.channels_last)
     step = Distiller(student, ensemble, cfg).to(device)
-    optimizer = create_optimizer(step, argparse.Namespace(lr=1e-3, weight_decay=5e-4))
+    optimizer = create_optimizer(step, argparse.Namespace(optimizer="adam", lr=1e-3, weight_decay=5e-4))
     scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
     loader = create_loader(CachedViews(data, cache) if cache else data, args.batch_size, train=True)
     epoch = [0]

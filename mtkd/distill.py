@@ -41,19 +41,16 @@ class KDConfig:
 
     @classmethod
     def from_args(cls, args: Namespace) -> "KDConfig":
-        weights = getattr(args, "teacher_weights", None)
+        """From ``train.py``'s parsed arguments (the parser holds every default)."""
+        weights = args.teacher_weights
         if isinstance(weights, str):
             weights = [float(w) for w in weights.split(",")]
-        layers = getattr(args, "feature_layers", "-1")
-        return cls(alpha=args.alpha, temperature=args.temperature,
-                   temperature_final=getattr(args, "temperature_final", None), epochs=args.num_epochs,
-                   aggregation=getattr(args, "aggregation", "consensus"),
-                   weighting=getattr(args, "teacher_weighting", "fixed"), teacher_weights=weights,
-                   kd_loss=getattr(args, "kd_loss", "kl"), dkd_alpha=getattr(args, "dkd_alpha", 1.0),
-                   dkd_beta=getattr(args, "dkd_beta", 8.0), dkd_warmup=getattr(args, "dkd_warmup", 0),
-                   feature_weight=getattr(args, "feature_weight", 0.0),
-                   feature_layers=[s.strip() for s in str(layers).split(",") if s.strip()],
-                   ema_decay=getattr(args, "ema_teacher", 0.0) or 0.0)
+        return cls(alpha=args.alpha, temperature=args.temperature, temperature_final=args.temperature_final,
+                   epochs=args.num_epochs, aggregation=args.aggregation, weighting=args.teacher_weighting,
+                   teacher_weights=weights, kd_loss=args.kd_loss, dkd_alpha=args.dkd_alpha, dkd_beta=args.dkd_beta,
+                   dkd_warmup=args.dkd_warmup, feature_weight=args.feature_weight,
+                   feature_layers=[s.strip() for s in str(args.feature_layers).split(",") if s.strip()],
+                   ema_decay=args.ema_teacher)
 
 
 class Distiller(nn.Module):

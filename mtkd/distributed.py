@@ -53,6 +53,16 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
+def main_first(info: DistInfo, fn):
+    """``fn()`` on rank 0, then on the other ranks: what rank 0 writes (teachers, a cache) they then read."""
+    if info.is_main:
+        out = fn()
+    barrier(info)
+    if not info.is_main:
+        out = fn()
+    return out
+
+
 def broadcast(info: DistInfo, obj):
     """Rank 0's ``obj`` on every rank."""
     if not info.enabled:

@@ -123,7 +123,7 @@ def fit(step: nn.Module, data: TaskData, *, epochs: int, optimizer, scheduler, a
     val_loader = create_loader(shard(data.val, dist), 512, train=False, num_workers=args.num_workers,
                                pin_memory=pin)
     reduce = partial(all_reduce_sums, dist, device=device)
-    amp = getattr(args, "amp", "off")
+    amp = args.amp
     scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
     with create_progress(disable=not dist.is_main) as progress:
         for epoch in range(start_epoch, epochs + 1):
@@ -135,7 +135,7 @@ def fit(step: nn.Module, data: TaskData, *, epochs: int, optimizer, scheduler, a
             train = train_one_epoch(step, train_loader, optimizer, transform, device, epoch=epoch,
                                     generator=rng.augment, progress=progress, amp=amp,
                                     channels_last=device.type == "cuda", scaler=scaler,
-                                    grad_accum=getattr(args, "grad_accum", 1), clip_grad=getattr(args, "clip_grad", 0.0),
+                                    grad_accum=args.grad_accum, clip_grad=args.clip_grad,
                                     stop=stop, reduce=reduce)
             sync_buffers(dist, val_model)
             val = evaluate(val_model, val_loader, transform, device, reduce=reduce)

@@ -16,7 +16,7 @@ def create_optimizer(model: nn.Module, args: Namespace) -> torch.optim.Optimizer
     SGD uses Nesterov momentum 0.9, the usual choice for CNNs.
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    kind = getattr(args, "optimizer", "adam")
+    kind = args.optimizer
     if kind == "adam":
         return torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
     if kind == "adamw":
@@ -71,5 +71,5 @@ class EpochScheduler:
 
 
 def create_scheduler(optimizer: torch.optim.Optimizer, args: Namespace, epochs: int) -> EpochScheduler:
-    return EpochScheduler(optimizer, getattr(args, "scheduler", "step"), epochs, args.scheduler_step,
-                          args.scheduler_gamma, getattr(args, "warmup_epochs", 0))
+    return EpochScheduler(optimizer, args.scheduler, epochs, args.scheduler_step, args.scheduler_gamma,
+                          args.warmup_epochs)

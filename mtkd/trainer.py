@@ -23,7 +23,7 @@ from .cache import CachedViews, open_teacher_cache
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import BatchTransform, TaskData, create_loader, load_task_data
 from .distill import Distiller, KDConfig
-from .distributed import DistInfo, barrier, broadcast, cleanup, init_distributed
+from .distributed import DistInfo, barrier, broadcast, cleanup, init_distributed, main_first
 from .engine import TrainingInterrupted, evaluate
 from .errors import UserError
 from .loop import GracefulStop, RunRng, fit, resolve_device, seed_everything
@@ -107,11 +107,7 @@ def _run(args: Namespace, explicit: set[str], dist: DistInfo, device_name: str) 
     seed_everything(args.seed)
     student = create_student(args.student_model, task).to(device)
     # Missing teachers are trained by rank 0 alone; the other ranks wait, then load them.
-    if dist.is_main:
-        ensemble, teacher_rows = prepare_teachers(task, data, args, device)
-    barrier(dist)
-    if not dist.is_main:
-        ensemble, teacher_rows = prepare_teachers(task, data, args, device)
+    ensemble, teacher_rows = main_first(dist, lambda: prepare_teachers(task, data, args, device))
     console.print(teachers_table(teacher_rows))
     console.print("Teacher checkpoints: " + ", ".join(sorted({str(teacher_path(args.output_dir, task, t).parent)
                                                               for t in task.teachers})), soft_wrap=True)
@@ -133,13 +129,9 @@ def _run(args: Namespace, explicit: set[str], dist: DistInfo, device_name: str) 
     train_data, cache_status = data, None
     if args.teacher_cache and step.ensemble is not None:
         started_cache = time.perf_counter()
-        if dist.is_main:  # rank 0 builds a missing cache; the others then find it
-            cache, cache_path, cache_status = open_teacher_cache(args.teacher_cache, task.name, ensemble, data.train,
-                                                                 transform, args.cache_views, device)
-        barrier(dist)
-        if not dist.is_main:
-            cache, cache_path, cache_status = open_teacher_cache(args.teacher_cache, task.name, ensemble, data.train,
-                                                                 transform, args.cache_views, device)
+        # Rank 0 builds a missing cache; the others then find it.
+        cache, cache_path, cache_status = main_first(dist, lambda: open_teacher_cache(
+            args.teacher_cache, task.name, ensemble, data.train, transform, args.cache_views, device))
         console.print(f"[bold]Teacher cache[/] {cache_path}: {cache_status}, {cache.num_views} views "
                       f"({time.perf_counter() - started_cache:.1f}s)", soft_wrap=True)
         train_data = TaskData(CachedViews(data.train, cache), data.val, data.test)
