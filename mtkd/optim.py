@@ -64,6 +64,10 @@ class EpochScheduler:
                 "warmup": self.warmup.state_dict() if self.warmup is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
+        if "main" not in state:  # a checkpoint written before warm-up existed: a bare StepLR's state
+            self.main.load_state_dict(state)
+            self.epoch = state["last_epoch"]
+            return
         self.epoch = state["epoch"]
         self.main.load_state_dict(state["main"])
         if self.warmup is not None and state["warmup"] is not None:

@@ -53,3 +53,19 @@ def test_optimizers_take_only_trainable_parameters(kind, cls):
     assert isinstance(opt, cls) and len(opt.param_groups[0]["params"]) == 2
     assert create_scheduler(opt, Namespace(scheduler="step", scheduler_step=3, scheduler_gamma=0.1,
                                            warmup_epochs=0), 10).kind == "step"
+
+
+def test_scheduler_resumes_from_a_bare_steplr_state():
+    # Checkpoints written before warm-up support saved StepLR's own state_dict.
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=1.0)
+    old = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    for _ in range(3):
+        opt.step()
+        old.step()
+    opt2 = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=1.0)
+    new = EpochScheduler(opt2, "step", 6, step_size=2, gamma=0.5)
+    new.load_state_dict(old.state_dict())
+    opt2.param_groups[0]["lr"] = opt.param_groups[0]["lr"]  # as the optimizer's own state restores it
+    for _ in range(2):
+        opt.step(), old.step(), opt2.step(), new.step()
+    assert new.epoch == 5 and opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"] == 0.25
