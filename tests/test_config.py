@@ -45,3 +45,26 @@ def test_a_runs_saved_config_feeds_back_to_the_same_arguments(tmp_path):
     assert vars(again) == expected
     # args.json is JSON, which YAML reads too.
     assert vars(parse_args(["--config", str(tmp_path / "args.json")], TASKS))["alpha"] == 0.7
+
+
+def test_training_and_dkd_flags_reach_their_settings():
+    from mtkd.distill import KDConfig
+
+    args = parse_args(["--amp", "bf16", "--compile", "--kd_loss", "dkd", "--dkd_alpha", "2", "--dkd_beta", "4",
+                       "--weight_decay", "0", "--scheduler_step", "5", "--scheduler_gamma", "0.1", "--seed", "7",
+                       "--num_workers", "2"], TASKS)
+    assert (args.amp, args.compile, args.weight_decay, args.scheduler_step, args.scheduler_gamma, args.seed,
+            args.num_workers) == ("bf16", True, 0.0, 5, 0.1, 7, 2)
+    kd = KDConfig.from_args(args)
+    assert (kd.kd_loss, kd.dkd_alpha, kd.dkd_beta, kd.dkd_warmup) == ("dkd", 2.0, 4.0, 5)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--amp", "fp8"], "--amp: invalid choice: 'fp8'"),
+    (["--dkd_alpha", "-1"], "--dkd_alpha: -1 is out of range"),
+    (["--dkd_beta", "x"], "--dkd_beta: 'x' is not a valid float"),
+])
+def test_bad_training_and_dkd_flags_exit_2(flags, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args(flags, TASKS)
+    assert e.value.code == 2 and message in capsys.readouterr().err
