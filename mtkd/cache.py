@@ -26,16 +26,19 @@ from .data import BatchTransform, FileImageDataset, ImageTensorDataset, hash_ten
 from .report import console
 from .teachers import TeacherEnsemble
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the key records each teacher's precision and the device type
 VIEW_SEED = 0  # views do not depend on the run's --seed, so every run of a sweep shares them
 
 
 def cache_key(ensemble: TeacherEnsemble, dataset: ImageTensorDataset | FileImageDataset,
               transform: BatchTransform, num_views: int) -> str:
-    """sha256 over the teachers' weights and classes, the images (pixels, or files' paths, sizes and
-    modification times) and labels, augmentation and K."""
-    h = hashlib.sha256(f"mtkd-teacher-cache v{CACHE_VERSION} views={num_views} seed={VIEW_SEED}".encode())
-    for teacher, ids in zip(ensemble.teachers, ensemble.class_ids):
+    """sha256 over the teachers' weights, classes and precisions, the device type they run on, the images
+    (pixels, or files' paths, sizes and modification times) and labels, augmentation and K."""
+    device = ensemble.weights.device.type
+    h = hashlib.sha256(f"mtkd-teacher-cache v{CACHE_VERSION} views={num_views} seed={VIEW_SEED} "
+                       f"device={device}".encode())
+    for teacher, ids, precision in zip(ensemble.teachers, ensemble.class_ids, ensemble.precisions):
+        h.update(f"precision={precision}".encode())
         hash_tensor(h, ids)
         for name, t in teacher.state_dict().items():
             h.update(name.encode())

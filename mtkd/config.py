@@ -9,6 +9,7 @@ import argparse
 
 from .losses import AGGREGATIONS, KD_LOSSES, WEIGHTINGS
 from .optim import OPTIMIZERS, SCHEDULERS
+from .precision import AMP_MODES
 from .models import list_students
 
 
@@ -71,7 +72,7 @@ def get_args_parser(task_names: list[str] | None = None) -> argparse.ArgumentPar
     p.add_argument("--num_epochs", type=positive_int, default=100, help="student training epochs")
     p.add_argument("--weight_decay", type=nonneg_float, default=0.0005, help="weight decay")
     p.add_argument("--temperature", type=positive_float, default=2.0, help="distillation temperature T")
-    p.add_argument("--alpha", type=unit_float, default=0.5,
+    p.add_argument("--alpha", type=unit_float, default=0.1,
                    help="weight of the teachers' soft loss: 0 = labels only, 1 = teachers only")
     p.add_argument("--scheduler_step", type=positive_int, default=30, help="StepLR step size (epochs)")
     p.add_argument("--scheduler_gamma", type=_ranged(float, 0.0, 1.0, low_open=True, what="in (0, 1]"),
@@ -123,8 +124,10 @@ def get_args_parser(task_names: list[str] | None = None) -> argparse.ArgumentPar
                     help="clip the gradients' global L2 norm to NORM; 0 = off")
     tr.add_argument("--grad_accum", type=positive_int, default=1, metavar="N",
                     help="accumulate the gradients of N batches per optimiser step")
-    tr.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"],
-                    help="mixed precision (fp16 uses a GradScaler); channels_last is used on CUDA")
+    tr.add_argument("--amp", default="auto", choices=AMP_MODES,
+                    help="precision and memory layout: auto (per model, what the device runs fastest: bf16 on CUDA "
+                         "with bf16 and on CPUs with bf16 units, measured per model on the CPU, else fp32; "
+                         "channels_last where faster), off (fp32), or force bf16 / fp16 (fp16 uses a GradScaler)")
     tr.add_argument("--compile", action="store_true", help="torch.compile the student")
     tr.add_argument("--deterministic", action="store_true",
                     help="deterministic algorithms only (bit-exact reruns and resumes; slower on GPU)")

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from contextlib import nullcontext
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -21,8 +19,7 @@ from torch.utils.data import DataLoader
 from .data import BatchTransform
 from .errors import UserError
 from .metrics import topk_correct
-
-AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+from .precision import FP32, Precision
 
 
 class NonFiniteLossError(UserError):
@@ -35,13 +32,6 @@ class TrainingInterrupted(Exception):
     def __init__(self, epoch: int, step: int):
         super().__init__(f"interrupted at epoch {epoch}, step {step}")
         self.epoch, self.step = epoch, step
-
-
-def autocast(device: torch.device, amp: str = "off"):
-    """``torch.autocast`` for ``--amp bf16|fp16``, or a no-op context for ``off``."""
-    if amp == "off":
-        return nullcontext()
-    return torch.autocast(device.type, dtype=AMP_DTYPES[amp])
 
 
 def _identity(sums):
@@ -58,13 +48,13 @@ def _to_device(obj, device):
 
 def train_one_epoch(step: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     transform: BatchTransform, device: torch.device, *, epoch: int = 0,
-                    generator: torch.Generator | None = None, progress=None, amp: str = "off",
-                    channels_last: bool = False, scaler: torch.amp.GradScaler | None = None,
+                    generator: torch.Generator | None = None, progress=None, precision: Precision = FP32,
+                    scaler: torch.amp.GradScaler | None = None,
                     grad_accum: int = 1, clip_grad: float = 0.0, stop=None, reduce=_identity) -> dict[str, float]:
     """One pass over ``loader``; returns the sample-weighted mean of each part and ``acc``.
 
-    * ``amp`` runs the step under autocast (``scaler``, a ``GradScaler``, for fp16);
-      ``channels_last`` hands the step NHWC-strided batches.
+    * ``precision`` (``mtkd.precision``): the step runs under its autocast
+      (``scaler``, a ``GradScaler``, for fp16) on batches in its memory layout.
     * ``grad_accum`` N: gradients of N batches (each loss divided by N) make
       one optimiser step; the last, shorter group of an epoch steps too.
     * ``clip_grad`` > 0 clips the gradients' global L2 norm (after unscaling).
@@ -82,9 +72,8 @@ def train_one_epoch(step: nn.Module, loader: DataLoader, optimizer: torch.optim.
         images, labels = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
         extras = _to_device(batch[2], device) if len(batch) > 2 else {}
         x = transform(images, augment=True, generator=generator, params=extras.pop("aug", None))
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, amp):
+        x = precision.prepare_input(x)
+        with precision.autocast(device):
             out = step(x, labels, **extras)
         loss = out["loss"]
         if not torch.isfinite(loss):
@@ -126,20 +115,27 @@ def train_one_epoch(step: nn.Module, loader: DataLoader, optimizer: torch.optim.
 
 @torch.inference_mode()
 def predict(model: nn.Module, loader: DataLoader, transform: BatchTransform,
-            device: torch.device) -> tuple[Tensor, Tensor]:
-    """All logits and labels of ``loader``, on the CPU, in loader order."""
+            device: torch.device, precision: Precision = FP32) -> tuple[Tensor, Tensor]:
+    """All logits (float32) and labels of ``loader``, on the CPU, in loader order.
+
+    ``precision``: the autocast and input layout ``model`` runs in. An empty
+    loader (an empty validation shard) gives empty tensors.
+    """
     model.eval()
     logits, labels = [], []
     for images, y in loader:
-        logits.append(model(transform(images.to(device))).float().cpu())
+        with precision.autocast(device):
+            logits.append(model(precision.prepare_input(transform(images.to(device)))).float().cpu())
         labels.append(y)
+    if not logits:
+        return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
     return torch.cat(logits), torch.cat(labels)
 
 
 def evaluate(model: nn.Module, loader: DataLoader, transform: BatchTransform,
-             device: torch.device, reduce=_identity) -> dict[str, float]:
+             device: torch.device, reduce=_identity, precision: Precision = FP32) -> dict[str, float]:
     """Top-1 and top-3 accuracy and mean cross-entropy over ``loader`` (and, with ``reduce``, other ranks')."""
-    logits, labels = predict(model, loader, transform, device)
+    logits, labels = predict(model, loader, transform, device, precision)
     if len(labels):
         local = {"n": len(labels), "top1": topk_correct(logits, labels, 1), "top3": topk_correct(logits, labels, 3),
                  "loss": F.cross_entropy(logits, labels, reduction="sum").item()}

@@ -17,6 +17,7 @@ from .data import BatchTransform, TaskData, create_loader
 from .distributed import DistInfo, all_reduce_sums, shard, sync_buffers
 from .engine import evaluate, train_one_epoch
 from .errors import UserError
+from .precision import FP32, Precision
 from .report import console, create_progress
 
 
@@ -106,8 +107,13 @@ class GracefulStop:
 
 def fit(step: nn.Module, data: TaskData, *, epochs: int, optimizer, scheduler, args: Namespace,
         device: torch.device, transform: BatchTransform, on_epoch, val_model: nn.Module,
-        title: str, rng: RunRng, start_epoch: int = 1, stop=None, dist: DistInfo = DistInfo()) -> None:
+        title: str, rng: RunRng, start_epoch: int = 1, stop=None, dist: DistInfo = DistInfo(),
+        precision: Precision = FP32, scaler: torch.amp.GradScaler | None = None) -> None:
     """Train ``step`` for epochs ``start_epoch..epochs``; after each, evaluate ``val_model``, call ``on_epoch``.
+
+    ``precision`` is the student's (``val_model`` is evaluated in it too);
+    ``scaler`` a ``GradScaler`` for fp16, owned by the caller so that its state
+    goes into the checkpoints.
 
     ``on_epoch`` returning True stops the run (early stopping). Under DDP the
     training set is split by a ``DistributedSampler`` and validation by
@@ -123,8 +129,6 @@ def fit(step: nn.Module, data: TaskData, *, epochs: int, optimizer, scheduler, a
     val_loader = create_loader(shard(data.val, dist), 512, train=False, num_workers=args.num_workers,
                                pin_memory=pin)
     reduce = partial(all_reduce_sums, dist, device=device)
-    amp = args.amp
-    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
     with create_progress(disable=not dist.is_main) as progress:
         for epoch in range(start_epoch, epochs + 1):
             start = time.perf_counter()
@@ -133,12 +137,11 @@ def fit(step: nn.Module, data: TaskData, *, epochs: int, optimizer, scheduler, a
                 if hasattr(stateful, "set_epoch"):
                     stateful.set_epoch(epoch)
             train = train_one_epoch(step, train_loader, optimizer, transform, device, epoch=epoch,
-                                    generator=rng.augment, progress=progress, amp=amp,
-                                    channels_last=device.type == "cuda", scaler=scaler,
+                                    generator=rng.augment, progress=progress, precision=precision, scaler=scaler,
                                     grad_accum=args.grad_accum, clip_grad=args.clip_grad,
                                     stop=stop, reduce=reduce)
             sync_buffers(dist, val_model)
-            val = evaluate(val_model, val_loader, transform, device, reduce=reduce)
+            val = evaluate(val_model, val_loader, transform, device, reduce=reduce, precision=precision)
             scheduler.step(val["acc"])
             seconds = time.perf_counter() - start
             if dist.is_main:

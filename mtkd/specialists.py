@@ -16,6 +16,7 @@ from .errors import UserError
 from .loop import RunRng, fit, seed_everything
 from .optim import EpochScheduler, create_optimizer
 from .models import count_parameters, create_teacher
+from .precision import Precision, resolve_precision
 from .report import console
 from .spec import TaskSpec
 from .teachers import TeacherEnsemble
@@ -31,10 +32,27 @@ def teacher_path(output_dir: str | Path, task: TaskSpec, spec) -> Path:
     """The teacher's own ``checkpoint`` if its spec names one, else ``<teacher_dir>/<name>.pt``."""
     return Path(spec.checkpoint) if spec.checkpoint else teacher_dir(output_dir, task) / f"{spec.name}.pt"
 
+
 def _teacher_row(spec, model, metrics: dict, status: str) -> dict:
     return {"name": spec.name, "architecture": spec.architecture, "classes": list(spec.classes),
             "weight": spec.weight, "params": count_parameters(model), "val_acc": metrics["val_acc"],
             "test_acc": metrics["test_acc"], "status": status}
+
+
+def example_batch(dataset, transform: BatchTransform, device: torch.device, n: int) -> torch.Tensor:
+    """The first ``n`` images of ``dataset``, normalised on ``device``: what a model is timed on."""
+    images, _ = dataset.__getitems__(list(range(min(n, len(dataset)))))
+    return transform(images.to(device))
+
+
+def choose_precision(amp: str, model: nn.Module, example: torch.Tensor, train: bool,
+                     deterministic: bool, who: str) -> Precision:
+    """``resolve_precision`` for one model; prints the choice and what was measured."""
+    precision, speeds = resolve_precision(amp, example.device, model, example, train, deterministic)
+    measured = ("  (images/s " + ", ".join(f"{k} {v:.0f}" for k, v in speeds.items()) + ")") if speeds else ""
+    console.print(f"[bold]Precision[/] {who} {'training' if train else 'inference'}: {precision} "
+                  f"(--amp {amp}){measured}", soft_wrap=True)
+    return precision
 
 
 def train_teacher(spec, task: TaskSpec, data: TaskData, args: Namespace, device: torch.device,
@@ -52,6 +70,10 @@ def train_teacher(spec, task: TaskSpec, data: TaskData, args: Namespace, device:
     optimizer = create_optimizer(model, args)
     scheduler = EpochScheduler(optimizer, "cosine", args.teacher_epochs)
     transform = BatchTransform.for_task(task).to(device)
+    precision = choose_precision(args.amp, model, example_batch(own.train, transform, device, args.batch_size),
+                                 True, args.deterministic, f"teacher {spec.name}")
+    precision.prepare_model(model)
+    scaler = torch.amp.GradScaler(device.type) if precision.dtype == "fp16" else None
     best = {"val_acc": -1.0}
     writer = SummaryWriter(str(path.with_suffix("")))
 
@@ -66,10 +88,11 @@ def train_teacher(spec, task: TaskSpec, data: TaskData, args: Namespace, device:
     seed_everything(args.seed)
     fit(Distiller(model), own, epochs=args.teacher_epochs, optimizer=optimizer, scheduler=scheduler,
         args=args, device=device, transform=transform, on_epoch=on_epoch, val_model=model,
-        title=f"teacher {spec.name}", rng=RunRng(args.seed))
+        title=f"teacher {spec.name}", rng=RunRng(args.seed), precision=precision, scaler=scaler)
     writer.close()
     model.load_state_dict(best["model"])
-    test = evaluate(model, create_loader(own.test, 512, train=False), transform, device)
+    test = evaluate(model, create_loader(own.test, 512, train=False), transform, device, precision=precision)
+    model.to(memory_format=torch.contiguous_format)  # checkpoints hold plain NCHW weights
     metrics = {"val_acc": best["val_acc"], "test_acc": test["acc"], "best_epoch": best["epoch"]}
     save_checkpoint({"model": model.state_dict(), "architecture": spec.architecture,
                      "classes": list(spec.classes), "task": task.name, "metrics": metrics,
@@ -105,7 +128,13 @@ def prepare_teachers(task: TaskSpec, data: TaskData, args: Namespace,
             status = "trained"
         models.append(model)
         rows.append(_teacher_row(spec, model, metrics, status))
-    return create_ensemble(task, models).to(device), rows
+    ensemble = create_ensemble(task, models).to(device)
+    example = example_batch(data.train, BatchTransform.for_task(task).to(device), device, args.batch_size)
+    ensemble.set_precisions([choose_precision(args.amp, t, example, False, args.deterministic, f"teacher {name}")
+                             for t, name in zip(ensemble.teachers, ensemble.names)])
+    for row, precision in zip(rows, ensemble.precisions):
+        row["precision"] = str(precision)
+    return ensemble, rows
 
 
 def create_ensemble(task: TaskSpec, models: list[nn.Module]) -> TeacherEnsemble:

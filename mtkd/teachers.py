@@ -1,21 +1,21 @@
 """The frozen teacher ensemble: runs the specialists and maps them to global classes."""
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 from torch import Tensor, nn
 
 from .losses import mixture_targets
 from .models import forward_with_features
+from .precision import FP32, Precision
 
 
 class TeacherEnsemble(nn.Module):
     """Specialist teachers, each over its own subset of the task's classes.
 
     Frozen for good: ``eval()`` mode that ``train()`` cannot undo, no
-    gradients, and forward passes under ``torch.inference_mode`` (in fp16
-    autocast on CUDA). Each teacher runs once per batch.
+    gradients, and forward passes under ``torch.inference_mode``. Each
+    teacher runs once per batch, in its own ``Precision`` (autocast dtype and
+    memory layout; fp32 / NCHW until ``set_precisions``).
     """
 
     def __init__(self, teachers: list[nn.Module], class_ids: list[list[int]],
@@ -29,12 +29,22 @@ class TeacherEnsemble(nn.Module):
         self.register_buffer("weights", torch.tensor(weights, dtype=torch.float32))
         self.num_classes = num_classes
         self.names = list(names) if names else [f"teacher{k}" for k in range(len(teachers))]
+        self.precisions = [FP32] * len(teachers)
         self.requires_grad_(False)
         self.train(False)
 
     def train(self, mode: bool = True) -> "TeacherEnsemble":
         # Teachers stay in eval mode (BatchNorm statistics, dropout) whatever the caller does.
         return super().train(False)
+
+    def set_precisions(self, precisions: list[Precision]) -> "TeacherEnsemble":
+        """Run teacher ``k`` in ``precisions[k]`` (its weights are put in that memory layout)."""
+        if len(precisions) != len(self.teachers):
+            raise ValueError("one precision per teacher")
+        for teacher, precision in zip(self.teachers, precisions):
+            precision.prepare_model(teacher)
+        self.precisions = list(precisions)
+        return self
 
     @property
     def class_ids(self) -> list[Tensor]:
@@ -46,12 +56,12 @@ class TeacherEnsemble(nn.Module):
         With ``stages`` (a list of stage indices per teacher) returns
         ``(logits, features)``, features being a list per teacher.
         """
-        autocast = torch.autocast("cuda", dtype=torch.float16) if x.is_cuda else nullcontext()
-        with torch.inference_mode(), autocast:
-            if stages is None:
-                out = [teacher(x) for teacher in self.teachers]
-            else:
-                out = [forward_with_features(t, x, s) for t, s in zip(self.teachers, stages)]
+        out = []
+        with torch.inference_mode():
+            for k, (teacher, precision) in enumerate(zip(self.teachers, self.precisions)):
+                xk = precision.prepare_input(x)
+                with precision.autocast(x.device):
+                    out.append(teacher(xk) if stages is None else forward_with_features(teacher, xk, stages[k]))
         # Inference tensors cannot be saved for backward; clone them out of it.
         if stages is None:
             return [z.float().clone() for z in out]

@@ -32,7 +32,8 @@ from .optim import create_optimizer, create_scheduler
 from .report import console, run_summary_table, teachers_table
 from .runs import (append_metrics, create_run_dir, keep_top_k, log_hparams, open_resume, truncate_metrics,
                    write_run_curves)
-from .specialists import CHECKPOINT_VERSION, prepare_teachers, teacher_path
+from .precision import Precision
+from .specialists import CHECKPOINT_VERSION, choose_precision, example_batch, prepare_teachers, teacher_path
 from .spec import TaskSpec
 from .taskfile import resolve_task
 from .teachers import EnsembleClassifier
@@ -121,11 +122,19 @@ def _run(args: Namespace, explicit: set[str], dist: DistInfo, device_name: str) 
     console.print(f"[bold]Run folder[/] {run_dir}  (device {device}"
                   f"{f' x {dist.world_size} processes' if dist.enabled else ''}, {len(data.train)} train / "
                   f"{len(data.val)} val / {len(data.test)} test images)", soft_wrap=True)
+    transform = BatchTransform.for_task(task).to(device)
+    if last is not None and "precision" in last:  # a resumed run keeps the precision it was measured with
+        precision = Precision.parse(last["precision"])
+    else:
+        precision = choose_precision(args.amp, student, example_batch(data.train, transform, device, args.batch_size),
+                                     True, args.deterministic, f"student {args.student_model}")
+    # Before the Distiller copies the student (EMA), so that every copy has the student's layout.
+    precision.prepare_model(student)
     seed_everything(args.seed)
     step = Distiller(student, ensemble, kd, compile=args.compile).to(device)
-    if device.type == "cuda":
-        step.student.to(memory_format=torch.channels_last)
-    transform = BatchTransform.for_task(task).to(device)
+    if getattr(step, "adapters", None) is not None:
+        precision.prepare_model(step.adapters)
+    scaler = torch.amp.GradScaler(device.type) if precision.dtype == "fp16" else None
     train_data, cache_status = data, None
     if args.teacher_cache and step.ensemble is not None:
         started_cache = time.perf_counter()
@@ -147,6 +156,8 @@ def _run(args: Namespace, explicit: set[str], dist: DistInfo, device_name: str) 
         optimizer.load_state_dict(last["optimizer"])
         scheduler.load_state_dict(last["scheduler"])
         rng.load_state_dict(last["rng"])
+        if scaler is not None and last.get("scaler"):
+            scaler.load_state_dict(last["scaler"])
         best = {"val_acc": last["best_val_acc"], "epoch": last["best_epoch"]}
         start_epoch = last["epoch"] + 1
         if dist.is_main:
@@ -172,6 +183,7 @@ def _run(args: Namespace, explicit: set[str], dist: DistInfo, device_name: str) 
                      "val_acc": val["acc"], "best_val_acc": best["val_acc"], "best_epoch": best["epoch"],
                      "rng": rng.state_dict(), "args": vars(args), "task": task.name,
                      "student_model": args.student_model, "class_names": list(task.class_names),
+                     "precision": str(precision), "scaler": scaler.state_dict() if scaler is not None else {},
                      "version": CHECKPOINT_VERSION}
             if best["epoch"] == epoch:
                 save_checkpoint(state, run_dir / "best.pt")
@@ -187,7 +199,8 @@ def _run(args: Namespace, explicit: set[str], dist: DistInfo, device_name: str) 
         try:
             fit(train_step, train_data, epochs=args.num_epochs, optimizer=optimizer, scheduler=scheduler,
                 args=args, device=device, transform=transform, on_epoch=on_epoch, val_model=student,
-                title="student", rng=rng, start_epoch=start_epoch, stop=stop, dist=dist)
+                title="student", rng=rng, start_epoch=start_epoch, stop=stop, dist=dist, precision=precision,
+                scaler=scaler)
         except TrainingInterrupted as e:
             if writer is not None:
                 writer.close()
@@ -203,7 +216,7 @@ def _run(args: Namespace, explicit: set[str], dist: DistInfo, device_name: str) 
     summary = None
     if dist.is_main:
         summary = finish_run(run_dir, args, task, kd, student, ensemble, data, transform, device, best,
-                             teacher_rows, cache_status, writer, started)
+                             teacher_rows, cache_status, writer, started, precision)
     barrier(dist)
     return broadcast(dist, summary)
 
@@ -218,10 +231,10 @@ def write_run_args(run_dir: Path, args: Namespace) -> None:
 
 
 def finish_run(run_dir, args, task, kd, student, ensemble, data, transform, device, best, teacher_rows,
-               cache_status, writer, started) -> dict:
+               cache_status, writer, started, precision) -> dict:
     """Test the best checkpoint and the teacher ensemble; write summary.json, curves and the hparams."""
     student.load_state_dict(load_checkpoint(run_dir / "best.pt")["model"])
-    test = evaluate(student, create_loader(data.test, 512, train=False), transform, device)
+    test = evaluate(student, create_loader(data.test, 512, train=False), transform, device, precision=precision)
     ensemble_model = EnsembleClassifier(ensemble)
     ensemble_val = evaluate(ensemble_model, create_loader(data.val, 512, train=False), transform, device)
     ensemble_test = evaluate(ensemble_model, create_loader(data.test, 512, train=False), transform, device)
@@ -229,7 +242,7 @@ def finish_run(run_dir, args, task, kd, student, ensemble, data, transform, devi
         "task": task.name, "student_model": args.student_model, "run_dir": str(run_dir),
         "alpha": args.alpha, "temperature": args.temperature, "epochs": args.num_epochs, "seed": args.seed,
         "aggregation": kd.aggregation, "teacher_weighting": kd.weighting, "kd_loss": kd.kd_loss,
-        "teacher_cache": cache_status,
+        "teacher_cache": cache_status, "precision": str(precision),
         "best_epoch": best["epoch"], "best_val_acc": best["val_acc"], "test_acc": test["acc"],
         "student_params": count_parameters(student), "teachers": teacher_rows,
         "ensemble_params": count_parameters(ensemble), "ensemble_val_acc": ensemble_val["acc"],

@@ -68,3 +68,12 @@ def test_bad_training_and_dkd_flags_exit_2(flags, message, capsys):
     with pytest.raises(SystemExit) as e:
         parse_args(flags, TASKS)
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_documented_defaults():
+    """The defaults of the documentation train.py implements (README flag table)."""
+    args = parse_args([], TASKS)
+    documented = {"task": "B", "lr": 0.001, "batch_size": 32, "num_epochs": 100, "weight_decay": 0.0005,
+                  "temperature": 2.0, "alpha": 0.1, "scheduler_step": 30, "scheduler_gamma": 0.5,
+                  "student_model": "EfficientNet", "seed": 42, "run": "", "amp": "auto"}
+    assert {k: vars(args)[k] for k in documented} == documented

@@ -3,7 +3,8 @@ import torch
 from torch import nn
 
 from mtkd.data import BatchTransform, ImageTensorDataset, create_loader
-from mtkd.engine import NonFiniteLossError, TrainingInterrupted, evaluate, train_one_epoch
+from mtkd.engine import NonFiniteLossError, TrainingInterrupted, evaluate, predict, train_one_epoch
+from mtkd.precision import Precision
 
 
 class Step(nn.Module):
@@ -14,10 +15,12 @@ class Step(nn.Module):
         self.model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
         self.calls = 0
         self.nan_after = nan_after
+        self.seen = []  # (logits dtype, input is channels_last) per call
 
     def forward(self, x, y):
         self.calls += 1
         logits = self.model(x)
+        self.seen.append((logits.dtype, x.is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1))
         loss = nn.functional.cross_entropy(logits, y)
         if self.nan_after is not None and self.calls > self.nan_after:
             loss = loss * float("nan")
@@ -72,8 +75,23 @@ def test_stop_request_interrupts_before_the_next_step():
 
 
 def test_bf16_autocast_on_cpu():
-    _, params = _params_after_epoch(8, amp="bf16")
+    step, params = _params_after_epoch(8, precision=Precision("bf16"))
     assert torch.isfinite(params).all()
+    assert {dtype for dtype, _ in step.seen} == {torch.bfloat16}
+    fp32, _ = _params_after_epoch(8)
+    assert {dtype for dtype, _ in fp32.seen} == {torch.float32}
+
+
+def test_channels_last_precision_hands_the_step_nhwc_batches():
+    g = torch.Generator().manual_seed(0)
+    ds = ImageTensorDataset(torch.randint(0, 256, (16, 3, 4, 4), dtype=torch.uint8, generator=g), torch.arange(16) % 3)
+    step = Step()
+    step.model = nn.Sequential(nn.Flatten(), nn.Linear(48, 3))
+    opt = torch.optim.SGD(step.parameters(), lr=0.1)
+    transform = BatchTransform((0.5,) * 3, (0.5,) * 3)
+    train_one_epoch(step, create_loader(ds, 8, train=True), opt, transform, torch.device("cpu"),
+                    precision=Precision("fp32", True))
+    assert step.seen == [(torch.float32, True)] * 2
 
 
 def test_train_one_epoch_averages_every_loss_part():
@@ -97,3 +115,16 @@ def test_evaluate_top1_top3_and_loss():
     out = evaluate(step.model, create_loader(_loader().dataset, 16, train=False), BatchTransform((0.5,), (0.5,)),
                    torch.device("cpu"))
     assert out["top3"] == 1.0 and 0 <= out["acc"] <= 1 and out["loss"] > 0
+
+
+def test_evaluate_an_empty_shard_takes_part_in_the_reduction():
+    """More ranks than validation images: a rank's shard is empty (it used to crash in torch.cat)."""
+    empty = ImageTensorDataset(torch.zeros(0, 1, 2, 2, dtype=torch.uint8), torch.zeros(0, dtype=torch.long))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    logits, labels = predict(model, create_loader(empty, 4, train=False), BatchTransform((0.5,), (0.5,)),
+                             torch.device("cpu"))
+    assert logits.numel() == 0 and labels.numel() == 0
+    other_rank = {"n": 2, "top1": 1, "top3": 2, "loss": 1.0}
+    reduced = evaluate(model, create_loader(empty, 4, train=False), BatchTransform((0.5,), (0.5,)),
+                       torch.device("cpu"), reduce=lambda local: {k: local[k] + other_rank[k] for k in local})
+    assert reduced == {"acc": 0.5, "top3": 1.0, "loss": 0.5}

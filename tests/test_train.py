@@ -16,9 +16,9 @@ from mtkd.checkpoint import load_checkpoint
 
 def test_smoke_run_writes_checkpoints_metrics_and_args(smoke_run):
     run_dir = smoke_run["run_dir"]
-    assert run_dir.name.startswith("ResNet18_a0.5_T2_e2_s42_") and run_dir.name.endswith("_smoke")
+    assert run_dir.name.startswith("ResNet18_a0.1_T2_e2_s42_") and run_dir.name.endswith("_smoke")
     args = json.loads((run_dir / "args.json").read_text())
-    assert args["task"] == "B" and args["num_epochs"] == 2 and args["alpha"] == 0.5 and args["aggregation"] == "consensus"
+    assert args["task"] == "B" and args["num_epochs"] == 2 and args["alpha"] == 0.1 and args["aggregation"] == "consensus"
     rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert {"train_loss", "train_loss_hard", "train_loss_soft", "train_acc", "val_acc", "lr"} <= set(rows[0])

@@ -1,0 +1,189 @@
+"""Numeric precision and memory layout per device and model: ``--amp auto|off|bf16|fp16``.
+
+A ``Precision`` is an autocast dtype (or none: fp32) and a memory layout
+(NCHW, or channels_last, i.e. NHWC). ``resolve_precision`` turns ``--amp``
+into one for a given model and role (training or inference):
+
+* ``off``: fp32; channels_last on CUDA only (the reference path).
+* ``bf16`` / ``fp16``: that autocast dtype, forced; channels_last on CUDA only.
+* ``auto``:
+
+  - CUDA: bf16 autocast where the GPU runs bf16 natively (Ampere and newer),
+    else fp32; channels_last.
+  - CPU: the candidates are fp32 in NCHW and in NHWC and, **only** on a CPU
+    with bf16 units (x86 AMX or AVX512-BF16, Arm BF16), bf16 autocast in
+    either layout. Each is timed on a few steps of the model itself at
+    start-up (as ``cudnn.benchmark`` does for kernels), in the role it will
+    run in; the fastest wins if it beats plain fp32 / NCHW by at least
+    ``MIN_GAIN``. A CPU without bf16 units never gets bf16 (it would be
+    emulated, several times slower).
+  - with ``--deterministic`` nothing is timed (a timing must not decide the
+    bits of a run): fp32, NCHW on the CPU; the CUDA rule above on a GPU.
+
+The choice is printed, stored in the run's checkpoints and summary, and kept
+on resume.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+AMP_MODES = ("auto", "off", "bf16", "fp16")
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+MIN_GAIN = 1.05  # a candidate must be 5% faster than fp32 / NCHW to replace it
+TIMED_STEPS = 3
+TIMING_BATCH = 64  # at most this many images per timed step
+
+
+@dataclass(frozen=True)
+class Precision:
+    """An autocast dtype (``fp32`` = none) and a memory layout for one model."""
+
+    dtype: str = "fp32"
+    channels_last: bool = False
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
+
+    def __str__(self) -> str:
+        return f"{self.dtype}/{'NHWC' if self.channels_last else 'NCHW'}"
+
+    @classmethod
+    def parse(cls, text: str) -> "Precision":
+        """The inverse of ``str``: ``'bf16/NHWC'`` -> ``Precision('bf16', True)``."""
+        dtype, _, layout = text.partition("/")
+        if layout not in ("NCHW", "NHWC"):
+            raise ValueError(f"not a precision: {text!r}")
+        return cls(dtype, layout == "NHWC")
+
+    def autocast(self, device: torch.device | str):
+        """``torch.autocast`` for bf16 / fp16, or a no-op context for fp32."""
+        if self.dtype == "fp32":
+            return nullcontext()
+        device_type = device if isinstance(device, str) else device.type
+        return torch.autocast(device_type, dtype=DTYPES[self.dtype])
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        """Put ``model``'s 4-d weights in this layout (in place; returns the model)."""
+        return model.to(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+
+    def prepare_input(self, x: Tensor) -> Tensor:
+        if self.channels_last and x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+
+FP32 = Precision()
+
+
+def _cpu_flags() -> set[str]:
+    """The CPU feature flags of ``/proc/cpuinfo`` (``flags`` on x86, ``Features`` on Arm); empty elsewhere."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    flags = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return flags
+
+
+def cpu_bf16_units(flags: set[str] | None = None) -> str | None:
+    """The name of the CPU's bf16 matrix / vector units (``amx_bf16``, ``avx512_bf16``, ``bf16``), or None.
+
+    Asks PyTorch first (the units its kernels use), then the CPU's flags.
+    """
+    if flags is None:
+        cpu = getattr(torch, "cpu", None)
+        if cpu is not None and getattr(cpu, "_is_amx_tile_supported", lambda: False)():
+            return "amx_bf16"
+        if cpu is not None and getattr(cpu, "_is_avx512_bf16_supported", lambda: False)():
+            return "avx512_bf16"
+        flags = _cpu_flags()
+    for name in ("amx_bf16", "avx512_bf16", "bf16"):  # x86 AMX, x86 AVX512-BF16, Arm BF16 (FEAT_BF16)
+        if name in flags:
+            return name
+    return None
+
+
+def cuda_bf16(device: torch.device) -> bool:
+    """Whether the GPU runs bf16 natively (compute capability 8.0 and newer), not by emulation."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # older torch without the argument
+        return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def candidates(device: torch.device, bf16_units: str | None) -> list[Precision]:
+    """What ``--amp auto`` times on a CPU (the first one is the reference)."""
+    out = [Precision("fp32", False), Precision("fp32", True)]
+    if bf16_units:
+        out += [Precision("bf16", True), Precision("bf16", False)]
+    return out
+
+
+def time_precision(model: nn.Module, example: Tensor, precision: Precision, train: bool,
+                   steps: int = TIMED_STEPS) -> float:
+    """Images per second of ``model`` (a copy of it is run) on ``example`` under ``precision``.
+
+    Training times forward + backward; inference a forward under ``inference_mode``.
+    The global random state is left as it was (dropout draws from it).
+    """
+    trial = precision.prepare_model(copy.deepcopy(model))
+    trial.train(train)
+    trial.requires_grad_(train)
+    x = precision.prepare_input(example)
+    device = example.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        best = 0.0
+        for i in range(steps + 1):  # the first step warms up (allocations, kernel selection)
+            start = time.perf_counter()
+            if train:
+                with precision.autocast(device):
+                    out = trial(x)
+                out.float().logsumexp(1).mean().backward()
+                trial.zero_grad(set_to_none=True)
+            else:
+                with torch.inference_mode(), precision.autocast(device):
+                    trial(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i:
+                best = max(best, len(x) / (time.perf_counter() - start))
+    return best
+
+
+def resolve_precision(amp: str, device: torch.device, model: nn.Module | None = None,
+                      example: Tensor | None = None, train: bool = True, deterministic: bool = False,
+                      timer=time_precision, bf16_units=cpu_bf16_units) -> tuple[Precision, dict[str, float]]:
+    """``--amp`` -> the ``Precision`` for ``model`` in its role, and the images/s measured (if any).
+
+    ``model`` and ``example`` (a batch on ``device``) are needed for ``auto`` on
+    the CPU, where the candidates are timed. ``timer`` and ``bf16_units`` are
+    injectable for tests.
+    """
+    if amp not in AMP_MODES:
+        raise ValueError(f"unknown --amp {amp!r}; choose from {', '.join(AMP_MODES)}")
+    cuda = device.type == "cuda"
+    if amp != "auto":
+        return Precision("fp32" if amp == "off" else amp, cuda), {}
+    if cuda:
+        return Precision("bf16" if cuda_bf16(device) else "fp32", True), {}
+    if deterministic or model is None or example is None:
+        return FP32, {}
+    options = candidates(device, bf16_units())
+    example = example[:TIMING_BATCH]
+    speeds = {str(p): timer(model, example, p, train) for p in options}
+    reference = speeds[str(options[0])]
+    best = max(options, key=lambda p: speeds[str(p)])
+    chosen = best if speeds[str(best)] >= MIN_GAIN * reference else options[0]
+    return chosen, speeds

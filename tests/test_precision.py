@@ -1,0 +1,102 @@
+import pytest
+import torch
+from torch import nn
+
+from mtkd.precision import FP32, Precision, candidates, cpu_bf16_units, resolve_precision, time_precision
+
+CPU = torch.device("cpu")
+
+
+def _model():
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 4 * 4, 5))
+
+
+def _fake_timer(speeds):
+    """A timer that reports ``speeds[str(precision)]`` and records what it was asked."""
+    asked = []
+
+    def timer(model, example, precision, train):
+        asked.append((str(precision), train))
+        return speeds[str(precision)]
+
+    return timer, asked
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ({"fpu", "avx2", "amx_bf16", "amx_tile", "avx512_bf16"}, "amx_bf16"),
+    ({"avx2", "avx512f", "avx512_bf16"}, "avx512_bf16"),
+    ({"fp", "asimd", "bf16", "sve"}, "bf16"),  # Arm
+    ({"fpu", "avx", "avx2", "f16c"}, None),  # e.g. AMD Zen 3: no bf16 units
+])
+def test_cpu_bf16_units_from_flags(flags, expected):
+    assert cpu_bf16_units(flags) == expected
+
+
+def test_a_cpu_without_bf16_units_keeps_fp32():
+    """auto never tries bf16 where the CPU would emulate it, however fast a timer says it is."""
+    speeds = {"fp32/NCHW": 100, "fp32/NHWC": 90, "bf16/NHWC": 1000, "bf16/NCHW": 1000}
+    timer, asked = _fake_timer(speeds)
+    p, measured = resolve_precision("auto", CPU, _model(), torch.randn(2, 3, 4, 4), timer=timer,
+                                    bf16_units=lambda: None)
+    assert p == FP32 and set(measured) == {"fp32/NCHW", "fp32/NHWC"}
+    assert all(dtype.startswith("fp32") for dtype, _ in asked)
+
+
+def test_auto_picks_the_fastest_measured_candidate_per_role():
+    timer, asked = _fake_timer({"fp32/NCHW": 100, "fp32/NHWC": 120, "bf16/NHWC": 250, "bf16/NCHW": 200})
+    p, _ = resolve_precision("auto", CPU, _model(), torch.randn(2, 3, 4, 4), train=False, timer=timer,
+                             bf16_units=lambda: "amx_bf16")
+    assert p == Precision("bf16", True) and {train for _, train in asked} == {False}
+    # A model that trains faster in fp32 (MobileNetV3 on AMX, measured) keeps fp32, in the faster layout.
+    timer, _ = _fake_timer({"fp32/NCHW": 250, "fp32/NHWC": 313, "bf16/NHWC": 179, "bf16/NCHW": 150})
+    p, _ = resolve_precision("auto", CPU, _model(), torch.randn(2, 3, 4, 4), timer=timer, bf16_units=lambda: "amx_bf16")
+    assert p == Precision("fp32", True)
+
+
+def test_auto_keeps_the_reference_unless_a_candidate_is_clearly_faster():
+    timer, _ = _fake_timer({"fp32/NCHW": 100, "fp32/NHWC": 103})
+    p, _ = resolve_precision("auto", CPU, _model(), torch.randn(2, 3, 4, 4), timer=timer, bf16_units=lambda: None)
+    assert p == FP32
+
+
+def test_forced_modes_and_deterministic_runs_time_nothing():
+    timer, asked = _fake_timer({})
+    assert resolve_precision("off", CPU, _model(), torch.randn(2, 3, 4, 4), timer=timer)[0] == FP32
+    assert resolve_precision("bf16", CPU, _model(), torch.randn(2, 3, 4, 4), timer=timer)[0] == Precision("bf16")
+    assert resolve_precision("fp16", CPU, timer=timer)[0] == Precision("fp16")
+    assert resolve_precision("auto", CPU, _model(), torch.randn(2, 3, 4, 4), deterministic=True, timer=timer,
+                             bf16_units=lambda: "amx_bf16")[0] == FP32
+    assert asked == []
+    with pytest.raises(ValueError):
+        resolve_precision("fp8", CPU)
+
+
+def test_candidates_start_with_the_reference():
+    assert [str(p) for p in candidates(CPU, None)] == ["fp32/NCHW", "fp32/NHWC"]
+    assert [str(p) for p in candidates(CPU, "amx_bf16")] == ["fp32/NCHW", "fp32/NHWC", "bf16/NHWC", "bf16/NCHW"]
+
+
+def test_precision_round_trips_and_prepares_layouts():
+    for p in candidates(CPU, "amx_bf16"):
+        assert Precision.parse(str(p)) == p
+    model = Precision("fp32", True).prepare_model(_model())
+    assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    x = Precision("bf16", True).prepare_input(torch.randn(2, 3, 4, 4))
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    with Precision("bf16").autocast(CPU):
+        assert model(x).dtype == torch.bfloat16
+    with FP32.autocast(CPU):
+        assert model(x).dtype == torch.float32
+    with pytest.raises(ValueError):
+        Precision.parse("fp32")
+
+
+def test_timing_leaves_the_model_and_the_random_state_alone():
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    example = torch.randn(4, 3, 4, 4)
+    rng = torch.get_rng_state()
+    speed = time_precision(model, example, Precision("fp32", True), train=True, steps=1)
+    assert speed > 0 and torch.equal(rng, torch.get_rng_state())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # BN statistics untouched
+    assert model[0].weight.is_contiguous() and model[0].weight.grad is None
