@@ -12,14 +12,25 @@ All in one process, on the same data and student:
 * ``data_pil_img_s``: a torchvision per-sample pipeline (``ToPILImage``,
   ``RandomCrop``, flip, ``ToTensor``, ``Normalize``) through a DataLoader.
 
+With ``--precision_compare``, in the same process and taking turns:
+
+* ``fp32_student_train_img_s`` / ``auto_student_train_img_s``: the student
+  trained on labels only in fp32 / NCHW (the reference path) and in what
+  ``--amp auto`` chooses for it on this device;
+* ``fp32_teacher_infer_img_s`` / ``auto_teacher_infer_img_s``: the task's
+  whole teacher ensemble (every teacher) on the training images, batches of
+  ``--infer_batch_size``, likewise.
+
 Teachers are randomly initialised: speed does not depend on their weights.
 ``--synthetic N`` replaces the task's images with N random ones of its shape
-(e.g. Task A's 32x32 RGB without downloading CIFAR-100).
+(e.g. Task A's 32x32 RGB without downloading CIFAR-100). ``--amp`` sets the
+precision of the main passes (default: auto, as in train.py).
 
     python benchmarks/bench_distill.py --task B --student_model ResNet18 --json
-    python benchmarks/bench_distill.py --task A --synthetic 20000 --batch_size 512 --amp bf16 --channels_last
+    python benchmarks/bench_distill.py --task A --synthetic 1024 --precision_compare --json
 """
 import argparse
+import copy
 import json
 import platform
 import sys
@@ -39,6 +50,7 @@ from mtkd.distill import Distiller, KDConfig  # noqa: E402
 from mtkd.engine import train_one_epoch  # noqa: E402
 from mtkd.loop import resolve_device, seed_everything  # noqa: E402
 from mtkd.optim import create_optimizer  # noqa: E402
+from mtkd.precision import AMP_MODES, FP32, resolve_precision  # noqa: E402
 from mtkd.models import create_student, create_teacher, list_students  # noqa: E402
 from mtkd.spec import get_task, list_tasks  # noqa: E402
 from mtkd.specialists import create_ensemble  # noqa: E402
@@ -54,8 +66,10 @@ def get_args_parser():
     p.add_argument("--synthetic", type=int, default=0, metavar="N", help="use N random images of the task's shape")
     p.add_argument("--cache_views", type=int, default=2)
     p.add_argument("--device", default="auto")
-    p.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"])
-    p.add_argument("--channels_last", action="store_true")
+    p.add_argument("--amp", default="auto", choices=AMP_MODES)
+    p.add_argument("--precision_compare", action="store_true",
+                   help="also time fp32 / NCHW against --amp auto: student training and teacher inference")
+    p.add_argument("--infer_batch_size", type=int, default=256, help="teacher inference batch (--precision_compare)")
     p.add_argument("--repeats", type=int, default=3, help="timed passes per measurement; the best is kept")
     p.add_argument("--data_root", default="data")
     p.add_argument("--seed", type=int, default=0)
@@ -103,15 +117,28 @@ def best_rates(device, repeats: int, passes: dict, n: int) -> dict[str, float]:
     return {name: n / t for name, t in best.items()}
 
 
-def training_pass(task, data, ensemble, cfg, args, device, transform, cache=None):
-    """A function that trains the student for one epoch over ``data`` (online or from ``cache``)."""
+def example(data, transform, device, n=64):
+    return transform(data.images[:n].to(device))
+
+
+def student_precision(task, args, data, device, transform, amp):
     seed_everything(args.seed)
     student = create_student(args.student_model, task).to(device)
-    if args.channels_last:
-        student = student.to(memory_format=torch.channels_last)
+    return resolve_precision(amp, device, student, example(data, transform, device, args.batch_size), train=True)[0]
+
+
+def teacher_precisions(ensemble, data, device, transform, amp):
+    x = example(data, transform, device)
+    return [resolve_precision(amp, device, t, x, train=False)[0] for t in ensemble.teachers]
+
+
+def training_pass(task, data, ensemble, cfg, args, device, transform, cache=None, precision=FP32):
+    """A function that trains the student for one epoch over ``data`` (online or from ``cache``)."""
+    seed_everything(args.seed)
+    student = precision.prepare_model(create_student(args.student_model, task).to(device))
     step = Distiller(student, ensemble, cfg).to(device)
     optimizer = create_optimizer(step, argparse.Namespace(optimizer="adam", lr=1e-3, weight_decay=5e-4))
-    scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
+    scaler = torch.amp.GradScaler(device.type) if precision.dtype == "fp16" else None
     loader = create_loader(CachedViews(data, cache) if cache else data, args.batch_size, train=True)
     epoch = [0]
 
@@ -119,10 +146,44 @@ def training_pass(task, data, ensemble, cfg, args, device, transform, cache=None
         epoch[0] += 1
         if cache:
             loader.dataset.set_epoch(epoch[0])
-        train_one_epoch(step, loader, optimizer, transform, device, epoch=epoch[0], amp=args.amp,
-                        channels_last=args.channels_last, scaler=scaler)
+        train_one_epoch(step, loader, optimizer, transform, device, epoch=epoch[0], precision=precision,
+                        scaler=scaler)
 
     return one_pass
+
+
+def inference_pass(ensemble, data, args, device, transform):
+    """A function that runs every teacher of ``ensemble`` over ``data``."""
+    loader = create_loader(data, args.infer_batch_size, train=False)
+
+    def one_pass():
+        with torch.inference_mode():
+            for images, _ in loader:
+                ensemble(transform(images.to(device)))
+
+    return one_pass
+
+
+def precision_compare(task, data, args, device, transform) -> dict:
+    """fp32 / NCHW against --amp auto, student training and teacher inference, taking turns."""
+    auto_student = student_precision(task, args, data, device, transform, "auto")
+    seed_everything(args.seed)
+    teachers = [create_teacher(t, task) for t in task.teachers]
+    fp32_ensemble = create_ensemble(task, teachers).to(device)
+    auto_ensemble = create_ensemble(task, [copy.deepcopy(t) for t in teachers]).to(device)
+    auto_ensemble.set_precisions(teacher_precisions(auto_ensemble, data, device, transform, "auto"))
+    student = best_rates(device, args.repeats, {
+        "fp32_student_train_img_s": training_pass(task, data, None, KDConfig(), args, device, transform),
+        "auto_student_train_img_s": training_pass(task, data, None, KDConfig(), args, device, transform,
+                                                  precision=auto_student)}, len(data))
+    teacher = best_rates(device, args.repeats, {
+        "fp32_teacher_infer_img_s": inference_pass(fp32_ensemble, data, args, device, transform),
+        "auto_teacher_infer_img_s": inference_pass(auto_ensemble, data, args, device, transform)}, len(data))
+    return {**student, **teacher,
+            "auto_vs_fp32_student_train": student["auto_student_train_img_s"] / student["fp32_student_train_img_s"],
+            "auto_vs_fp32_teacher_infer": teacher["auto_teacher_infer_img_s"] / teacher["fp32_teacher_infer_img_s"],
+            "auto_student_precision": str(auto_student),
+            "auto_teacher_precisions": {n: str(p) for n, p in zip(auto_ensemble.names, auto_ensemble.precisions)}}
 
 
 class PILPipeline(Dataset):
@@ -167,26 +228,32 @@ def main(args) -> dict:
     transform = BatchTransform.for_task(task).to(device)
     seed_everything(args.seed)
     ensemble = create_ensemble(task, [create_teacher(t, task) for t in task.teachers]).to(device)
-    if args.channels_last:
-        ensemble = ensemble.to(memory_format=torch.channels_last)
+    ensemble.set_precisions(teacher_precisions(ensemble, data, device, transform, args.amp))
+    precision = student_precision(task, args, data, device, transform, args.amp)
     kd = KDConfig(alpha=0.5, temperature=4.0)
     with tempfile.TemporaryDirectory() as cache_dir:
         start = time.perf_counter()
         cache, _, _ = open_teacher_cache(cache_dir, task.name, ensemble, data, transform, args.cache_views, device)
         cache_build_s = time.perf_counter() - start
-    passes = {"baseline_img_s": training_pass(task, data, None, KDConfig(), args, device, transform),
-              "online_kd_img_s": training_pass(task, data, ensemble, kd, args, device, transform),
-              "cached_kd_img_s": training_pass(task, data, ensemble, kd, args, device, transform, cache)}
+    passes = {"baseline_img_s": training_pass(task, data, None, KDConfig(), args, device, transform,
+                                              precision=precision),
+              "online_kd_img_s": training_pass(task, data, ensemble, kd, args, device, transform,
+                                               precision=precision),
+              "cached_kd_img_s": training_pass(task, data, ensemble, kd, args, device, transform, cache,
+                                               precision=precision)}
     result = best_rates(device, args.repeats, passes, len(data))
     result.update(best_rates(device, args.repeats, data_passes(task, data, args, device, transform), len(data)))
     result["cache_build_s"] = cache_build_s
     result["cached_vs_baseline"] = result["cached_kd_img_s"] / result["baseline_img_s"]
     result["online_vs_baseline"] = result["online_kd_img_s"] / result["baseline_img_s"]
     result["batched_vs_pil"] = result["data_batched_img_s"] / result["data_pil_img_s"]
+    if args.precision_compare:
+        result.update(precision_compare(task, data, args, device, transform))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     result.update(device=f"{device} ({name})", threads=torch.get_num_threads(), torch=torch.__version__,
                   task=task.name, student_model=args.student_model, batch_size=args.batch_size, images=len(data),
-                  image_shape=list(data.images.shape[1:]), amp=args.amp, channels_last=args.channels_last,
+                  image_shape=list(data.images.shape[1:]), amp=args.amp, student_precision=str(precision),
+                  teacher_precisions={n: str(p) for n, p in zip(ensemble.names, ensemble.precisions)},
                   cache_views=args.cache_views, repeats=args.repeats)
     return result
 

@@ -227,3 +227,59 @@ def feature_loss(student_features: list[Tensor], teacher_features: list[list[Ten
         for fs, ft in zip(fs_k, ft_k):
             total = total + weights[:, k] * (fs - ft.float()).pow(2).flatten(1).mean(1)
     return total.mean()
+
+
+def specialist_combination(teacher_logits: list[Tensor], class_ids: list[Tensor], weights: Tensor,
+                           num_classes: int, temperature: float = 1.0, steps: int = 200) -> Tensor:
+    """The distribution over all classes that best agrees with every specialist on its own classes.
+
+    Hinton et al. 2015, section 5 ("the full distribution q that minimises
+    sum_m KL(p^m || q^m)"), for specialists without a dustbin class: with
+    ``p_k = softmax(z_k / T)`` over teacher ``k``'s classes ``C_k`` and
+    ``q[C_k]`` the candidate renormalised over them::
+
+        q = argmin_q  sum_k w_k KL(p_k || q[C_k] / sum_{c in C_k} q_c)
+
+    Returns ``log q`` ``(B, num_classes)``. The objective is convex in
+    ``log q``; it is minimised by L-BFGS (strong Wolfe line search; the
+    samples are independent, so their sum is minimised at once) from the
+    average of the teachers' centred log-probabilities (each teacher's
+    ``log p_k`` minus its mean over ``C_k``), which is already the minimiser
+    when no two teachers share a class. Then only each specialist's classes
+    relative to each other are pinned: between disjoint specialists the
+    split of mass is left where that start puts it (the gradient never moves
+    a group's common shift), i.e. the geometric means of the specialists'
+    distributions are made equal, so a confident specialist outweighs a
+    hesitant one. Overlapping classes tie the specialists together and
+    replace that choice by what the teachers say. Classes covered by no
+    teacher get probability 0.
+    """
+    batch = teacher_logits[0].shape[0]
+    with torch.inference_mode(False), torch.enable_grad():  # also when called from evaluation
+        w = weights.detach().clone().double().expand(batch, -1)
+        covered = torch.zeros(num_classes, dtype=torch.bool, device=teacher_logits[0].device)
+        start = torch.zeros(batch, num_classes, dtype=torch.float64, device=covered.device)
+        cover_w = start.clone()
+        log_p = []
+        for k, (z, ids) in enumerate(zip(teacher_logits, class_ids)):
+            ids = ids.clone()
+            lp = F.log_softmax(z.detach().clone().double() / temperature, dim=1)
+            log_p.append((lp, ids))
+            start[:, ids] += w[:, k:k + 1] * (lp - lp.mean(1, keepdim=True))
+            cover_w[:, ids] += w[:, k:k + 1]
+            covered[ids] = True
+        z = torch.where(cover_w > 0, start / cover_w.clamp_min(1e-12), 0.0).requires_grad_(True)
+
+        def objective():
+            optimizer.zero_grad()
+            loss = sum((w[:, k] * -(lp.exp() * F.log_softmax(z[:, ids], dim=1)).sum(1)).sum()
+                       for k, (lp, ids) in enumerate(log_p))
+            loss.backward()
+            return loss
+
+        if steps > 0 and len(class_ids) > 1:
+            optimizer = torch.optim.LBFGS([z], lr=1, max_iter=steps, tolerance_grad=1e-10,
+                                          tolerance_change=1e-14, history_size=20, line_search_fn="strong_wolfe")
+            optimizer.step(objective)
+        z = z.detach()
+    return F.log_softmax(z.masked_fill(~covered, float("-inf")), dim=1).float()

@@ -15,6 +15,19 @@ def topk_correct(logits: Tensor, labels: Tensor, k: int) -> int:
     return int((logits.topk(k, dim=1).indices == labels[:, None]).any(1).sum())
 
 
+def restricted_accuracy(logits: torch.Tensor, labels: torch.Tensor, class_ids: torch.Tensor) -> float:
+    """Accuracy on the samples whose label is in ``class_ids``, choosing among those classes only.
+
+    A specialist's task: how well a model over all classes does what the
+    specialist over ``class_ids`` does. NaN when no sample has such a label.
+    """
+    keep = (labels[:, None] == class_ids[None, :]).any(1)
+    if not keep.any():
+        return float("nan")
+    pred = class_ids[logits[keep][:, class_ids].argmax(1)]
+    return (pred == labels[keep]).float().mean().item()
+
+
 def topk_accuracy(logits: Tensor, labels: Tensor, k: int) -> float:
     """Fraction of samples whose label is among the ``k`` highest logits."""
     return topk_correct(logits, labels, k) / len(labels)

@@ -54,10 +54,14 @@ def run_summary_table(summary: dict) -> Table:
     table.add_column("val acc", justify="right")
     table.add_column("test acc", justify="right")
     for t in summary["teachers"]:
+        student = f" (student: {percent(t['student_test_acc'])})" if "student_test_acc" in t else ""
         table.add_row(f"teacher {t['name']} (own classes)", f"{t['params'] / 1e6:.1f}M",
-                      percent(t["val_acc"]), percent(t["test_acc"]))
-    table.add_row("teacher ensemble (all classes)", f"{summary['ensemble_params'] / 1e6:.1f}M",
-                  percent(summary["ensemble_val_acc"]), percent(summary["ensemble_test_acc"]))
+                      percent(t["val_acc"]), percent(t["test_acc"]) + student)
+    rows = summary.get("ensemble") or {"combination": {"val_acc": summary["ensemble_val_acc"],
+                                                       "test_acc": summary["ensemble_test_acc"]}}
+    for method, row in rows.items():
+        table.add_row(f"teacher ensemble, {method} (all classes)", f"{summary['ensemble_params'] / 1e6:.1f}M",
+                      percent(row["val_acc"]), percent(row["test_acc"]))
     table.add_row(f"[bold]student {summary['student_model']}[/] (best epoch {summary['best_epoch']})",
                   f"{summary['student_params'] / 1e6:.1f}M",
                   percent(summary["best_val_acc"]), f"[bold]{percent(summary['test_acc'])}")

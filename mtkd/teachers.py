@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .losses import mixture_targets
+from .losses import mixture_targets, specialist_combination
 from .models import forward_with_features
 from .precision import FP32, Precision
 
@@ -71,17 +71,29 @@ class TeacherEnsemble(nn.Module):
         """Weighted mixture of the teachers' tempered distributions (see ``mixture_targets``)."""
         return mixture_targets(self(x), self.class_ids, self.weights, self.num_classes, temperature)
 
-    def global_logprobs(self, x: Tensor) -> Tensor:
-        """The ensemble's prediction at T = 1, as log-probabilities over global classes."""
-        return mixture_targets(self(x), self.class_ids, self.weights, self.num_classes, 1.0).clamp_min(1e-12).log()
+    def global_logprobs(self, x: Tensor, method: str = "combination") -> Tensor:
+        """The ensemble's prediction at T = 1, as log-probabilities over global classes.
+
+        ``combination``: ``losses.specialist_combination`` (Hinton et al. 2015,
+        section 5); ``mixture``: the label-blind weighted mixture.
+        """
+        logits = self(x)
+        if method == "combination":
+            return specialist_combination(logits, self.class_ids, self.weights, self.num_classes)
+        if method == "mixture":
+            return mixture_targets(logits, self.class_ids, self.weights, self.num_classes, 1.0).clamp_min(1e-12).log()
+        raise ValueError(f"unknown ensemble method {method!r}; choose from {', '.join(ENSEMBLE_METHODS)}")
+
+
+ENSEMBLE_METHODS = ("combination", "mixture")
 
 
 class EnsembleClassifier(nn.Module):
-    """The teacher ensemble as a classifier over the task's classes: argmax of its soft target at T = 1."""
+    """The teacher ensemble as a classifier over the task's classes (``method``: see ``global_logprobs``)."""
 
-    def __init__(self, ensemble: TeacherEnsemble):
+    def __init__(self, ensemble: TeacherEnsemble, method: str = "combination"):
         super().__init__()
-        self.ensemble = ensemble
+        self.ensemble, self.method = ensemble, method
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.ensemble.global_logprobs(x)
+        return self.ensemble.global_logprobs(x, self.method)

@@ -24,7 +24,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .data import BatchTransform, TaskData, create_loader, load_task_data
 from .distill import Distiller, KDConfig
 from .distributed import DistInfo, barrier, broadcast, cleanup, init_distributed, main_first
-from .engine import TrainingInterrupted, evaluate
+from .engine import TrainingInterrupted, evaluate, predict
 from .errors import UserError
 from .loop import GracefulStop, RunRng, fit, resolve_device, seed_everything
 from .models import check_architecture, count_parameters, create_student
@@ -36,7 +36,8 @@ from .precision import Precision
 from .specialists import CHECKPOINT_VERSION, choose_precision, example_batch, prepare_teachers, teacher_path
 from .spec import TaskSpec
 from .taskfile import resolve_task
-from .teachers import EnsembleClassifier
+from .metrics import restricted_accuracy
+from .teachers import ENSEMBLE_METHODS, EnsembleClassifier
 
 
 class RunInterrupted(UserError):
@@ -234,10 +235,18 @@ def finish_run(run_dir, args, task, kd, student, ensemble, data, transform, devi
                cache_status, writer, started, precision) -> dict:
     """Test the best checkpoint and the teacher ensemble; write summary.json, curves and the hparams."""
     student.load_state_dict(load_checkpoint(run_dir / "best.pt")["model"])
-    test = evaluate(student, create_loader(data.test, 512, train=False), transform, device, precision=precision)
-    ensemble_model = EnsembleClassifier(ensemble)
-    ensemble_val = evaluate(ensemble_model, create_loader(data.val, 512, train=False), transform, device)
-    ensemble_test = evaluate(ensemble_model, create_loader(data.test, 512, train=False), transform, device)
+    test_loader = create_loader(data.test, 512, train=False)
+    test = evaluate(student, test_loader, transform, device, precision=precision)
+    logits, labels = predict(student, test_loader, transform, device, precision)
+    for row, ids in zip(teacher_rows, ensemble.class_ids):
+        # The student on the specialist's test images, choosing among the specialist's classes: its task.
+        row["student_test_acc"] = restricted_accuracy(logits, labels, ids.cpu())
+    ensemble_rows = {}
+    for method in ENSEMBLE_METHODS:
+        model = EnsembleClassifier(ensemble, method)
+        ensemble_rows[method] = {
+            "val_acc": evaluate(model, create_loader(data.val, 512, train=False), transform, device)["acc"],
+            "test_acc": evaluate(model, test_loader, transform, device)["acc"]}
     summary = {
         "task": task.name, "student_model": args.student_model, "run_dir": str(run_dir),
         "alpha": args.alpha, "temperature": args.temperature, "epochs": args.num_epochs, "seed": args.seed,
@@ -245,8 +254,8 @@ def finish_run(run_dir, args, task, kd, student, ensemble, data, transform, devi
         "teacher_cache": cache_status, "precision": str(precision),
         "best_epoch": best["epoch"], "best_val_acc": best["val_acc"], "test_acc": test["acc"],
         "student_params": count_parameters(student), "teachers": teacher_rows,
-        "ensemble_params": count_parameters(ensemble), "ensemble_val_acc": ensemble_val["acc"],
-        "ensemble_test_acc": ensemble_test["acc"], "device": str(device), "skipped_files": len(data.skipped),
+        "ensemble_params": count_parameters(ensemble), "ensemble_val_acc": ensemble_rows["combination"]["val_acc"],
+        "ensemble_test_acc": ensemble_rows["combination"]["test_acc"], "ensemble": ensemble_rows, "device": str(device), "skipped_files": len(data.skipped),
         "wall_time_s": time.perf_counter() - started,
     }
     log_hparams(writer, vars(args), {"hparam/best_val_acc": summary["best_val_acc"],

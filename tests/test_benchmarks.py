@@ -16,10 +16,15 @@ def test_bench_distill_reports_every_rate_as_json(capsys):
     bench = load("bench_distill")
     args = bench.get_args_parser().parse_args(["--task", "B", "--synthetic", "32", "--batch_size", "16",
                                                "--repeats", "1", "--cache_views", "1", "--student_model",
-                                               "MobileNetV3", "--json"])
+                                               "MobileNetV3", "--precision_compare", "--infer_batch_size", "16",
+                                               "--json"])
     out = bench.main(args)
-    for key in ("baseline_img_s", "online_kd_img_s", "cached_kd_img_s", "data_batched_img_s", "data_pil_img_s"):
+    for key in ("baseline_img_s", "online_kd_img_s", "cached_kd_img_s", "data_batched_img_s", "data_pil_img_s",
+                "fp32_student_train_img_s", "auto_student_train_img_s", "fp32_teacher_infer_img_s",
+                "auto_teacher_infer_img_s"):
         assert out[key] > 0
+    assert out["auto_vs_fp32_student_train"] == out["auto_student_train_img_s"] / out["fp32_student_train_img_s"]
+    assert set(out["auto_teacher_precisions"]) == {"digits_0123", "digits_3456", "digits_67890"}
     assert out["image_shape"] == [1, 8, 8] and out["images"] == 32 and out["device"].startswith("cpu")
     json.dumps(out)  # one JSON object
 

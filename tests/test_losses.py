@@ -1,12 +1,13 @@
 """Golden values computed by hand with Python's math module (no torch), see each test."""
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from mtkd.losses import (amalgamation_loss, consensus_targets, distillation_loss, dkd_per_sample, feature_loss,
-                         kd_kl_loss, mixture_targets, teacher_weights)
+                         kd_kl_loss, mixture_targets, specialist_combination, teacher_weights)
 
 S = torch.tensor([[1.0, 2.0, 0.0], [0.0, 0.0, 3.0]])
 Q = torch.tensor([[0.2, 0.5, 0.3], [0.0, 1.0, 0.0]])
@@ -203,3 +204,50 @@ def test_feature_loss_golden():
     ft = [[torch.tensor([[[[0.0, 0.0]]], [[[1.0, 1.0]]]])]]
     # per-sample MSE: (1 + 4) / 2 = 2.5 and 1; weights 1 and 0.5 -> (2.5 + 0.5) / 2
     assert feature_loss(fs, ft, torch.tensor([[1.0], [0.5]])).item() == pytest.approx(1.5)
+
+
+def test_specialist_combination_recovers_the_distribution_consistent_specialists_come_from():
+    q_true = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.7, 0.1, 0.1, 0.1]])
+    ids = [torch.tensor([0, 1, 2]), torch.tensor([2, 3])]
+    logits = [q_true[:, i].log() for i in ids]  # each specialist: q_true renormalised over its classes
+    log_q = specialist_combination(logits, ids, torch.tensor([1.0, 1.0]), 4, steps=500)
+    assert torch.allclose(log_q.exp(), q_true, atol=1e-5)
+
+
+def test_specialist_combination_minimises_hintons_objective():
+    """Golden values from scipy's L-BFGS on sum_k w_k KL(p_k || renormalised q[C_k]), written independently."""
+    from scipy.optimize import minimize
+
+    g = torch.Generator().manual_seed(3)
+    ids = [torch.tensor([0, 1, 2, 3]), torch.tensor([3, 4, 5, 6]), torch.tensor([6, 7, 8, 9, 0])]  # Task B's
+    logits = [torch.randn(2, len(i), generator=g) * 2 for i in ids]
+    w = np.array([0.5, 0.3, 0.2])
+    T = 2.0
+    p = [torch.softmax(z.double() / T, 1).numpy() for z in logits]
+
+    def objective(z):
+        total = 0.0
+        for k, i in enumerate(ids):
+            zi = z[i.numpy()]
+            log_r = zi - np.log(np.exp(zi - zi.max()).sum()) - zi.max()
+            total += w[k] * np.sum(p[k][b] * (np.log(p[k][b]) - log_r))
+        return total
+
+    log_q = specialist_combination(logits, ids, torch.tensor(w, dtype=torch.float32), 10, T, steps=2000)
+    for b in range(2):
+        best = minimize(objective, np.zeros(10), method="L-BFGS-B", options={"ftol": 1e-14, "gtol": 1e-10})
+        golden = best.x - np.log(np.exp(best.x).sum())
+        assert objective(log_q[b].double().numpy()) == pytest.approx(best.fun, abs=1e-6)
+        assert np.allclose(log_q[b].numpy(), golden, atol=2e-3)
+
+
+def test_specialist_combination_of_disjoint_specialists():
+    """Each specialist's classes keep its ratios; the groups' geometric means are equal."""
+    ids = [torch.tensor([0, 1]), torch.tensor([2, 3, 4])]
+    logits = [torch.tensor([[3.0, 0.0]]), torch.tensor([[0.5, 0.0, -0.5]])]
+    log_q = specialist_combination(logits, ids, torch.tensor([1.0, 1.0]), 5)[0]
+    assert torch.allclose(log_q[0] - log_q[1], torch.tensor(3.0), atol=1e-5)
+    assert torch.allclose(log_q[2] - log_q[4], torch.tensor(1.0), atol=1e-5)
+    assert torch.allclose(log_q[:2].mean(), log_q[2:].mean(), atol=1e-5)
+    assert torch.allclose(log_q.exp().sum(), torch.tensor(1.0))
+    assert log_q.argmax() == 0  # the confident specialist wins

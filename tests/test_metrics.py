@@ -1,9 +1,11 @@
+import math
+
 import numpy as np
 import pytest
 import torch
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support, roc_auc_score, top_k_accuracy_score
 
-from mtkd.metrics import classification_metrics, expected_calibration_error, topk_accuracy
+from mtkd.metrics import classification_metrics, expected_calibration_error, restricted_accuracy, topk_accuracy
 
 NAMES = ["cat", "dog", "eel", "fox"]
 
@@ -59,3 +61,13 @@ def test_class_absent_from_labels_gets_no_accuracy(example):
     m = classification_metrics(logits, labels, NAMES)
     assert m["per_class_accuracy"]["eel"] is None
     assert 0.0 <= m["roc_auc_ovr_macro"] <= 1.0
+
+
+def test_restricted_accuracy_is_the_specialists_task():
+    logits = torch.tensor([[0.0, 5.0, 1.0, 0.0],   # label 2: overall argmax 1, but among {2, 3} it picks 2
+                           [0.0, 0.0, 1.0, 2.0],   # label 2: picks 3, wrong
+                           [9.0, 0.0, 0.0, 1.0],   # label 3: picks 3
+                           [0.0, 9.0, 0.0, 0.0]])  # label 1: not the specialist's class, ignored
+    labels = torch.tensor([2, 2, 3, 1])
+    assert restricted_accuracy(logits, labels, torch.tensor([2, 3])) == pytest.approx(2 / 3)
+    assert math.isnan(restricted_accuracy(logits, labels, torch.tensor([0])))
