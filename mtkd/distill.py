@@ -87,7 +87,7 @@ class Distiller(nn.Module):
             self._build_adapters()
         self.ema = None
         if config.ema_decay > 0:
-            # A frozen copy of the student, updated before every step with the weights after the last one.
+            # A frozen copy of the student, updated after every optimiser step (after_optimizer_step).
             self.ema = ModelEmaV3(student, decay=config.ema_decay)
             self.ema.requires_grad_(False)
 
@@ -103,6 +103,12 @@ class Distiller(nn.Module):
             t_chs = [feature_stages(teacher)[i]["num_chs"] for i in stages]
             adapters.append(nn.ModuleList(nn.Conv2d(c_in, c_out, 1, bias=False) for c_in, c_out in zip(s_chs, t_chs)))
         self.adapters = nn.ModuleList(adapters)
+
+    def after_optimizer_step(self) -> None:
+        """Called by the training loop after every optimiser step (not every micro-batch): the EMA follows
+        the weights that step produced, as in timm's training script."""
+        if getattr(self, "ema", None) is not None:
+            self.ema.update(self.student)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -144,7 +150,6 @@ class Distiller(nn.Module):
         class_ids = list(self.ensemble.class_ids)
         fixed = self.fixed_weights
         if self.ema is not None:
-            self.ema.update(self.student)
             with torch.inference_mode():
                 ema_logits = self.ema.module(x)
             teacher_logits.append(ema_logits.float().clone())
@@ -177,9 +182,11 @@ class Distiller(nn.Module):
         if features:
             k = len(self.ensemble.teachers)
             wf = w[:, :k] / w[:, :k].sum(1, keepdim=True).clamp_min(1e-12)
-            adapted = [[_match_size(a(f), ft) for a, f, ft in zip(adapters, s_feats, tf)]
-                       for adapters, tf in zip(self.adapters, t_feats)]
-            feat = losses.feature_loss(adapted, t_feats, wf)
+            adapted = [[a(f) for a, f in zip(adapters, s_feats)] for adapters in self.adapters]
+            # The teacher's map is resized to the student's: it has no gradient, so no resampling kernel
+            # (non-deterministic backward on CUDA) enters the backward pass.
+            resized = [[_match_size(ft, fs) for ft, fs in zip(tf, fa)] for tf, fa in zip(t_feats, adapted)]
+            feat = losses.feature_loss(adapted, resized, wf)
             loss = loss + c.feature_weight * feat
             out["loss_feat"] = feat.detach()
         out["loss"] = loss
@@ -190,7 +197,7 @@ class Distiller(nn.Module):
 
 
 def _match_size(f: Tensor, target: Tensor) -> Tensor:
-    """Resize a student feature map to the teacher's spatial size (average-pool down, bilinear up)."""
+    """Resize a (teacher's) feature map to ``target``'s spatial size (average-pool down, bilinear up)."""
     if f.shape[-2:] == target.shape[-2:]:
         return f
     if f.shape[-2] >= target.shape[-2] and f.shape[-1] >= target.shape[-1]:

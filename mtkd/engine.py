@@ -59,10 +59,14 @@ def train_one_epoch(step: nn.Module, loader: DataLoader, optimizer: torch.optim.
       one optimiser step; the last, shorter group of an epoch steps too.
     * ``clip_grad`` > 0 clips the gradients' global L2 norm (after unscaling).
     * ``stop()`` is asked before every batch; when true, ``TrainingInterrupted``.
+    * ``step.after_optimizer_step()``, if the step (or the module DDP wraps) has
+      one, is called after every optimiser step.
     * ``progress``: an optional ``rich.progress.Progress`` for a bar per epoch.
     """
     step.train()
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    # State that follows the weights (an EMA) updates once per optimiser step, after it.
+    after_step = getattr(getattr(step, "module", step), "after_optimizer_step", None)
     sums: dict[str, float] = defaultdict(float)
     bar = progress.add_task(f"epoch {epoch}", total=len(loader), metrics="") if progress else None
     optimizer.zero_grad(set_to_none=True)
@@ -94,6 +98,8 @@ def train_one_epoch(step: nn.Module, loader: DataLoader, optimizer: torch.optim.
             else:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if after_step is not None:
+                after_step()
 
         n = labels.numel()
         sums["seen"] += n

@@ -95,10 +95,18 @@ def test_ema_teacher_joins_the_ensemble_and_follows_the_student():
     opt = create_optimizer(step, type("A", (), {"optimizer": "adam", "lr": 0.1, "weight_decay": 0.0})())
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == 20  # the student's 16 + 4 only
     for _ in range(3):
-        out = step(X, Y)
-        opt.zero_grad()
-        out["loss"].backward()
+        before = student.weight.detach().clone()
+        for _ in range(2):  # two micro-batches (gradient accumulation), one optimiser step
+            out = step(X, Y)
+            out["loss"].backward()
+            assert torch.equal(step.ema.module.weight, ema_before) if _ else True
+            ema_before = step.ema.module.weight.clone()
         opt.step()
+        opt.zero_grad()
+        step.after_optimizer_step()
+        # Once per optimiser step, with the weights that step produced: decay * old + (1 - decay) * new.
+        assert torch.allclose(step.ema.module.weight, 0.5 * ema_before + 0.5 * student.weight.detach())
+        assert not torch.equal(before, student.weight)
     assert out["weight_ema"] > 0
     ema_w = step.ema.module.weight
     assert not ema_w.requires_grad
@@ -126,6 +134,38 @@ def test_feature_matching_trains_adapters_and_student_only():
     # Stage names are resolved per model; a name the student lacks is a clear error.
     with pytest.raises(UserError, match="no stage 'layer3'"):
         Distiller(student, ens, KDConfig(alpha=0.5, feature_weight=1.0, feature_layers=["layer3"]))
+
+
+def test_feature_maps_of_other_sizes_resize_the_teachers_side_only(monkeypatch):
+    """Resampling kernels have non-deterministic CUDA backwards: they must never see the student's graph."""
+    import types
+
+    import torch.nn.functional as F
+
+    from mtkd import distill
+
+    seen = []
+
+    def spying(original):
+        def spy(x, *args, **kwargs):
+            seen.append(x.requires_grad)
+            return original(x, *args, **kwargs)
+        return spy
+
+    # mtkd.distill's own view of torch.nn.functional, with the two resampling functions spied on.
+    proxy = types.SimpleNamespace(**{n: getattr(F, n) for n in dir(F) if not n.startswith("__")})
+    proxy.adaptive_avg_pool2d, proxy.interpolate = spying(F.adaptive_avg_pool2d), spying(F.interpolate)
+    monkeypatch.setattr(distill, "F", proxy)
+    torch.manual_seed(0)
+    teacher = tiny_resnet(2)  # stage 1 (layer1) at full resolution after the stem: 8x8 on 32x32 inputs
+    ens = TeacherEnsemble([teacher], [[0, 1]], [1.0], 2)
+    student = timm.create_model("resnet18", num_classes=2, in_chans=1)
+    student.maxpool = nn.Identity()  # the student's layer1 is twice the teacher's size
+    step = Distiller(student, ens, KDConfig(alpha=0.5, feature_weight=1.0, feature_layers=["layer1"]))
+    out = step(torch.randn(2, 1, 32, 32), torch.tensor([0, 1]))
+    out["loss"].backward()
+    assert seen and not any(seen)
+    assert all(p.grad is not None for p in step.adapters.parameters())
 
 
 def test_compiled_student_matches_and_keeps_its_state_dict_keys():
