@@ -43,23 +43,33 @@ def init_distributed(device_name: str) -> tuple[DistInfo, str]:
     elif device_name == "auto":
         device_name = "cpu"
     if not dist.is_initialized():
-        # Generous timeout: the other ranks wait while rank 0 trains missing teachers or builds the cache.
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(hours=4))
+        # gloo (CPU) has no watchdog: its default group also serves the long waits.
+        dist.init_process_group("nccl" if use_cuda else "gloo",
+                                timeout=timedelta(minutes=30) if use_cuda else timedelta(hours=8))
+    global _WAIT_GROUP
+    # The other ranks may wait hours while rank 0 trains missing teachers or builds the cache. NCCL's
+    # watchdog would abort a collective pending that long, so such waits go through a gloo group.
+    _WAIT_GROUP = dist.new_group(backend="gloo", timeout=timedelta(hours=8)) if use_cuda else None
     return info, device_name
 
 
-def barrier(info: DistInfo) -> None:
+_WAIT_GROUP = None  # the gloo group for long waits on NCCL runs (None: the default group is gloo already)
+
+
+def barrier(info: DistInfo, long_wait: bool = False) -> None:
+    """All ranks meet here; ``long_wait`` (one rank working alone for a long time) uses the gloo group."""
     if info.enabled:
-        dist.barrier()
+        dist.barrier(group=_WAIT_GROUP if long_wait else None)
 
 
-def main_first(info: DistInfo, fn):
-    """``fn()`` on rank 0, then on the other ranks: what rank 0 writes (teachers, a cache) they then read."""
+def main_first(info: DistInfo, fn, then=None):
+    """``fn()`` on rank 0, then ``then()`` (default ``fn()``) on the other ranks: what rank 0 writes (teachers,
+    a cache) they then read. ``then`` must not write what ``fn`` wrote (e.g. retrain the teachers again)."""
     if info.is_main:
         out = fn()
-    barrier(info)
+    barrier(info, long_wait=True)
     if not info.is_main:
-        out = fn()
+        out = (then or fn)()
     return out
 
 

@@ -112,13 +112,13 @@ def load_teacher(spec, task: TaskSpec, path: Path) -> tuple[nn.Module, dict]:
     return model, state["metrics"]
 
 
-def prepare_teachers(task: TaskSpec, data: TaskData, args: Namespace,
-                     device: torch.device) -> tuple[TeacherEnsemble, list[dict]]:
-    """Load each teacher's checkpoint, training those that have none (or all, if asked)."""
+def prepare_teachers(task: TaskSpec, data: TaskData, args: Namespace, device: torch.device,
+                     retrain: bool = False) -> tuple[TeacherEnsemble, list[dict]]:
+    """Load each teacher's checkpoint, training those that have none (or all, with ``retrain``)."""
     models, rows = [], []
     for spec in task.teachers:
         path = teacher_path(args.output_dir, task, spec)
-        if path.exists() and not args.retrain_teachers:
+        if path.exists() and not retrain:
             model, metrics = load_teacher(spec, task, path)
             status = "reused"
         else:

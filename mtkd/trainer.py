@@ -109,7 +109,11 @@ def _run(args: Namespace, explicit: set[str], dist: DistInfo, device_name: str) 
     seed_everything(args.seed)
     student = create_student(args.student_model, task).to(device)
     # Missing teachers are trained by rank 0 alone; the other ranks wait, then load them.
-    ensemble, teacher_rows = main_first(dist, lambda: prepare_teachers(task, data, args, device))
+    # The other ranks load what rank 0 trained, whatever --retrain_teachers says.
+    ensemble, teacher_rows = main_first(dist, lambda: prepare_teachers(task, data, args, device, args.retrain_teachers),
+                                        lambda: prepare_teachers(task, data, args, device, retrain=False))
+    # Every rank runs the teachers as rank 0 measured (the cache key records it).
+    ensemble.set_precisions(broadcast(dist, ensemble.precisions))
     console.print(teachers_table(teacher_rows))
     console.print("Teacher checkpoints: " + ", ".join(sorted({str(teacher_path(args.output_dir, task, t).parent)
                                                               for t in task.teachers})), soft_wrap=True)
@@ -129,6 +133,7 @@ def _run(args: Namespace, explicit: set[str], dist: DistInfo, device_name: str) 
     else:
         precision = choose_precision(args.amp, student, example_batch(data.train, transform, device, args.batch_size),
                                      True, args.deterministic, f"student {args.student_model}")
+    precision = broadcast(dist, precision)  # DDP needs the same layout on every rank
     # Before the Distiller copies the student (EMA), so that every copy has the student's layout.
     precision.prepare_model(student)
     seed_everything(args.seed)

@@ -195,13 +195,21 @@ def test_interrupted_and_killed_runs_resume_exactly(smoke_run, tmp_path, capsys)
 
 
 def test_torchrun_two_processes_match_a_single_process_evaluation(smoke_run, tmp_path):
-    out = _runs_with_teachers(smoke_run, tmp_path)
+    import shutil
+
+    out = tmp_path / "runs"
+    shutil.copytree(smoke_run["output_dir"] / "TaskB" / "teachers", out / "TaskB" / "teachers",
+                    ignore=shutil.ignore_patterns("digits_*"))  # the checkpoints, not their event folders
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "train.py", "--num_epochs", "1", "--student_model", "ResNet18", "--batch_size", "64",
-                           "--alpha", "0.5", "--output_dir", str(out), "--run_name", "ddp"],
+                           "--alpha", "0.5", "--output_dir", str(out), "--run_name", "ddp",
+                           "--retrain_teachers", "--teacher_epochs", "1"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "x 2 processes" in proc.stdout and proc.stdout.count("Run folder") == 1  # rank 0 prints
+    # --retrain_teachers retrains each teacher once (rank 0); the other rank loads them.
+    events = sorted(p.parent.name for p in (out / "TaskB" / "teachers").glob("*/events.out.tfevents.*"))
+    assert events == ["digits_0123", "digits_3456", "digits_67890"]
     runs = [p for p in (out / "TaskB").iterdir() if p.name != "teachers"]
     assert len(runs) == 1 and (runs[0] / "summary.json").is_file()
     reported = float(next(csv.DictReader((runs[0] / "metrics.csv").open()))["val_acc"])
