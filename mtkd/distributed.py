@@ -82,6 +82,15 @@ def broadcast(info: DistInfo, obj):
     return box[0]
 
 
+def gather_objects(info: DistInfo, obj) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` for one process)."""
+    if not info.enabled:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def all_reduce_sums(info: DistInfo, sums: dict[str, float], device: torch.device) -> dict[str, float]:
     """Sum each value over the ranks (float64 on ``device``)."""
     if not info.enabled:

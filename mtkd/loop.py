@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DistributedSampler
 
 from .data import BatchTransform, TaskData, create_loader
-from .distributed import DistInfo, all_reduce_sums, shard, sync_buffers
+from .distributed import DistInfo, all_reduce_sums, gather_objects, shard, sync_buffers
 from .engine import evaluate, train_one_epoch
 from .errors import UserError
 from .precision import FP32, Precision
@@ -42,33 +42,54 @@ class RunRng:
     """Every source of randomness of a run, so that a resumed run continues exactly.
 
     ``loader`` decides the order of the training batches, ``augment`` the
-    crops and flips; the global python, numpy, torch (and CUDA) generators
-    drive initialisation and dropout.
+    crops and flips (its own stream on every rank: ranks must not draw the
+    same crops); the global python, numpy, torch and this process's CUDA
+    device generators drive initialisation and dropout. Under DDP rank 0 saves
+    every rank's state (``gather``) and each rank restores its own.
     """
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, rank: int = 0):
+        self.rank = rank
         self.loader = torch.Generator().manual_seed(seed)
-        self.augment = torch.Generator().manual_seed(seed + 1)
+        self.augment = torch.Generator().manual_seed(seed + 1 + AUGMENT_RANK_STRIDE * rank)
 
-    def state_dict(self) -> dict:
+    def local_state(self) -> dict:
         kind, keys, pos, has_gauss, cached = np.random.get_state()
         return {"python": random.getstate(),
                 "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                           "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
                 "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                # This process's device only: a resume may see fewer (or other) GPUs.
+                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.empty(0, dtype=torch.uint8),
                 "loader": self.loader.get_state(), "augment": self.augment.get_state()}
 
+    def state_dict(self, dist: DistInfo = DistInfo()) -> dict:
+        """``{'ranks': [state of rank 0, rank 1, ...]}``; every rank must call it under DDP."""
+        return {"ranks": gather_objects(dist, self.local_state())}
+
     def load_state_dict(self, state: dict) -> None:
+        """Restore this rank's state (a run resumed on more ranks than it had reseeds the extra ones' streams
+        from their seeds; on fewer, the other ranks' states are unused)."""
+        if "ranks" in state:
+            if self.rank >= len(state["ranks"]):
+                return
+            state = state["ranks"][self.rank]
         random.setstate(state["python"])
         n = state["numpy"]
         np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                              n["cached_gaussian"]))
         torch.set_rng_state(state["torch"])
-        if state["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]
+        if isinstance(cuda, (list, tuple)):  # checkpoints before per-rank states: one state per visible GPU
+            cuda = cuda[torch.cuda.current_device()] if torch.cuda.is_available() and \
+                torch.cuda.current_device() < len(cuda) else None
+        if cuda is not None and len(cuda) and torch.cuda.is_available():
+            torch.cuda.set_rng_state(cuda)
         self.loader.set_state(state["loader"])
         self.augment.set_state(state["augment"])
+
+
+AUGMENT_RANK_STRIDE = 7919  # rank r's augmentation seed: seed + 1 + r * this (a prime; rank 0 as before)
 
 
 class GracefulStop:

@@ -152,7 +152,7 @@ def _run(args: Namespace, explicit: set[str], dist: DistInfo, device_name: str) 
         train_data = TaskData(CachedViews(data.train, cache), data.val, data.test)
     optimizer = create_optimizer(step, args)
     scheduler = create_scheduler(optimizer, args, args.num_epochs)
-    rng = RunRng(args.seed)
+    rng = RunRng(args.seed, dist.rank)
     best = {"val_acc": -1.0, "epoch": 0}
     start_epoch = 1
     metrics_path = run_dir / "metrics.csv"
@@ -176,6 +176,7 @@ def _run(args: Namespace, explicit: set[str], dist: DistInfo, device_name: str) 
     def on_epoch(epoch, train, val, lr, seconds) -> bool:
         if val["acc"] > best["val_acc"]:
             best.update(val_acc=val["acc"], epoch=epoch)
+        rng_state = rng.state_dict(dist)  # every rank's, gathered (a collective: all ranks call it)
         if dist.is_main:
             row = {"epoch": epoch, **{f"train_{k}": v for k, v in train.items()}, "val_loss": val["loss"],
                    "val_acc": val["acc"], "val_top3": val["top3"], "lr": lr, "time_s": seconds}
@@ -187,7 +188,7 @@ def _run(args: Namespace, explicit: set[str], dist: DistInfo, device_name: str) 
             state = {"model": student.state_dict(), "distiller": distiller_state(step),
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
                      "val_acc": val["acc"], "best_val_acc": best["val_acc"], "best_epoch": best["epoch"],
-                     "rng": rng.state_dict(), "args": vars(args), "task": task.name,
+                     "rng": rng_state, "args": vars(args), "task": task.name,
                      "student_model": args.student_model, "class_names": list(task.class_names),
                      "precision": str(precision), "scaler": scaler.state_dict() if scaler is not None else {},
                      "version": CHECKPOINT_VERSION}
