@@ -101,6 +101,14 @@ def all_reduce_sums(info: DistInfo, sums: dict[str, float], device: torch.device
     return dict(zip(keys, t.tolist()))
 
 
+def all_reduce_max(info: DistInfo, t: torch.Tensor) -> torch.Tensor:
+    """The element-wise maximum of ``t`` over the ranks (a copy)."""
+    t = t.clone()
+    if info.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
 def sync_buffers(info: DistInfo, module: torch.nn.Module) -> None:
     """Rank 0's buffers (BatchNorm statistics) everywhere, so every rank evaluates the same model."""
     if info.enabled:

@@ -27,11 +27,18 @@ class NonFiniteLossError(UserError):
 
 
 class TrainingInterrupted(Exception):
-    """A stop was requested (SIGINT / SIGTERM) before step ``step`` of epoch ``epoch``."""
+    """A stop was requested (signal ``signum``: SIGINT / SIGTERM) before step ``step`` of epoch ``epoch``."""
 
-    def __init__(self, epoch: int, step: int):
+    def __init__(self, epoch: int, step: int, signum: int = 0):
         super().__init__(f"interrupted at epoch {epoch}, step {step}")
-        self.epoch, self.step = epoch, step
+        self.epoch, self.step, self.signum = epoch, step, signum
+
+
+def _non_finite(value: str, epoch: int, step: int) -> NonFiniteLossError:
+    return NonFiniteLossError(
+        f"the loss became {value} at epoch {epoch}, step {step}. "
+        "Fix: lower --lr (or use --clip_grad, --amp bf16), or check the data; "
+        "the last saved checkpoint is intact.")
 
 
 def _identity(sums):
@@ -50,7 +57,8 @@ def train_one_epoch(step: nn.Module, loader: DataLoader, optimizer: torch.optim.
                     transform: BatchTransform, device: torch.device, *, epoch: int = 0,
                     generator: torch.Generator | None = None, progress=None, precision: Precision = FP32,
                     scaler: torch.amp.GradScaler | None = None,
-                    grad_accum: int = 1, clip_grad: float = 0.0, stop=None, reduce=_identity) -> dict[str, float]:
+                    grad_accum: int = 1, clip_grad: float = 0.0, stop=None, reduce=_identity,
+                    agree=None) -> dict[str, float]:
     """One pass over ``loader``; returns the sample-weighted mean of each part and ``acc``.
 
     * ``precision`` (``mtkd.precision``): the step runs under its autocast
@@ -58,7 +66,12 @@ def train_one_epoch(step: nn.Module, loader: DataLoader, optimizer: torch.optim.
     * ``grad_accum`` N: gradients of N batches (each loss divided by N) make
       one optimiser step; the last, shorter group of an epoch steps too.
     * ``clip_grad`` > 0 clips the gradients' global L2 norm (after unscaling).
-    * ``stop()`` is asked before every batch; when true, ``TrainingInterrupted``.
+    * ``stop()`` is asked before every batch; when it returns a signal number
+      (or True), ``TrainingInterrupted``.
+    * ``agree`` (under DDP: the maximum over the processes of a small tensor)
+      makes every process take the stop and non-finite-loss decisions together,
+      at the same step, after the forward pass: one process's signal or NaN
+      stops them all the same way.
     * ``step.after_optimizer_step()``, if the step (or the module DDP wraps) has
       one, is called after every optimiser step.
     * ``progress``: an optional ``rich.progress.Progress`` for a bar per epoch.
@@ -71,8 +84,9 @@ def train_one_epoch(step: nn.Module, loader: DataLoader, optimizer: torch.optim.
     bar = progress.add_task(f"epoch {epoch}", total=len(loader), metrics="") if progress else None
     optimizer.zero_grad(set_to_none=True)
     for i, batch in enumerate(loader):
-        if stop is not None and stop():
-            raise TrainingInterrupted(epoch, i)
+        signum = int(stop() or 0) if stop is not None else 0
+        if signum and agree is None:
+            raise TrainingInterrupted(epoch, i, signum)
         images, labels = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
         extras = _to_device(batch[2], device) if len(batch) > 2 else {}
         x = transform(images, augment=True, generator=generator, params=extras.pop("aug", None))
@@ -80,11 +94,18 @@ def train_one_epoch(step: nn.Module, loader: DataLoader, optimizer: torch.optim.
         with precision.autocast(device):
             out = step(x, labels, **extras)
         loss = out["loss"]
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"the loss became {loss.item()} at epoch {epoch}, step {i}. "
-                "Fix: lower --lr (or use --clip_grad, --amp bf16), or check the data; "
-                "the last saved checkpoint is intact.")
+        if agree is None:
+            if not torch.isfinite(loss):
+                raise _non_finite(str(loss.item()), epoch, i)
+        else:
+            value = loss.detach().float()
+            flags = agree(torch.stack([value.new_tensor(float(signum)), value.isnan().float(),
+                                       (value == math.inf).float(), (value == -math.inf).float()]))
+            signum, nan, pos_inf, neg_inf = (int(f) for f in flags.tolist())
+            if signum:
+                raise TrainingInterrupted(epoch, i, signum)
+            if nan or pos_inf or neg_inf:
+                raise _non_finite("nan" if nan else "inf" if pos_inf else "-inf", epoch, i)
         scaled = loss / grad_accum
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
         if (i + 1) % grad_accum == 0 or i + 1 == len(loader):

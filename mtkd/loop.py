@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DistributedSampler
 
 from .data import BatchTransform, TaskData, create_loader
-from .distributed import DistInfo, all_reduce_sums, gather_objects, shard, sync_buffers
+from .distributed import DistInfo, all_reduce_max, all_reduce_sums, gather_objects, shard, sync_buffers
 from .engine import evaluate, train_one_epoch
 from .errors import UserError
 from .precision import FP32, Precision
@@ -122,8 +122,9 @@ class GracefulStop:
         self.signum = signum
         console.print(f"[yellow]{signal.Signals(signum).name}: stopping after the current step[/]")
 
-    def __call__(self) -> bool:
-        return self.signum is not None
+    def __call__(self) -> int:
+        """The signal received (0: none)."""
+        return self.signum or 0
 
 
 def fit(step: nn.Module, data: TaskData, *, epochs: int, optimizer, scheduler, args: Namespace,
@@ -160,7 +161,8 @@ def fit(step: nn.Module, data: TaskData, *, epochs: int, optimizer, scheduler, a
             train = train_one_epoch(step, train_loader, optimizer, transform, device, epoch=epoch,
                                     generator=rng.augment, progress=progress, precision=precision, scaler=scaler,
                                     grad_accum=args.grad_accum, clip_grad=args.clip_grad,
-                                    stop=stop, reduce=reduce)
+                                    stop=stop, reduce=reduce,
+                                    agree=partial(all_reduce_max, dist) if dist.enabled else None)
             sync_buffers(dist, val_model)
             val = evaluate(val_model, val_loader, transform, device, reduce=reduce, precision=precision)
             scheduler.step(val["acc"])

@@ -211,14 +211,14 @@ def _run(args: Namespace, explicit: set[str], dist: DistInfo, device_name: str) 
         except TrainingInterrupted as e:
             if writer is not None:
                 writer.close()
-            name = signal.Signals(stop.signum).name
+            name = signal.Signals(e.signum).name
             if e.epoch > 1:
                 saved = (f"{run_dir / 'last.pt'} holds epoch {e.epoch - 1}, the last complete one. "
                          f"Resume with: python train.py --resume {run_dir}")
             else:
                 saved = "no epoch was complete, so there is nothing to resume: start the run again."
             raise RunInterrupted(f"{name} at epoch {e.epoch}, step {e.step}: epoch {e.epoch} is abandoned and "
-                                 + saved, stop.signum) from None
+                                 + saved, e.signum) from None
 
     summary = None
     if dist.is_main:

@@ -128,3 +128,32 @@ def test_evaluate_an_empty_shard_takes_part_in_the_reduction():
     reduced = evaluate(model, create_loader(empty, 4, train=False), BatchTransform((0.5,), (0.5,)),
                        torch.device("cpu"), reduce=lambda local: {k: local[k] + other_rank[k] for k in local})
     assert reduced == {"acc": 0.5, "top3": 1.0, "loss": 0.5}
+
+
+@pytest.mark.parametrize("other_rank, expected", [
+    ([15.0, 0.0, 0.0, 0.0], "SIGTERM"),   # the other process got SIGTERM; this one got nothing
+    ([0.0, 1.0, 0.0, 0.0], "nan"),        # the other process's loss became NaN; this one's is finite
+])
+def test_every_process_stops_at_the_same_step_for_one_processs_signal_or_nan(other_rank, expected):
+    """Under DDP the flags are reduced (max over ranks): here a fake reduction stands in for the other rank."""
+    step = Step()
+    opt = torch.optim.SGD(step.parameters(), lr=0.1)
+    calls = []
+
+    def agree(flags):
+        calls.append(flags.tolist())
+        other = torch.tensor(other_rank) if len(calls) == 2 else torch.zeros(4)
+        return torch.maximum(flags, other)
+
+    before = [p.detach().clone() for p in step.parameters()]
+    kwargs = dict(epoch=3, stop=lambda: 0, agree=agree)
+    if expected == "SIGTERM":
+        with pytest.raises(TrainingInterrupted) as e:
+            train_one_epoch(step, _loader(), opt, BatchTransform((0.5,), (0.5,)), torch.device("cpu"), **kwargs)
+        assert (e.value.epoch, e.value.step, e.value.signum) == (3, 1, 15)
+    else:
+        with pytest.raises(NonFiniteLossError, match="the loss became nan at epoch 3, step 1"):
+            train_one_epoch(step, _loader(), opt, BatchTransform((0.5,), (0.5,)), torch.device("cpu"), **kwargs)
+    assert len(calls) == 2 and calls[0] == [0.0, 0.0, 0.0, 0.0]
+    # Step 0 was applied, step 1 was not.
+    assert any(not torch.equal(b, p) for b, p in zip(before, step.parameters()))
