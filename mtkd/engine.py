@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -53,6 +54,25 @@ def _to_device(obj, device):
     return type(obj)(_to_device(v, device) for v in obj)
 
 
+PROGRESS_EVERY = 25  # steps between refreshes of the progress bar's loss and accuracy (a host sync each)
+
+
+def _check(loss: Tensor, signum: int, agree, epoch: int, step: int) -> None:
+    """Raise for a stop request or a non-finite loss; with ``agree``, as decided by all processes together."""
+    if agree is None:
+        if not torch.isfinite(loss):
+            raise _non_finite(str(loss.item()), epoch, step)
+        return
+    value = loss.detach().float()
+    flags = agree(torch.stack([value.new_tensor(float(signum)), value.isnan().float(),
+                               (value == math.inf).float(), (value == -math.inf).float()]))
+    signum, nan, pos_inf, neg_inf = (int(f) for f in flags.tolist())
+    if signum:
+        raise TrainingInterrupted(epoch, step, signum)
+    if nan or pos_inf or neg_inf:
+        raise _non_finite("nan" if nan else "inf" if pos_inf else "-inf", epoch, step)
+
+
 def train_one_epoch(step: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     transform: BatchTransform, device: torch.device, *, epoch: int = 0,
                     generator: torch.Generator | None = None, progress=None, precision: Precision = FP32,
@@ -80,7 +100,9 @@ def train_one_epoch(step: nn.Module, loader: DataLoader, optimizer: torch.optim.
     params = [p for g in optimizer.param_groups for p in g["params"]]
     # State that follows the weights (an EMA) updates once per optimiser step, after it.
     after_step = getattr(getattr(step, "module", step), "after_optimizer_step", None)
-    sums: dict[str, float] = defaultdict(float)
+    # Running sums stay on the device: no host sync per step for logging (the bar refreshes now and then).
+    sums: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64, device=device))
+    seen = 0
     bar = progress.add_task(f"epoch {epoch}", total=len(loader), metrics="") if progress else None
     optimizer.zero_grad(set_to_none=True)
     for i, batch in enumerate(loader):
@@ -91,24 +113,17 @@ def train_one_epoch(step: nn.Module, loader: DataLoader, optimizer: torch.optim.
         extras = _to_device(batch[2], device) if len(batch) > 2 else {}
         x = transform(images, augment=True, generator=generator, params=extras.pop("aug", None))
         x = precision.prepare_input(x)
-        with precision.autocast(device):
-            out = step(x, labels, **extras)
-        loss = out["loss"]
-        if agree is None:
-            if not torch.isfinite(loss):
-                raise _non_finite(str(loss.item()), epoch, i)
-        else:
-            value = loss.detach().float()
-            flags = agree(torch.stack([value.new_tensor(float(signum)), value.isnan().float(),
-                                       (value == math.inf).float(), (value == -math.inf).float()]))
-            signum, nan, pos_inf, neg_inf = (int(f) for f in flags.tolist())
-            if signum:
-                raise TrainingInterrupted(epoch, i, signum)
-            if nan or pos_inf or neg_inf:
-                raise _non_finite("nan" if nan else "inf" if pos_inf else "-inf", epoch, i)
-        scaled = loss / grad_accum
-        (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        if (i + 1) % grad_accum == 0 or i + 1 == len(loader):
+        steps_now = (i + 1) % grad_accum == 0 or i + 1 == len(loader)
+        # DDP: micro-batches that do not step accumulate locally; only the last one all-reduces.
+        accumulate = step.no_sync() if not steps_now and hasattr(step, "no_sync") else nullcontext()
+        with accumulate:
+            with precision.autocast(device):
+                out = step(x, labels, **extras)
+            loss = out["loss"]
+            _check(loss, signum, agree, epoch, i)
+            scaled = loss / grad_accum
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        if steps_now:
             if scaler is not None:
                 scaler.unscale_(optimizer)
             if clip_grad > 0:
@@ -123,16 +138,19 @@ def train_one_epoch(step: nn.Module, loader: DataLoader, optimizer: torch.optim.
                 after_step()
 
         n = labels.numel()
-        sums["seen"] += n
-        sums["correct"] += (out["logits"].argmax(1) == labels).sum().item()
+        seen += n
+        sums["correct"] += (out["logits"].detach().argmax(1) == labels).sum()
         for name, value in out.items():
             if name != "logits" and (not torch.is_tensor(value) or value.ndim == 0):
-                sums[name] += float(value.detach() if torch.is_tensor(value) else value) * n
+                sums[name] += (value.detach().double() if torch.is_tensor(value) else float(value)) * n
         if progress is not None:
-            progress.update(bar, advance=1,
-                            metrics=f"loss {sums['loss'] / sums['seen']:.4f}  acc {sums['correct'] / sums['seen']:.4f}")
+            refresh = (i + 1) % PROGRESS_EVERY == 0 or i + 1 == len(loader)
+            progress.update(bar, advance=1, **({"metrics": f"loss {sums['loss'].item() / seen:.4f}  "
+                                                           f"acc {sums['correct'].item() / seen:.4f}"} if refresh else {}))
     if progress is not None:
         progress.remove_task(bar)
+    sums = {name: total.item() for name, total in sums.items()}
+    sums["seen"] = seen
     sums = reduce(dict(sums))
     seen = max(sums.pop("seen", 0), 1)
     metrics = {name: total / seen for name, total in sums.items() if name != "correct"}

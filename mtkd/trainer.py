@@ -171,7 +171,9 @@ def _run(args: Namespace, explicit: set[str], dist: DistInfo, device_name: str) 
         console.print(f"[bold]Resuming[/] at epoch {start_epoch} of {args.num_epochs}", soft_wrap=True)
     # purge_step drops events a killed run logged after its last checkpoint.
     writer = SummaryWriter(str(run_dir), purge_step=start_epoch if last is not None else None) if dist.is_main else None
-    train_step = DistributedDataParallel(step) if dist.enabled else step
+    # No buffer broadcast on every forward: the Distiller also holds the frozen teachers and the EMA copy,
+    # and the student's BatchNorm statistics are synchronised before each validation (loop.fit).
+    train_step = DistributedDataParallel(step, broadcast_buffers=False) if dist.enabled else step
 
     def on_epoch(epoch, train, val, lr, seconds) -> bool:
         if val["acc"] > best["val_acc"]:

@@ -157,3 +157,28 @@ def test_every_process_stops_at_the_same_step_for_one_processs_signal_or_nan(oth
     assert len(calls) == 2 and calls[0] == [0.0, 0.0, 0.0, 0.0]
     # Step 0 was applied, step 1 was not.
     assert any(not torch.equal(b, p) for b, p in zip(before, step.parameters()))
+
+
+def test_accumulating_micro_batches_skip_the_gradient_all_reduce():
+    """Like DDP's no_sync: only the micro-batch that steps synchronises gradients."""
+    from contextlib import contextmanager
+
+    class DDPLike(Step):
+        def __init__(self):
+            super().__init__()
+            self.in_no_sync, self.synced = False, []
+
+        @contextmanager
+        def no_sync(self):
+            self.in_no_sync = True
+            yield
+            self.in_no_sync = False
+
+        def forward(self, x, y):
+            self.synced.append(not self.in_no_sync)
+            return super().forward(x, y)
+
+    step = DDPLike()
+    opt = torch.optim.SGD(step.parameters(), lr=0.1)
+    train_one_epoch(step, _loader(8), opt, BatchTransform((0.5,), (0.5,)), torch.device("cpu"), grad_accum=2)
+    assert step.synced == [False, True, False, True, True]  # 5 batches: the last, shorter group steps too
