@@ -91,3 +91,19 @@ def test_cache_is_reused_and_rebuilt_when_corrupt(tmp_path, monkeypatch):
     cache, _, status = open_teacher_cache(tmp_path, "T", ens, data, transform, 2, cpu)
     assert status == "rebuilt (checksum mismatch)" and built == [1, 1]
     assert torch.equal(cache.logits[0], first.logits[0])
+
+
+def test_the_key_records_each_teachers_precision():
+    from mtkd.precision import FP32, Precision
+
+    ens, data, transform = make_setup()
+    fp32 = cache_key(ens, data, transform, 2)
+    ens.set_precisions([FP32, Precision("bf16", True)])
+    bf16 = cache_key(ens, data, transform, 2)
+    ens.set_precisions([FP32, FP32])
+    assert fp32 != bf16 and cache_key(ens, data, transform, 2) == fp32
+    # A teacher run in bf16 does give other logits, hence another cache.
+    x = transform(data.images[:4])
+    z32 = ens(x)[1]
+    ens.set_precisions([FP32, Precision("bf16", True)])
+    assert not torch.equal(ens(x)[1], z32)
