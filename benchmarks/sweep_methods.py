@@ -48,7 +48,7 @@ def table(rows: list[dict]) -> str:
         val = statistics.mean(100 * r["best_val_acc"] for r in rs)
         lines.append(f"| {method} | {len(rs)} | {statistics.mean(acc):.2f} ± {std:.2f} | {val:.2f} |")
     ens = statistics.mean(100 * r["ensemble_test_acc"] for r in rows)
-    lines.append(f"| teacher ensemble (mixture, T=1) | - | {ens:.2f} | - |")
+    lines.append(f"| teacher ensemble (specialist combination, T=1) | - | {ens:.2f} | - |")
     return "\n".join(lines)
 
 

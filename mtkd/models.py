@@ -62,9 +62,28 @@ def create_model(architecture: str, num_classes: int, in_chans: int, image_size:
     """
     check_architecture(architecture)
     model = timm.create_model(architecture, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+    reset_classifier_init(model)
     if adapt and image_size < SMALL_INPUT:
         adapt_to_small_inputs(model)
     return model
+
+
+def reset_classifier_init(model: nn.Module) -> bool:
+    """Give the classifier PyTorch's fan-in initialisation; True if there was a linear one.
+
+    timm's EfficientNet and MobileNetV3 draw it from U(-1/sqrt(C), 1/sqrt(C)),
+    C the number of classes (Google's initialisation, made for ImageNet's
+    1000). With 10 or 15 classes that is 10x too large: on Task B the fresh
+    EfficientNet's logits have a standard deviation of 4.2 and a
+    cross-entropy of 6.4 instead of ln 10 = 2.3, and it learns from saturated
+    softmaxes (20 epochs, labels only: 58.6% test accuracy; 85.8% with this
+    initialisation). ResNets already use the fan-in one.
+    """
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if isinstance(head, nn.Linear):
+        head.reset_parameters()
+        return True
+    return False
 
 
 def create_student(name: str, task: TaskSpec, adapt: bool = True) -> nn.Module:

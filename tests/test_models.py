@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -29,3 +31,18 @@ def test_small_input_adaptation_keeps_resolution(student):
 def test_unknown_architecture_is_a_user_error():
     with pytest.raises(UserError, match="unknown timm architecture 'resnet3'"):
         create_model("resnet3", 10, 3, 32)
+
+
+@pytest.mark.parametrize("student", list(STUDENTS))
+def test_fresh_students_start_near_the_uniform_prediction(student):
+    """A fresh classifier must not start saturated: cross-entropy near ln(C), not several times it."""
+    task = tasks.get_task("B")
+    torch.manual_seed(0)
+    model = create_student(student, task).train()
+    x = torch.randn(32, task.channels, task.image_size, task.image_size)
+    y = torch.arange(32) % task.num_classes
+    ce = torch.nn.functional.cross_entropy(model(x), y).item()
+    assert ce < 1.5 * math.log(task.num_classes)
+    head = model.get_classifier().weight
+    bound = 1 / math.sqrt(head.shape[1])  # PyTorch's fan-in initialisation
+    assert head.abs().max() <= bound
