@@ -8,15 +8,14 @@ import json
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 from . import plots
 from .checkpoint import load_checkpoint
-from .data import BatchTransform, TaskData, create_loader, load_task_data
+from .data import BatchTransform, TaskData, create_loader, load_task_data, read_image
 from .engine import predict
 from .errors import UserError
 from .metrics import classification_metrics, confusion, report_text
@@ -248,14 +247,12 @@ def predict_image(task: TaskSpec, image_path: str | Path, *, output_dir="runs", 
                   topk: int = 3, device="cpu") -> list[tuple[str, float]]:
     """Top-k (class, probability) for one image file, converted to the task's channels and size."""
     try:
-        with Image.open(image_path) as img:
-            img = img.convert("L" if task.channels == 1 else "RGB")
+        # The training images' reader: the same conversion (transparent areas onto black) and resizing.
+        arr = read_image(image_path, task.channels, task.image_size)
     except (OSError, UnidentifiedImageError) as e:
         raise UserError(f"cannot read image {image_path}: {e}. Fix: pass a PNG, JPEG, BMP, ... file.") from None
     student, _ = load_student(find_checkpoint(task, output_dir, run_dir, checkpoint), task)
-    img = img.resize((task.image_size, task.image_size), Image.BILINEAR)
-    arr = np.asarray(img, dtype=np.uint8)
-    x = torch.from_numpy(arr.reshape(task.image_size, task.image_size, task.channels).copy()).permute(2, 0, 1)[None]
+    x = torch.from_numpy(arr.copy())[None]
     transform = BatchTransform.for_task(task)
     with torch.inference_mode():
         probs = torch.softmax(student.eval()(transform(x)), 1)[0]

@@ -36,8 +36,7 @@ def kd_kl_loss(student_logits: Tensor, target_probs: Tensor, temperature: float)
 
     Classes where ``q_bc = 0`` contribute nothing (``0 log 0 = 0``).
     """
-    log_p = F.log_softmax(student_logits / temperature, dim=1)
-    return F.kl_div(log_p, target_probs, reduction="batchmean") * temperature**2
+    return kl_per_sample(student_logits, target_probs, temperature).mean()
 
 
 def dkd_per_sample(student_logits: Tensor, target_probs: Tensor, target: Tensor, alpha: float, beta: float,

@@ -108,3 +108,33 @@ def test_single_image_that_is_not_an_image(smoke_run, tmp_path):
     (tmp_path / "x.png").write_text("not an image")
     proc = run_script("evaluation.py", "--task", "B", "--image", tmp_path / "x.png", "--run_dir", smoke_run["run_dir"])
     assert proc.returncode == 2 and "cannot read image" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_single_image_is_preprocessed_like_training_images(tmp_path, monkeypatch):
+    """A transparent RGBA file goes through data.read_image (composited onto black), as in training."""
+    from dataclasses import replace
+
+    import torch
+    from torch import nn
+
+    from mtkd import evaluate as ev
+    from mtkd.data import BatchTransform, read_image
+    from tasks import task_a
+
+    task = replace(task_a.TASK, image_size=4)
+    rgba = np.zeros((4, 4, 4), dtype=np.uint8)
+    rgba[..., 0] = 255  # red, fully transparent: black after compositing
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "t.png")
+    seen = []
+
+    class Spy(nn.Module):
+        def forward(self, x):
+            seen.append(x)
+            return torch.zeros(len(x), task.num_classes)
+
+    monkeypatch.setattr(ev, "find_checkpoint", lambda *a, **k: tmp_path / "best.pt")
+    monkeypatch.setattr(ev, "load_student", lambda path, t: (Spy(), {}))
+    ev.predict_image(task, tmp_path / "t.png")
+    expected = BatchTransform.for_task(task)(torch.from_numpy(read_image(tmp_path / "t.png", 3, 4))[None])
+    assert torch.equal(seen[0], expected)
+    assert torch.equal(seen[0], BatchTransform.for_task(task)(torch.zeros(1, 3, 4, 4, dtype=torch.uint8)))
