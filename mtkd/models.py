@@ -7,7 +7,12 @@ picture, so for inputs smaller than ``SMALL_INPUT`` pixels:
 
 * ResNet: the stem becomes a stride-1 3x3 conv and the max-pool is dropped
   (the usual CIFAR ResNet; total stride 32 -> 8);
-* EfficientNet / MobileNetV3: the stem conv gets stride 1 (total stride 32 -> 16).
+* EfficientNet / MobileNetV3: the stem conv and the first stride-2 block get
+  stride 1 (total stride 32 -> 8, as the ResNet). With stride 16 an 8x8
+  digit is one pixel from the fourth of seven stages on; every BatchNorm
+  there normalises over the batch alone, and the network trains worse than it
+  evaluates (Task B, EfficientNet, 20 epochs, labels only: best validation
+  accuracy 94.1% -> 95.9%, last 87.8% -> 95.6%).
 
 Other timm architectures (possible for custom teachers) are used unchanged.
 """
@@ -42,6 +47,11 @@ def adapt_to_small_inputs(model: nn.Module) -> bool:
     stem = getattr(model, "conv_stem", None)
     if isinstance(stem, nn.Conv2d):  # timm EfficientNet / MobileNetV3
         stem.stride = (1, 1)
+        for stage in getattr(model, "blocks", []):
+            conv = getattr(stage[0], "conv_dw", None)
+            if isinstance(conv, nn.Conv2d) and conv.stride == (2, 2):
+                conv.stride = (1, 1)  # the first downsampling block
+                break
         return True
     return False
 

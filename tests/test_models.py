@@ -25,6 +25,7 @@ def test_small_input_adaptation_keeps_resolution(student):
     adapted = create_model(arch, 10, 3, 32, adapt=True).eval().forward_features(x)
     plain = create_model(arch, 10, 3, 32, adapt=False).eval().forward_features(x)
     assert adapted.shape[-1] >= 2 * plain.shape[-1]
+    assert adapted.shape[-1] == 32 // 8  # every student: total stride 8, as the CIFAR ResNet
     assert plain.shape[-1] == 1  # total stride 32 crushes 32x32 to one pixel
 
 
