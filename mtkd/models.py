@@ -37,8 +37,12 @@ def list_students() -> list[str]:
     return list(STUDENTS)
 
 
-def adapt_to_small_inputs(model: nn.Module) -> bool:
-    """Make a timm model keep the resolution of small images; True if it was changed."""
+def adapt_to_small_inputs(model: nn.Module, first_block: bool = True) -> bool:
+    """Make a timm model keep the resolution of small images; True if it was changed.
+
+    ``first_block=False`` leaves EfficientNet / MobileNetV3 at total stride 16
+    (stem only; for the ablation in ``benchmarks/stem_ablation.py``).
+    """
     conv1 = getattr(model, "conv1", None)
     if isinstance(conv1, nn.Conv2d) and hasattr(model, "maxpool"):  # timm ResNet
         model.conv1 = nn.Conv2d(conv1.in_channels, conv1.out_channels, 3, 1, 1, bias=False)
@@ -47,7 +51,7 @@ def adapt_to_small_inputs(model: nn.Module) -> bool:
     stem = getattr(model, "conv_stem", None)
     if isinstance(stem, nn.Conv2d):  # timm EfficientNet / MobileNetV3
         stem.stride = (1, 1)
-        for stage in getattr(model, "blocks", []):
+        for stage in getattr(model, "blocks", []) if first_block else []:
             conv = getattr(stage[0], "conv_dw", None)
             if isinstance(conv, nn.Conv2d) and conv.stride == (2, 2):
                 conv.stride = (1, 1)  # the first downsampling block

@@ -37,3 +37,21 @@ def test_sweep_table_summarises_seeds(tmp_path):
     assert "| consensus:fixed | 2 | 98.00 ± 1.41 | 90.00 |" in table and "| 70.00 |" in table
     assert sweep.method_flags("amalgamate:entropy+online") == {
         "aggregation": "amalgamate", "teacher_weighting": "entropy", "teacher_cache": None}
+
+
+def test_stem_ablation_variants_differ_only_where_they_say():
+    import math
+
+    import torch
+
+    import tasks
+
+    ablation = load("stem_ablation")
+    task = tasks.get_task("A")
+    x = torch.randn(1, 3, 32, 32)
+    size = {v: ablation.create_variant("EfficientNet", task, v).eval().forward_features(x).shape[-1]
+            for v in ablation.VARIANTS}
+    assert size == {"mtkd": 4, "timm_head": 4, "stride16": 2, "imagenet": 1}
+    fan_in = 1 / math.sqrt(1280)
+    assert ablation.create_variant("EfficientNet", task, "mtkd").get_classifier().weight.abs().max() <= fan_in
+    assert ablation.create_variant("EfficientNet", task, "timm_head").get_classifier().weight.abs().max() > 5 * fan_in
