@@ -32,13 +32,15 @@ VIEW_SEED = 0  # views do not depend on the run's --seed, so every run of a swee
 
 def cache_key(ensemble: TeacherEnsemble, dataset: ImageTensorDataset | FileImageDataset,
               transform: BatchTransform, num_views: int) -> str:
-    """sha256 over the teachers' weights, classes and precisions, the device type they run on, the images
+    """sha256 over the teachers' weights, classes and precisions (dtype), the device type they run on, the images
     (pixels, or files' paths, sizes and modification times) and labels, augmentation and K."""
     device = ensemble.weights.device.type
     h = hashlib.sha256(f"mtkd-teacher-cache v{CACHE_VERSION} views={num_views} seed={VIEW_SEED} "
                        f"device={device}".encode())
     for teacher, ids, precision in zip(ensemble.teachers, ensemble.class_ids, ensemble.precisions):
-        h.update(f"precision={precision}".encode())
+        # The dtype, not the memory layout: NCHW and NHWC give the same fp16-stored logits, and --amp auto's
+        # timed choice of layout may differ from one run to the next.
+        h.update(f"precision={precision.dtype}".encode())
         hash_tensor(h, ids)
         for name, t in teacher.state_dict().items():
             h.update(name.encode())

@@ -100,7 +100,7 @@ def test_the_key_records_each_teachers_precision():
     fp32 = cache_key(ens, data, transform, 2)
     ens.set_precisions([FP32, Precision("bf16", True)])
     bf16 = cache_key(ens, data, transform, 2)
-    ens.set_precisions([FP32, FP32])
+    ens.set_precisions([FP32, Precision("fp32", True)])  # the layout alone does not change the logits' precision
     assert fp32 != bf16 and cache_key(ens, data, transform, 2) == fp32
     # A teacher run in bf16 does give other logits, hence another cache.
     x = transform(data.images[:4])
