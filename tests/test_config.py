@@ -77,3 +77,14 @@ def test_documented_defaults():
                   "temperature": 2.0, "alpha": 0.1, "scheduler_step": 30, "scheduler_gamma": 0.5,
                   "student_model": "EfficientNet", "seed": 42, "run": "", "amp": "auto"}
     assert {k: vars(args)[k] for k in documented} == documented
+
+
+def test_shipped_config_files_are_valid():
+    """Every file in configs/ parses and only sets known flags to valid values."""
+    from conftest import ROOT
+
+    files = sorted((ROOT / "configs").glob("*.yaml"))
+    assert files
+    for path in files:
+        args = parse_args(["--config", str(path)], TASKS)
+        assert args.task in TASKS and args.num_epochs >= 1
