@@ -39,3 +39,13 @@ def baseline_run(smoke_run):
     after = {p.name: p.stat().st_mtime_ns for p in teachers.glob("*.pt")}
     run_dir = next(p for p in (out / "TaskB").iterdir() if p.name.endswith("_baseline"))
     return {"run_dir": run_dir, "stdout": proc.stdout, "teachers_untouched": before == after}
+
+
+SLOW_FIXTURES = {"smoke_run", "baseline_run"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that need a trained run are ``slow`` too (``-m "not slow"`` leaves the end-to-end runs out)."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -158,6 +158,7 @@ def test_missing_task_file(tmp_path):
         resolve_task(str(tmp_path / "nope.toml"))
 
 
+@pytest.mark.slow
 def test_custom_task_trains_and_evaluates_end_to_end(task_file, tmp_path, capsys):
     import evaluation
     import train

@@ -230,6 +230,7 @@ def test_torchrun_two_processes_match_a_single_process_evaluation(smoke_run, tmp
     assert reported == pytest.approx(val["acc"], abs=1e-9)
 
 
+@pytest.mark.slow
 def test_single_teacher_task_with_every_distillation_signal(tmp_path, monkeypatch):
     """One teacher over all classes (classic KD), with DKD, features, EMA teacher and a temperature
     schedule; and the training options: SGD, plateau schedule with warm-up, clipping, accumulation,
