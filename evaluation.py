@@ -44,8 +44,9 @@ def main(argv=None) -> int:
         rows = []
         for name in args.task or list(SCRIPTS):
             try:
-                task = resolve_task(SCRIPTS[name].TASK if name in SCRIPTS else name)
-                rows.append(summary_row(run_task(task, args)))
+                # A built-in task is evaluated by its own script; a task file directly.
+                results = SCRIPTS[name].evaluate(args) if name in SCRIPTS else run_task(resolve_task(name), args)
+                rows.append(summary_row(results))
             except UserError as e:
                 rows.append({"task": name, "error": str(e).splitlines()[0]})
     except UserError as e:

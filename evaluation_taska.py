@@ -9,9 +9,15 @@ baseline (alpha 0) run exists, comparison.md / comparison.png.
 import sys
 
 import tasks  # noqa: F401  (registers the built-in tasks)
-from mtkd.evaluate import task_script_main
+from mtkd.evaluate import run_task, task_script_main
+from mtkd.taskfile import resolve_task
 
 TASK = "A"
+
+
+def evaluate(args) -> dict:
+    """Evaluate Task A from parsed evaluation arguments (what evaluation.py calls); returns the results."""
+    return run_task(resolve_task(TASK), args)
 
 
 if __name__ == "__main__":
