@@ -138,3 +138,26 @@ def test_single_image_is_preprocessed_like_training_images(tmp_path, monkeypatch
     expected = BatchTransform.for_task(task)(torch.from_numpy(read_image(tmp_path / "t.png", 3, 4))[None])
     assert torch.equal(seen[0], expected)
     assert torch.equal(seen[0], BatchTransform.for_task(task)(torch.zeros(1, 3, 4, 4, dtype=torch.uint8)))
+
+
+def test_evaluation_runs_each_task_script(tmp_path, monkeypatch):
+    import evaluation
+    import evaluation_taska
+    import evaluation_taskb
+    from mtkd.errors import UserError
+
+    called = []
+
+    def fake(name):
+        def evaluate(args):
+            called.append(name)
+            raise UserError(f"not trained yet: python train.py --task {name}")
+        return evaluate
+
+    monkeypatch.setattr(evaluation_taska, "evaluate", fake("A"))
+    monkeypatch.setattr(evaluation_taskb, "evaluate", fake("B"))
+    assert evaluation.main(["--eval_dir", str(tmp_path)]) == 1
+    assert called == ["A", "B"]
+    rows = json.loads((tmp_path / "summary.json").read_text())
+    assert [r["error"] for r in rows] == ["not trained yet: python train.py --task A",
+                                          "not trained yet: python train.py --task B"]
