@@ -21,7 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root, for tasks/
 import tasks  # noqa: E402,F401
 from mtkd.config import get_args_parser  # noqa: E402
-from mtkd.losses import AGGREGATIONS, WEIGHTINGS  # noqa: E402
+from mtkd.distill import AGGREGATIONS  # noqa: E402
+from mtkd.losses import WEIGHTINGS  # noqa: E402
 from mtkd.spec import list_tasks  # noqa: E402
 from mtkd.trainer import run  # noqa: E402
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import argparse
 
-from .losses import AGGREGATIONS, KD_LOSSES, WEIGHTINGS
+from .distill import AGGREGATIONS, KD_LOSSES
+from .losses import WEIGHTINGS
 from .optim import OPTIMIZERS, SCHEDULERS
 from .precision import AMP_MODES
 from .models import list_students

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from argparse import Namespace
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,65 @@ from torch import Tensor, nn
 from . import losses
 from .models import feature_stages, forward_with_features, resolve_stages
 from .teachers import TeacherEnsemble
+
+
+def _kl_term(logits: Tensor, q: Tensor, labels: Tensor, T: float, config: "KDConfig") -> Tensor:
+    return losses.kd_kl_loss(logits, q, T)
+
+
+def _dkd_term(logits: Tensor, q: Tensor, labels: Tensor, T: float, config: "KDConfig") -> Tensor:
+    return losses.dkd_per_sample(logits, q, labels, config.dkd_alpha, config.dkd_beta, T).mean()
+
+
+@dataclass(frozen=True)
+class KDTerm:
+    """How a student is matched to one soft target: ``loss(logits, q, labels, T, config) -> scalar``."""
+
+    loss: Callable
+    warmup: bool = False  # the soft term ramps up over config.dkd_warmup epochs
+    per_teacher_dkd: bool = False  # amalgamate applies DKD per teacher over its classes
+
+
+# --kd_loss: adding a term is adding an entry.
+KD_TERMS = {"kl": KDTerm(_kl_term), "dkd": KDTerm(_dkd_term, warmup=True, per_teacher_dkd=True)}
+KD_LOSSES = tuple(KD_TERMS)
+
+
+def _through_targets(targets: Callable) -> Callable:
+    """An aggregation that builds one soft target over all classes, matched by the run's KD term."""
+
+    def soft(logits, teacher_logits, class_ids, w, T, labels, config):
+        q = targets(teacher_logits, class_ids, w, labels, logits.shape[1], T)
+        return KD_TERMS[config.kd_loss].loss(logits, q, labels, T, config)
+
+    return soft
+
+
+def _amalgamate(logits, teacher_logits, class_ids, w, T, labels, config):
+    dkd = (config.dkd_alpha, config.dkd_beta) if KD_TERMS[config.kd_loss].per_teacher_dkd else None
+    return losses.amalgamation_loss(logits, teacher_logits, class_ids, w, T, labels, dkd)
+
+
+@dataclass(frozen=True)
+class Aggregation:
+    """How teachers with different class sets combine into one soft loss (see ``losses``).
+
+    ``soft(logits, teacher_logits, class_ids, weights, T, labels, config) -> scalar``;
+    ``label_aware``: only the teachers whose classes contain the label take part.
+    """
+
+    soft: Callable
+    label_aware: bool = False
+
+
+# --aggregation: adding a method is adding an entry.
+AGGREGATION_METHODS = {
+    "mixture": Aggregation(_through_targets(
+        lambda z, ids, w, labels, n, T: losses.mixture_targets(z, ids, w, n, T))),
+    "consensus": Aggregation(_through_targets(losses.consensus_targets), label_aware=True),
+    "amalgamate": Aggregation(_amalgamate),
+}
+AGGREGATIONS = tuple(AGGREGATION_METHODS)
 
 
 @dataclass
@@ -75,8 +135,10 @@ class Distiller(nn.Module):
         self.epoch = 1
         if self.ensemble is None:
             return
-        if config.aggregation not in losses.AGGREGATIONS:
+        if config.aggregation not in AGGREGATION_METHODS:
             raise ValueError(f"unknown aggregation {config.aggregation!r}")
+        if config.kd_loss not in KD_TERMS:
+            raise ValueError(f"unknown KD loss {config.kd_loss!r}")
         fixed = config.teacher_weights or self.ensemble.weights.tolist()
         if len(fixed) != len(self.ensemble.teachers):
             raise ValueError(f"{len(fixed)} teacher weights for {len(self.ensemble.teachers)} teachers")
@@ -158,23 +220,15 @@ class Distiller(nn.Module):
             fixed = fixed / fixed.sum()
 
         T = self.temperature()
-        eligible = torch.ones(len(y), len(class_ids), dtype=torch.bool, device=y.device)
-        if c.aggregation == "consensus":
+        method = AGGREGATION_METHODS[c.aggregation]
+        if method.label_aware:
             eligible = losses.coverage(class_ids, y)
-        w = losses.teacher_weights(c.weighting, teacher_logits, class_ids, y, fixed.to(y.device), eligible)
-        dkd = (c.dkd_alpha, c.dkd_beta) if c.kd_loss == "dkd" else None
-        if c.aggregation == "amalgamate":
-            soft = losses.amalgamation_loss(logits, teacher_logits, class_ids, w, T, y, dkd)
         else:
-            if c.aggregation == "consensus":
-                q = losses.consensus_targets(teacher_logits, class_ids, w, y, logits.shape[1], T)
-            else:
-                q = losses.mixture_targets(teacher_logits, class_ids, w, logits.shape[1], T)
-            if dkd is None:
-                soft = losses.kd_kl_loss(logits, q, T)
-            else:
-                soft = losses.dkd_per_sample(logits, q, y, *dkd, T).mean()
-        ramp = min(self.epoch / c.dkd_warmup, 1.0) if c.kd_loss == "dkd" and c.dkd_warmup > 0 else 1.0
+            eligible = torch.ones(len(y), len(class_ids), dtype=torch.bool, device=y.device)
+        w = losses.teacher_weights(c.weighting, teacher_logits, class_ids, y, fixed.to(y.device), eligible)
+        soft = method.soft(logits, teacher_logits, class_ids, w, T, y, c)
+        warmup = KD_TERMS[c.kd_loss].warmup and c.dkd_warmup > 0
+        ramp = min(self.epoch / c.dkd_warmup, 1.0) if warmup else 1.0
         hard = F.cross_entropy(logits, y)
         loss = (1.0 - c.alpha) * hard + c.alpha * ramp * soft
         out = {"loss_hard": hard.detach(), "loss_soft": soft.detach(), "logits": logits,

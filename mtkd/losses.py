@@ -20,9 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-AGGREGATIONS = ("mixture", "consensus", "amalgamate")
-WEIGHTINGS = ("fixed", "confidence", "entropy")
-KD_LOSSES = ("kl", "dkd")
 
 
 def kl_per_sample(student_logits: Tensor, target_probs: Tensor, temperature: float) -> Tensor:
@@ -100,41 +97,52 @@ def _normalise_rows(w: Tensor) -> Tensor:
     return w / w.sum(1, keepdim=True).clamp_min(1e-12)
 
 
+def fixed_weights(teacher_logits, class_ids, labels, fixed: Tensor, eligible: Tensor) -> Tensor:
+    """``w_k`` proportional to the fixed weight ``fixed[k]`` over the eligible teachers."""
+    return _normalise_rows(fixed.float()[None, :] * eligible)
+
+
+def confidence_weights(teacher_logits, class_ids, labels, fixed, eligible: Tensor) -> Tensor:
+    """CA-MKD (Zhang et al., ICASSP 2022): with ``CE_k`` teacher ``k``'s cross-entropy on the true label,
+    ``w_k = (1 - softmax_k(CE)_k) / (n - 1)`` over the ``n`` eligible teachers that cover the label (a lone
+    such teacher gets 1). Teachers that cannot express the label get 0."""
+    cover = eligible & coverage(class_ids, labels)
+    ce = torch.stack([
+        -F.log_softmax(z.float(), 1).gather(1, local_labels(ids, labels).clamp_min(0)[:, None]).squeeze(1)
+        for z, ids in zip(teacher_logits, class_ids)], 1)
+    s = F.softmax(ce.masked_fill(~cover, float("-inf")), dim=1).nan_to_num(0.0)
+    lone = cover.sum(1, keepdim=True) == 1
+    return _normalise_rows(torch.where(lone, cover.float(), (1 - s) * cover))
+
+
+def entropy_weights(teacher_logits, class_ids, labels, fixed, eligible: Tensor) -> Tensor:
+    """EBKD (Kwon et al., ICASSP 2020): ``w_k = softmax_k(-H_k)`` with ``H_k`` the entropy of teacher
+    ``k``'s prediction divided by ``log |C_k|`` so that specialists of different sizes compare."""
+    h = []
+    for z in teacher_logits:
+        logp = F.log_softmax(z.float(), 1)
+        scale = math.log(z.shape[1]) if z.shape[1] > 1 else 1.0
+        h.append(-(logp.exp() * logp).sum(1) / scale)
+    logits = (-torch.stack(h, 1)).masked_fill(~eligible, float("-inf"))
+    return F.softmax(logits, dim=1).nan_to_num(0.0)
+
+
+# --teacher_weighting: adding a weighting is adding an entry.
+WEIGHTING_FUNCTIONS = {"fixed": fixed_weights, "confidence": confidence_weights, "entropy": entropy_weights}
+WEIGHTINGS = tuple(WEIGHTING_FUNCTIONS)
+
+
 def teacher_weights(mode: str, teacher_logits: list[Tensor], class_ids: list[Tensor], labels: Tensor,
                     fixed: Tensor, eligible: Tensor) -> Tensor:
-    """Per-sample teacher weights ``(B, K)``, each row summing to 1 over its eligible teachers.
-
-    * ``fixed``: ``w_k`` proportional to the fixed weight ``fixed[k]``.
-    * ``confidence`` (CA-MKD, Zhang et al., ICASSP 2022): with ``CE_k`` teacher
-      ``k``'s cross-entropy on the true label, ``w_k = (1 - softmax_k(CE)_k) /
-      (n - 1)`` over the ``n`` eligible teachers that cover the label (a lone
-      such teacher gets 1). Teachers that cannot express the label get 0.
-    * ``entropy`` (EBKD, Kwon et al., ICASSP 2020): ``w_k = softmax_k(-H_k)``
-      with ``H_k`` the entropy of teacher ``k``'s prediction divided by
-      ``log |C_k|`` so that specialists of different sizes compare.
+    """Per-sample teacher weights ``(B, K)``, each row summing to 1 over its eligible teachers
+    (``WEIGHTING_FUNCTIONS[mode]``; see each function).
 
     ``eligible`` ``(B, K)`` bool marks the teachers that may contribute;
     a sample with none gets a row of zeros.
     """
-    if mode == "fixed":
-        return _normalise_rows(fixed.float()[None, :] * eligible)
-    if mode == "confidence":
-        cover = eligible & coverage(class_ids, labels)
-        ce = torch.stack([
-            -F.log_softmax(z.float(), 1).gather(1, local_labels(ids, labels).clamp_min(0)[:, None]).squeeze(1)
-            for z, ids in zip(teacher_logits, class_ids)], 1)
-        s = F.softmax(ce.masked_fill(~cover, float("-inf")), dim=1).nan_to_num(0.0)
-        lone = cover.sum(1, keepdim=True) == 1
-        return _normalise_rows(torch.where(lone, cover.float(), (1 - s) * cover))
-    if mode == "entropy":
-        h = []
-        for z in teacher_logits:
-            logp = F.log_softmax(z.float(), 1)
-            scale = math.log(z.shape[1]) if z.shape[1] > 1 else 1.0
-            h.append(-(logp.exp() * logp).sum(1) / scale)
-        logits = (-torch.stack(h, 1)).masked_fill(~eligible, float("-inf"))
-        return F.softmax(logits, dim=1).nan_to_num(0.0)
-    raise ValueError(f"unknown teacher weighting {mode!r}; choose from {WEIGHTINGS}")
+    if mode not in WEIGHTING_FUNCTIONS:
+        raise ValueError(f"unknown teacher weighting {mode!r}; choose from {WEIGHTINGS}")
+    return WEIGHTING_FUNCTIONS[mode](teacher_logits, class_ids, labels, fixed, eligible)
 
 
 def _placed(teacher_logits: list[Tensor], class_ids: list[Tensor], num_classes: int, temperature: float):

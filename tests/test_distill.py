@@ -3,9 +3,9 @@ import timm
 import torch
 from torch import nn
 
-from mtkd.distill import Distiller, KDConfig
+from mtkd.distill import AGGREGATIONS, KD_LOSSES, Distiller, KDConfig
 from mtkd.errors import UserError
-from mtkd.losses import AGGREGATIONS, KD_LOSSES, WEIGHTINGS
+from mtkd.losses import WEIGHTINGS
 from mtkd.optim import create_optimizer
 from mtkd.teachers import TeacherEnsemble
 
