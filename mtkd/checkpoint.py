@@ -1,6 +1,8 @@
-"""Checkpoints: atomic writes and safe loads (``weights_only=True``)."""
+"""Checkpoints: the one place their format lives. Atomic writes, safe loads (``weights_only=True``),
+the keys of each kind, and ``CheckpointSaver`` for a student run's best / top-k / last files."""
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -51,3 +53,48 @@ def load_checkpoint(path: str | Path, required: tuple[str, ...] = ("model",)) ->
     if missing:
         raise UserError(f"checkpoint {path} is not an mtkd checkpoint (missing {missing}).")
     return state
+
+
+CHECKPOINT_VERSION = 1
+
+# The keys of each kind of checkpoint, written by CheckpointSaver / specialists.train_teacher.
+STUDENT_KEYS = ("model", "distiller", "optimizer", "scheduler", "scaler", "epoch", "val_acc", "best_val_acc",
+                "best_epoch", "rng", "args", "task", "student_model", "class_names", "precision", "version")
+TEACHER_KEYS = ("model", "architecture", "classes", "task", "metrics", "epochs", "version")
+# What each reader needs (older checkpoints may lack the rest).
+FOR_RESUME = ("model", "optimizer", "scheduler", "epoch", "rng")
+FOR_STUDENT = ("model", "student_model", "class_names", "task")  # evaluation, export
+FOR_TEACHER = ("model", "architecture", "classes", "metrics")
+
+
+class CheckpointSaver:
+    """A student run's checkpoints: ``best.pt`` (best validation accuracy), ``last.pt`` (every epoch) and,
+    with ``top_k > 1``, the k best epochs as ``top/epoch_N.pt`` with ``top/index.json``."""
+
+    def __init__(self, run_dir: str | Path, top_k: int = 1):
+        self.run_dir, self.top_k = Path(run_dir), top_k
+
+    def save(self, state: dict, is_best: bool) -> None:
+        missing = [k for k in STUDENT_KEYS if k not in state]
+        if missing:
+            raise ValueError(f"a student checkpoint needs {missing}")
+        if is_best:
+            save_checkpoint(state, self.run_dir / "best.pt")
+        self._keep_top_k(state, state["epoch"], state["val_acc"])
+        save_checkpoint(state, self.run_dir / "last.pt")
+
+    def _keep_top_k(self, state: dict, epoch: int, val_acc: float) -> None:
+        """Keep the k best epochs (ties: the earlier epoch); a resumed run redoes later epochs."""
+        if self.top_k <= 1:
+            return
+        top = self.run_dir / "top"
+        top.mkdir(exist_ok=True)
+        kept = json.loads((top / "index.json").read_text()) if (top / "index.json").exists() else []
+        kept = [e for e in kept if e["epoch"] < epoch]
+        kept.append({"epoch": epoch, "val_acc": val_acc})
+        kept.sort(key=lambda e: (-e["val_acc"], e["epoch"]))
+        if any(e["epoch"] == epoch for e in kept[:self.top_k]):
+            save_checkpoint(state, top / f"epoch_{epoch:03d}.pt")
+        for e in kept[self.top_k:]:
+            (top / f"epoch_{e['epoch']:03d}.pt").unlink(missing_ok=True)
+        (top / "index.json").write_text(json.dumps(kept[:self.top_k], indent=1))

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 from . import plots
-from .checkpoint import load_checkpoint
+from .checkpoint import FOR_STUDENT, load_checkpoint
 from .data import BatchTransform, TaskData, create_loader, load_task_data, read_image
 from .engine import predict
 from .errors import UserError
@@ -48,7 +48,7 @@ class NotTrainedError(UserError):
 
 
 def load_student(path: Path, task: TaskSpec) -> tuple[nn.Module, dict]:
-    state = load_checkpoint(path, required=("model", "student_model", "class_names"))
+    state = load_checkpoint(path, required=FOR_STUDENT)
     if state.get("task") != task.name or list(state["class_names"]) != list(task.class_names):
         raise UserError(f"checkpoint {path} is a student of task {state.get('task')!r} with "
                         f"{len(state['class_names'])} classes, not of task {task.name} ({task.num_classes} classes). "

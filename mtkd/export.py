@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import load_checkpoint
+from .checkpoint import FOR_STUDENT, load_checkpoint
 from .data import load_task_data
 from .errors import UserError
 from .report import console, print_error
@@ -53,7 +53,7 @@ def load_deploy_model(checkpoint: str | Path):
     from .evaluate import load_student
     from .taskfile import resolve_task
 
-    state = load_checkpoint(checkpoint, required=("model", "student_model", "class_names", "task"))
+    state = load_checkpoint(checkpoint, required=FOR_STUDENT)
     task = resolve_task(state.get("args", {}).get("task", state["task"]))
     student, _ = load_student(Path(checkpoint), task)
     return DeployModel(student, task.mean, task.std).eval(), task

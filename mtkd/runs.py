@@ -11,7 +11,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
 from . import plots
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import FOR_RESUME, load_checkpoint
 from .errors import UserError
 from .spec import TaskSpec
 
@@ -62,7 +62,7 @@ def open_resume(args: Namespace, task: TaskSpec, explicit: set[str]) -> tuple[Pa
     for name in explicit:
         setattr(merged, name, getattr(args, name))
     merged.resume = str(run_dir)
-    last = load_checkpoint(run_dir / "last.pt", required=("model", "optimizer", "scheduler", "epoch", "rng"))
+    last = load_checkpoint(run_dir / "last.pt", required=FOR_RESUME)
     if last["epoch"] >= merged.num_epochs:
         raise UserError(f"--resume {run_dir}: the run already finished {last['epoch']} of {merged.num_epochs} "
                         f"epochs. Fix: pass --num_epochs N with N > {last['epoch']} to train it further.")
@@ -88,23 +88,6 @@ def append_metrics(path: Path, row: dict) -> None:
         if new_file:
             out.writeheader()
         out.writerow(row)
-
-
-def keep_top_k(run_dir: Path, state: dict, epoch: int, val_acc: float, k: int) -> None:
-    """With k > 1, keep the k best epochs' checkpoints as ``top/epoch_N.pt`` (ties: the earlier epoch)."""
-    if k <= 1:
-        return
-    top = run_dir / "top"
-    top.mkdir(exist_ok=True)
-    kept = json.loads((top / "index.json").read_text()) if (top / "index.json").exists() else []
-    kept = [e for e in kept if e["epoch"] < epoch]  # a resumed run redoes later epochs
-    kept.append({"epoch": epoch, "val_acc": val_acc})
-    kept.sort(key=lambda e: (-e["val_acc"], e["epoch"]))
-    if any(e["epoch"] == epoch for e in kept[:k]):
-        save_checkpoint(state, top / f"epoch_{epoch:03d}.pt")
-    for e in kept[k:]:
-        (top / f"epoch_{e['epoch']:03d}.pt").unlink(missing_ok=True)
-    (top / "index.json").write_text(json.dumps(kept[:k], indent=1))
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

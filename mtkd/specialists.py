@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINT_VERSION, FOR_TEACHER, load_checkpoint, save_checkpoint
 from .data import BatchTransform, TaskData, create_loader
 from .distill import Distiller
 from .engine import evaluate
@@ -20,8 +20,6 @@ from .precision import Precision, resolve_precision
 from .report import console
 from .spec import TaskSpec
 from .teachers import TeacherEnsemble
-
-CHECKPOINT_VERSION = 1
 
 
 def teacher_dir(output_dir: str | Path, task: TaskSpec) -> Path:
@@ -101,7 +99,7 @@ def train_teacher(spec, task: TaskSpec, data: TaskData, args: Namespace, device:
 
 
 def load_teacher(spec, task: TaskSpec, path: Path) -> tuple[nn.Module, dict]:
-    state = load_checkpoint(path, required=("model", "architecture", "classes", "metrics"))
+    state = load_checkpoint(path, required=FOR_TEACHER)
     if state["architecture"] != spec.architecture or list(state["classes"]) != list(spec.classes):
         raise UserError(
             f"teacher checkpoint {path} was trained as {state['architecture']} on {state['classes']}, "

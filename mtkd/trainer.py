@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 
 from .cache import CachedViews, open_teacher_cache
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINT_VERSION, CheckpointSaver, load_checkpoint
 from .data import BatchTransform, TaskData, create_loader, load_task_data
 from .distill import Distiller, KDConfig
 from .distributed import DistInfo, barrier, broadcast, cleanup, init_distributed, main_first
@@ -30,10 +30,10 @@ from .loop import GracefulStop, RunRng, fit, resolve_device, seed_everything
 from .models import check_architecture, count_parameters, create_student
 from .optim import create_optimizer, create_scheduler
 from .report import console, run_summary_table, teachers_table
-from .runs import (append_metrics, create_run_dir, keep_top_k, log_hparams, open_resume, truncate_metrics,
+from .runs import (append_metrics, create_run_dir, log_hparams, open_resume, truncate_metrics,
                    write_run_curves)
 from .precision import Precision
-from .specialists import CHECKPOINT_VERSION, choose_precision, example_batch, prepare_teachers, teacher_path
+from .specialists import choose_precision, example_batch, prepare_teachers, teacher_path
 from .spec import TaskSpec
 from .taskfile import resolve_task
 from .metrics import restricted_accuracy
@@ -175,6 +175,8 @@ def _run(args: Namespace, explicit: set[str], dist: DistInfo, device_name: str) 
     # and the student's BatchNorm statistics are synchronised before each validation (loop.fit).
     train_step = DistributedDataParallel(step, broadcast_buffers=False) if dist.enabled else step
 
+    saver = CheckpointSaver(run_dir, args.save_top_k)
+
     def on_epoch(epoch, train, val, lr, seconds) -> bool:
         if val["acc"] > best["val_acc"]:
             best.update(val_acc=val["acc"], epoch=epoch)
@@ -194,10 +196,7 @@ def _run(args: Namespace, explicit: set[str], dist: DistInfo, device_name: str) 
                      "student_model": args.student_model, "class_names": list(task.class_names),
                      "precision": str(precision), "scaler": scaler.state_dict() if scaler is not None else {},
                      "version": CHECKPOINT_VERSION}
-            if best["epoch"] == epoch:
-                save_checkpoint(state, run_dir / "best.pt")
-            keep_top_k(run_dir, state, epoch, val["acc"], args.save_top_k)
-            save_checkpoint(state, run_dir / "last.pt")
+            saver.save(state, is_best=best["epoch"] == epoch)
         if args.early_stopping and epoch - best["epoch"] >= args.early_stopping:
             console.print(f"[bold]Early stopping[/]: no better validation accuracy for {args.early_stopping} "
                           f"epochs (best {best['val_acc']:.4f} at epoch {best['epoch']})")

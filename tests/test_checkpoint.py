@@ -65,3 +65,18 @@ def test_checkpoint_without_model_is_rejected(tmp_path):
     torch.save({"epoch": 1}, tmp_path / "x.pt")
     with pytest.raises(UserError, match="not an mtkd checkpoint"):
         load_checkpoint(tmp_path / "x.pt")
+
+
+def test_checkpoint_saver_keeps_best_top_k_and_last(tmp_path):
+    from mtkd.checkpoint import STUDENT_KEYS, CheckpointSaver
+
+    saver = CheckpointSaver(tmp_path, top_k=2)
+    best = -1.0
+    for epoch, acc in enumerate([0.5, 0.7, 0.6, 0.9], 1):
+        state = {k: None for k in STUDENT_KEYS} | {"epoch": epoch, "val_acc": acc, "model": {"w": torch.ones(1)}}
+        saver.save(state, is_best=acc > best)
+        best = max(best, acc)
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 4 and load_checkpoint(tmp_path / "last.pt")["epoch"] == 4
+    assert sorted(p.name for p in (tmp_path / "top").glob("*.pt")) == ["epoch_002.pt", "epoch_004.pt"]
+    with pytest.raises(ValueError, match="needs"):
+        saver.save({"model": {}}, is_best=False)
