@@ -137,7 +137,7 @@ def training_pass(task, data, ensemble, cfg, args, device, transform, cache=None
     seed_everything(args.seed)
     student = precision.prepare_model(create_student(args.student_model, task).to(device))
     step = Distiller(student, ensemble, cfg).to(device)
-    optimizer = create_optimizer(step, argparse.Namespace(optimizer="adam", lr=1e-3, weight_decay=5e-4))
+    optimizer = create_optimizer(step, "adam", lr=1e-3, weight_decay=5e-4)
     scaler = torch.amp.GradScaler(device.type) if precision.dtype == "fp16" else None
     loader = create_loader(CachedViews(data, cache) if cache else data, args.batch_size, train=True)
     epoch = [0]

@@ -26,8 +26,8 @@ from mtkd.config import get_args_parser  # noqa: E402
 from mtkd.data import BatchTransform, create_loader, load_task_data  # noqa: E402
 from mtkd.distill import Distiller  # noqa: E402
 from mtkd.engine import evaluate  # noqa: E402
-from mtkd.loop import RunRng, fit, resolve_device, seed_everything  # noqa: E402
-from mtkd.optim import create_optimizer, create_scheduler  # noqa: E402
+from mtkd.loop import LoopConfig, RunRng, fit, resolve_device, seed_everything  # noqa: E402
+from mtkd.optim import EpochScheduler, create_optimizer, optimizer_kwargs, scheduler_kwargs  # noqa: E402
 from mtkd.models import STUDENTS, adapt_to_small_inputs, count_parameters, reset_classifier_init  # noqa: E402
 
 VARIANTS = ("mtkd", "timm_head", "stride16", "imagenet")
@@ -46,8 +46,8 @@ def train_and_test(task, data, args, variant: str) -> dict:
     device = resolve_device(args.device)
     seed_everything(args.seed)
     model = create_variant(args.student_model, task, variant).to(device)
-    optimizer = create_optimizer(model, args)
-    scheduler = create_scheduler(optimizer, args, args.num_epochs)
+    optimizer = create_optimizer(model, **optimizer_kwargs(args))
+    scheduler = EpochScheduler(optimizer, epochs=args.num_epochs, **scheduler_kwargs(args))
     transform = BatchTransform.for_task(task).to(device)
     best = {"acc": -1.0}
     last = {}
@@ -58,7 +58,8 @@ def train_and_test(task, data, args, variant: str) -> dict:
             best.update(acc=val["acc"], state={k: v.clone() for k, v in model.state_dict().items()})
 
     start = time.perf_counter()
-    fit(Distiller(model), data, epochs=args.num_epochs, optimizer=optimizer, scheduler=scheduler, args=args,
+    fit(Distiller(model), data, epochs=args.num_epochs, optimizer=optimizer, scheduler=scheduler,
+        loop=LoopConfig.from_args(args),
         device=device, transform=transform, on_epoch=on_epoch, val_model=model, title=variant, rng=RunRng(args.seed))
     seconds = time.perf_counter() - start
     model.load_state_dict(best["state"])

@@ -5,7 +5,7 @@ import random
 import signal
 import threading
 import time
-from argparse import Namespace
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -127,7 +127,22 @@ class GracefulStop:
         return self.signum or 0
 
 
-def fit(step: nn.Module, data: TaskData, *, epochs: int, optimizer, scheduler, args: Namespace,
+@dataclass(frozen=True)
+class LoopConfig:
+    """What the epoch loop takes from a training recipe."""
+
+    batch_size: int
+    seed: int
+    num_workers: int = 0
+    grad_accum: int = 1
+    clip_grad: float = 0.0
+
+    @classmethod
+    def from_args(cls, args) -> "LoopConfig":
+        return cls(args.batch_size, args.seed, args.num_workers, args.grad_accum, args.clip_grad)
+
+
+def fit(step: nn.Module, data: TaskData, *, epochs: int, optimizer, scheduler, loop: LoopConfig,
         device: torch.device, transform: BatchTransform, on_epoch, val_model: nn.Module,
         title: str, rng: RunRng, start_epoch: int = 1, stop=None, dist: DistInfo = DistInfo(),
         precision: Precision = FP32, scaler: torch.amp.GradScaler | None = None) -> None:
@@ -143,12 +158,12 @@ def fit(step: nn.Module, data: TaskData, *, epochs: int, optimizer, scheduler, a
     """
     pin = device.type == "cuda"
     # A dataset with per-epoch state (the teacher cache's views) must stay in this process.
-    workers = 0 if hasattr(data.train, "set_epoch") else args.num_workers
-    sampler = DistributedSampler(data.train, dist.world_size, dist.rank, shuffle=True, seed=args.seed) \
+    workers = 0 if hasattr(data.train, "set_epoch") else loop.num_workers
+    sampler = DistributedSampler(data.train, dist.world_size, dist.rank, shuffle=True, seed=loop.seed) \
         if dist.enabled else None
-    train_loader = create_loader(data.train, args.batch_size, train=True, generator=rng.loader,
+    train_loader = create_loader(data.train, loop.batch_size, train=True, generator=rng.loader,
                                  num_workers=workers, pin_memory=pin, sampler=sampler)
-    val_loader = create_loader(shard(data.val, dist), 512, train=False, num_workers=args.num_workers,
+    val_loader = create_loader(shard(data.val, dist), 512, train=False, num_workers=loop.num_workers,
                                pin_memory=pin)
     reduce = partial(all_reduce_sums, dist, device=device)
     with create_progress(disable=not dist.is_main) as progress:
@@ -160,7 +175,7 @@ def fit(step: nn.Module, data: TaskData, *, epochs: int, optimizer, scheduler, a
                     stateful.set_epoch(epoch)
             train = train_one_epoch(step, train_loader, optimizer, transform, device, epoch=epoch,
                                     generator=rng.augment, progress=progress, precision=precision, scaler=scaler,
-                                    grad_accum=args.grad_accum, clip_grad=args.clip_grad,
+                                    grad_accum=loop.grad_accum, clip_grad=loop.clip_grad,
                                     stop=stop, reduce=reduce,
                                     agree=partial(all_reduce_max, dist) if dist.enabled else None)
             sync_buffers(dist, val_model)

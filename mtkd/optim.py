@@ -1,8 +1,6 @@
 """Optimisers and learning-rate schedules of the command line (``--optimizer``, ``--scheduler``)."""
 from __future__ import annotations
 
-from argparse import Namespace
-
 import torch
 from torch import nn
 
@@ -10,19 +8,21 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("step", "cosine", "plateau")
 
 
-def create_optimizer(model: nn.Module, args: Namespace) -> torch.optim.Optimizer:
-    """``--optimizer`` (Adam by default) with ``--lr`` / ``--weight_decay``, over the trainable parameters.
+def optimizer_kwargs(args) -> dict:
+    """``create_optimizer``'s keywords from parsed arguments (``--optimizer``, ``--lr``, ``--weight_decay``)."""
+    return {"kind": args.optimizer, "lr": args.lr, "weight_decay": args.weight_decay}
 
-    SGD uses Nesterov momentum 0.9, the usual choice for CNNs.
-    """
+
+def create_optimizer(model: nn.Module, kind: str = "adam", lr: float = 1e-3,
+                     weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """Adam, AdamW or SGD over the trainable parameters. SGD uses Nesterov momentum 0.9, the usual choice."""
     params = [p for p in model.parameters() if p.requires_grad]
-    kind = args.optimizer
     if kind == "adam":
-        return torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     if kind == "adamw":
-        return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if kind == "sgd":
-        return torch.optim.SGD(params, lr=args.lr, momentum=0.9, nesterov=True, weight_decay=args.weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {kind!r}")
 
 
@@ -74,6 +74,7 @@ class EpochScheduler:
             self.warmup.load_state_dict(state["warmup"])
 
 
-def create_scheduler(optimizer: torch.optim.Optimizer, args: Namespace, epochs: int) -> EpochScheduler:
-    return EpochScheduler(optimizer, args.scheduler, epochs, args.scheduler_step, args.scheduler_gamma,
-                          args.warmup_epochs)
+def scheduler_kwargs(args) -> dict:
+    """``EpochScheduler``'s keywords from parsed arguments (``--scheduler`` and its options)."""
+    return {"kind": args.scheduler, "step_size": args.scheduler_step, "gamma": args.scheduler_gamma,
+            "warmup_epochs": args.warmup_epochs}

@@ -1,7 +1,7 @@
 """Specialist teachers: train each on its own classes, or load it; build the ensemble."""
 from __future__ import annotations
 
-from argparse import Namespace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -13,13 +13,33 @@ from .data import BatchTransform, TaskData, create_loader
 from .distill import Distiller
 from .engine import evaluate
 from .errors import UserError
-from .loop import RunRng, fit, seed_everything
+from .loop import LoopConfig, RunRng, fit, seed_everything
 from .optim import EpochScheduler, create_optimizer
 from .models import count_parameters, create_teacher
 from .precision import Precision, resolve_precision
 from .report import console
 from .spec import TaskSpec
 from .teachers import TeacherEnsemble
+
+
+@dataclass(frozen=True)
+class TeacherRecipe:
+    """How a missing teacher is trained: Adam with ``lr`` / ``weight_decay``, a cosine schedule over
+    ``epochs``, no accumulation or clipping, whatever the student's options; precision by the ``amp`` rule."""
+
+    epochs: int = 30
+    lr: float = 1e-3
+    weight_decay: float = 5e-4
+    batch_size: int = 32
+    seed: int = 42
+    amp: str = "auto"
+    deterministic: bool = False
+    num_workers: int = 0
+
+    @classmethod
+    def from_args(cls, args) -> "TeacherRecipe":
+        return cls(args.teacher_epochs, args.lr, args.weight_decay, args.batch_size, args.seed, args.amp,
+                   args.deterministic, args.num_workers)
 
 
 def teacher_dir(output_dir: str | Path, task: TaskSpec) -> Path:
@@ -53,23 +73,17 @@ def choose_precision(amp: str, model: nn.Module, example: torch.Tensor, train: b
     return precision
 
 
-def train_teacher(spec, task: TaskSpec, data: TaskData, args: Namespace, device: torch.device,
+def train_teacher(spec, task: TaskSpec, data: TaskData, recipe: TeacherRecipe, device: torch.device,
                   path: Path) -> tuple[nn.Module, dict]:
-    """Train one specialist on its classes; keep the weights of its best validation epoch.
-
-    Adam with the run's ``--lr`` / ``--weight_decay`` / ``--batch_size`` and a
-    cosine schedule over ``--teacher_epochs``.
-    """
+    """Train one specialist on its classes by ``recipe``; keep the weights of its best validation epoch."""
     ids = task.class_indices(spec.classes)
     own = TaskData(*(data.split(s).select_classes(ids) for s in ("train", "val", "test")))
     model = create_teacher(spec, task).to(device)
-    # Teachers keep one recipe whatever the student's options: Adam, cosine, no accumulation or clipping.
-    args = Namespace(**{**vars(args), "optimizer": "adam", "grad_accum": 1, "clip_grad": 0.0})
-    optimizer = create_optimizer(model, args)
-    scheduler = EpochScheduler(optimizer, "cosine", args.teacher_epochs)
+    optimizer = create_optimizer(model, "adam", recipe.lr, recipe.weight_decay)
+    scheduler = EpochScheduler(optimizer, "cosine", recipe.epochs)
     transform = BatchTransform.for_task(task).to(device)
-    precision = choose_precision(args.amp, model, example_batch(own.train, transform, device, args.batch_size),
-                                 True, args.deterministic, f"teacher {spec.name}")
+    precision = choose_precision(recipe.amp, model, example_batch(own.train, transform, device, recipe.batch_size),
+                                 True, recipe.deterministic, f"teacher {spec.name}")
     precision.prepare_model(model)
     scaler = torch.amp.GradScaler(device.type) if precision.dtype == "fp16" else None
     best = {"val_acc": -1.0}
@@ -83,10 +97,10 @@ def train_teacher(spec, task: TaskSpec, data: TaskData, args: Namespace, device:
             best.update(val_acc=val["acc"], epoch=epoch,
                         model={k: v.detach().clone() for k, v in model.state_dict().items()})
 
-    seed_everything(args.seed)
-    fit(Distiller(model), own, epochs=args.teacher_epochs, optimizer=optimizer, scheduler=scheduler,
-        args=args, device=device, transform=transform, on_epoch=on_epoch, val_model=model,
-        title=f"teacher {spec.name}", rng=RunRng(args.seed), precision=precision, scaler=scaler)
+    seed_everything(recipe.seed)
+    fit(Distiller(model), own, epochs=recipe.epochs, optimizer=optimizer, scheduler=scheduler,
+        loop=LoopConfig(recipe.batch_size, recipe.seed, recipe.num_workers), device=device, transform=transform, on_epoch=on_epoch, val_model=model,
+        title=f"teacher {spec.name}", rng=RunRng(recipe.seed), precision=precision, scaler=scaler)
     writer.close()
     model.load_state_dict(best["model"])
     test = evaluate(model, create_loader(own.test, 512, train=False), transform, device, precision=precision)
@@ -94,7 +108,7 @@ def train_teacher(spec, task: TaskSpec, data: TaskData, args: Namespace, device:
     metrics = {"val_acc": best["val_acc"], "test_acc": test["acc"], "best_epoch": best["epoch"]}
     save_checkpoint({"model": model.state_dict(), "architecture": spec.architecture,
                      "classes": list(spec.classes), "task": task.name, "metrics": metrics,
-                     "epochs": args.teacher_epochs, "version": CHECKPOINT_VERSION}, path)
+                     "epochs": recipe.epochs, "version": CHECKPOINT_VERSION}, path)
     return model, metrics
 
 
@@ -110,25 +124,28 @@ def load_teacher(spec, task: TaskSpec, path: Path) -> tuple[nn.Module, dict]:
     return model, state["metrics"]
 
 
-def prepare_teachers(task: TaskSpec, data: TaskData, args: Namespace, device: torch.device,
-                     retrain: bool = False) -> tuple[TeacherEnsemble, list[dict]]:
-    """Load each teacher's checkpoint, training those that have none (or all, with ``retrain``)."""
+def prepare_teachers(task: TaskSpec, data: TaskData, output_dir: str | Path, recipe: TeacherRecipe,
+                     device: torch.device, retrain: bool = False) -> tuple[TeacherEnsemble, list[dict]]:
+    """Load each teacher's checkpoint, training by ``recipe`` those that have none (or all, with ``retrain``).
+
+    Each teacher then runs in the precision ``recipe.amp`` gives it for inference.
+    """
     models, rows = [], []
     for spec in task.teachers:
-        path = teacher_path(args.output_dir, task, spec)
+        path = teacher_path(output_dir, task, spec)
         if path.exists() and not retrain:
             model, metrics = load_teacher(spec, task, path)
             status = "reused"
         else:
             console.print(f"[bold]Training teacher {spec.name}[/] ({spec.architecture}, "
                           f"classes {' '.join(spec.classes)})")
-            model, metrics = train_teacher(spec, task, data, args, device, path)
+            model, metrics = train_teacher(spec, task, data, recipe, device, path)
             status = "trained"
         models.append(model)
         rows.append(_teacher_row(spec, model, metrics, status))
     ensemble = create_ensemble(task, models).to(device)
-    example = example_batch(data.train, BatchTransform.for_task(task).to(device), device, args.batch_size)
-    ensemble.set_precisions([choose_precision(args.amp, t, example, False, args.deterministic, f"teacher {name}")
+    example = example_batch(data.train, BatchTransform.for_task(task).to(device), device, recipe.batch_size)
+    ensemble.set_precisions([choose_precision(recipe.amp, t, example, False, recipe.deterministic, f"teacher {name}")
                              for t, name in zip(ensemble.teachers, ensemble.names)])
     for row, precision in zip(rows, ensemble.precisions):
         row["precision"] = str(precision)

@@ -26,14 +26,14 @@ from .distill import Distiller, KDConfig
 from .distributed import DistInfo, barrier, broadcast, cleanup, init_distributed, main_first
 from .engine import TrainingInterrupted, evaluate, predict
 from .errors import UserError
-from .loop import GracefulStop, RunRng, fit, resolve_device, seed_everything
+from .loop import GracefulStop, LoopConfig, RunRng, fit, resolve_device, seed_everything
 from .models import check_architecture, count_parameters, create_student
-from .optim import create_optimizer, create_scheduler
+from .optim import EpochScheduler, create_optimizer, optimizer_kwargs, scheduler_kwargs
 from .report import console, run_summary_table, teachers_table
 from .runs import (append_metrics, create_run_dir, log_hparams, open_resume, truncate_metrics,
                    write_run_curves)
 from .precision import Precision
-from .specialists import choose_precision, example_batch, prepare_teachers, teacher_path
+from .specialists import TeacherRecipe, choose_precision, example_batch, prepare_teachers, teacher_path
 from .spec import TaskSpec
 from .taskfile import resolve_task
 from .metrics import restricted_accuracy
@@ -110,8 +110,10 @@ def _run(args: Namespace, explicit: set[str], dist: DistInfo, device_name: str) 
     student = create_student(args.student_model, task).to(device)
     # Missing teachers are trained by rank 0 alone; the other ranks wait, then load them.
     # The other ranks load what rank 0 trained, whatever --retrain_teachers says.
-    ensemble, teacher_rows = main_first(dist, lambda: prepare_teachers(task, data, args, device, args.retrain_teachers),
-                                        lambda: prepare_teachers(task, data, args, device, retrain=False))
+    recipe = TeacherRecipe.from_args(args)
+    ensemble, teacher_rows = main_first(
+        dist, lambda: prepare_teachers(task, data, args.output_dir, recipe, device, args.retrain_teachers),
+        lambda: prepare_teachers(task, data, args.output_dir, recipe, device, retrain=False))
     # Every rank runs the teachers as rank 0 measured (the cache key records it).
     ensemble.set_precisions(broadcast(dist, ensemble.precisions))
     console.print(teachers_table(teacher_rows))
@@ -150,8 +152,8 @@ def _run(args: Namespace, explicit: set[str], dist: DistInfo, device_name: str) 
         console.print(f"[bold]Teacher cache[/] {cache_path}: {cache_status}, {cache.num_views} views "
                       f"({time.perf_counter() - started_cache:.1f}s)", soft_wrap=True)
         train_data = TaskData(CachedViews(data.train, cache), data.val, data.test)
-    optimizer = create_optimizer(step, args)
-    scheduler = create_scheduler(optimizer, args, args.num_epochs)
+    optimizer = create_optimizer(step, **optimizer_kwargs(args))
+    scheduler = EpochScheduler(optimizer, epochs=args.num_epochs, **scheduler_kwargs(args))
     rng = RunRng(args.seed, dist.rank)
     best = {"val_acc": -1.0, "epoch": 0}
     start_epoch = 1
@@ -206,7 +208,8 @@ def _run(args: Namespace, explicit: set[str], dist: DistInfo, device_name: str) 
     with GracefulStop() as stop:
         try:
             fit(train_step, train_data, epochs=args.num_epochs, optimizer=optimizer, scheduler=scheduler,
-                args=args, device=device, transform=transform, on_epoch=on_epoch, val_model=student,
+                loop=LoopConfig.from_args(args), device=device, transform=transform, on_epoch=on_epoch,
+                val_model=student,
                 title="student", rng=rng, start_epoch=start_epoch, stop=stop, dist=dist, precision=precision,
                 scaler=scaler)
         except TrainingInterrupted as e:

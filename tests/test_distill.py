@@ -92,7 +92,7 @@ def test_temperature_schedule_and_dkd_warmup():
 def test_ema_teacher_joins_the_ensemble_and_follows_the_student():
     student = nn.Linear(4, 4)
     step = Distiller(student, make_ensemble(), KDConfig(alpha=0.5, temperature=2.0, ema_decay=0.5))
-    opt = create_optimizer(step, type("A", (), {"optimizer": "adam", "lr": 0.1, "weight_decay": 0.0})())
+    opt = create_optimizer(step, "adam", lr=0.1)
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == 20  # the student's 16 + 4 only
     for _ in range(3):
         before = student.weight.detach().clone()

@@ -3,7 +3,7 @@ from argparse import Namespace
 import pytest
 import torch
 
-from mtkd.optim import EpochScheduler, create_optimizer, create_scheduler
+from mtkd.optim import EpochScheduler, create_optimizer, optimizer_kwargs, scheduler_kwargs
 
 
 def lrs(kind, epochs=6, warmup=2, metrics=None):
@@ -49,10 +49,13 @@ def test_scheduler_state_round_trip():
 def test_optimizers_take_only_trainable_parameters(kind, cls):
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
     model[1].requires_grad_(False)
-    opt = create_optimizer(model, Namespace(optimizer=kind, lr=0.1, weight_decay=1e-4))
+    args = Namespace(optimizer=kind, lr=0.1, weight_decay=1e-4, scheduler="step", scheduler_step=3,
+                     scheduler_gamma=0.1, warmup_epochs=0)  # what train.py parses
+    opt = create_optimizer(model, **optimizer_kwargs(args))
     assert isinstance(opt, cls) and len(opt.param_groups[0]["params"]) == 2
-    assert create_scheduler(opt, Namespace(scheduler="step", scheduler_step=3, scheduler_gamma=0.1,
-                                           warmup_epochs=0), 10).kind == "step"
+    assert opt.param_groups[0]["weight_decay"] == 1e-4 and opt.param_groups[0]["lr"] == 0.1
+    scheduler = EpochScheduler(opt, epochs=10, **scheduler_kwargs(args))
+    assert scheduler.kind == "step" and scheduler.main.step_size == 3 and scheduler.main.gamma == 0.1
 
 
 def test_scheduler_resumes_from_a_bare_steplr_state():
