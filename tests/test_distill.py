@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import timm
 import torch
@@ -178,3 +180,53 @@ def test_compiled_student_matches_and_keeps_its_state_dict_keys():
     assert list(compiled.state_dict()) == [f"student.{k}" for k in student.state_dict()]
     out["loss"].backward()
     assert student[3].weight.grad.abs().sum() > 0
+
+
+class FixedLogits(nn.Module):
+    """A model whose logits are fixed (a parameter, so that the student can have gradients)."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = nn.Parameter(torch.tensor(logits))
+
+    def forward(self, x):
+        return self.logits.expand(len(x), -1)
+
+
+def _softmax(z, T=1.0):
+    e = [math.exp(v / T) for v in z]
+    return [v / sum(e) for v in e]
+
+
+def _kl(p, q):
+    return sum(a * (math.log(a) - math.log(b)) for a, b in zip(p, q) if a > 0)
+
+
+S_FIXED, Y_FIXED = [1.0, 2.0, 0.0], 1
+
+
+@pytest.mark.parametrize("aggregation", ["consensus", "mixture"])
+def test_golden_loss_of_the_training_step_one_teacher(aggregation):
+    """The Distiller (what trains) against hand-computed values: (1 - a) CE + a T^2 KL(softmax(z/T) || softmax(s/T))."""
+    T, alpha, z = 2.0, 0.3, [2.0, 0.0, 1.0]
+    ce = -math.log(_softmax(S_FIXED)[Y_FIXED])
+    kd = T * T * _kl(_softmax(z, T), _softmax(S_FIXED, T))
+    ens = TeacherEnsemble([FixedLogits(z)], [[0, 1, 2]], [1.0], 3)
+    out = Distiller(FixedLogits(S_FIXED), ens, KDConfig(alpha=alpha, temperature=T, aggregation=aggregation))(
+        torch.zeros(1, 1), torch.tensor([Y_FIXED]))
+    assert out["loss_hard"].item() == pytest.approx(ce, rel=1e-6)
+    assert out["loss_soft"].item() == pytest.approx(kd, rel=1e-5)
+    assert out["loss"].item() == pytest.approx((1 - alpha) * ce + alpha * kd, rel=1e-5)
+
+
+def test_golden_loss_of_the_training_step_amalgamate_two_specialists():
+    """Disjoint specialists {0, 1} and {2}: sum_k w_k T^2 KL(p_k || softmax(s[C_k] / T)), w = 1/2 each."""
+    T, alpha = 3.0, 0.5
+    z0, z1 = [0.5, -0.5], [4.0]
+    kd = 0.5 * T * T * _kl(_softmax(z0, T), _softmax(S_FIXED[:2], T)) + 0.5 * T * T * _kl([1.0], [1.0])
+    ce = -math.log(_softmax(S_FIXED)[Y_FIXED])
+    ens = TeacherEnsemble([FixedLogits(z0), FixedLogits(z1)], [[0, 1], [2]], [1.0, 1.0], 3)
+    out = Distiller(FixedLogits(S_FIXED), ens, KDConfig(alpha=alpha, temperature=T, aggregation="amalgamate"))(
+        torch.zeros(1, 1), torch.tensor([Y_FIXED]))
+    assert out["loss_soft"].item() == pytest.approx(kd, rel=1e-5)
+    assert out["loss"].item() == pytest.approx((1 - alpha) * ce + alpha * kd, rel=1e-5)
