@@ -27,6 +27,7 @@ from .distributed import DistInfo, barrier, broadcast, cleanup, init_distributed
 from .engine import TrainingInterrupted, evaluate, predict
 from .errors import UserError
 from .loop import GracefulStop, LoopConfig, RunRng, fit, resolve_device, seed_everything
+from .metrics import restricted_accuracy
 from .models import check_architecture, count_parameters, create_student
 from .optim import EpochScheduler, create_optimizer, optimizer_kwargs, scheduler_kwargs
 from .report import console, run_summary_table, teachers_table
@@ -36,7 +37,6 @@ from .precision import Precision
 from .specialists import TeacherRecipe, choose_precision, example_batch, prepare_teachers, teacher_path
 from .spec import TaskSpec
 from .taskfile import resolve_task
-from .metrics import restricted_accuracy
 from .teachers import ENSEMBLE_METHODS, EnsembleClassifier
 
 
@@ -209,8 +209,7 @@ def _run(args: Namespace, explicit: set[str], dist: DistInfo, device_name: str) 
         try:
             fit(train_step, train_data, epochs=args.num_epochs, optimizer=optimizer, scheduler=scheduler,
                 loop=LoopConfig.from_args(args), device=device, transform=transform, on_epoch=on_epoch,
-                val_model=student,
-                title="student", rng=rng, start_epoch=start_epoch, stop=stop, dist=dist, precision=precision,
+                val_model=student, title="student", rng=rng, start_epoch=start_epoch, stop=stop, dist=dist, precision=precision,
                 scaler=scaler)
         except TrainingInterrupted as e:
             if writer is not None:
