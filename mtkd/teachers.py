@@ -72,12 +72,15 @@ class TeacherEnsemble(nn.Module):
         return mixture_targets(self(x), self.class_ids, self.weights, self.num_classes, temperature)
 
     def global_logprobs(self, x: Tensor, method: str = "combination") -> Tensor:
-        """The ensemble's prediction at T = 1, as log-probabilities over global classes.
+        """The ensemble's prediction at T = 1, as log-probabilities over global classes (see ``combine``)."""
+        return self.combine(self(x), method)
+
+    def combine(self, logits: list[Tensor], method: str = "combination") -> Tensor:
+        """The teachers' ``logits`` as one prediction at T = 1, log-probabilities over global classes.
 
         ``combination``: ``losses.specialist_combination`` (Hinton et al. 2015,
         section 5); ``mixture``: the label-blind weighted mixture.
         """
-        logits = self(x)
         if method == "combination":
             return specialist_combination(logits, self.class_ids, self.weights, self.num_classes)
         if method == "mixture":

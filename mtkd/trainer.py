@@ -37,7 +37,7 @@ from .precision import Precision
 from .specialists import TeacherRecipe, choose_precision, example_batch, prepare_teachers, teacher_path
 from .spec import TaskSpec
 from .taskfile import resolve_task
-from .teachers import ENSEMBLE_METHODS, EnsembleClassifier
+from .teachers import ENSEMBLE_METHODS
 
 
 class RunInterrupted(UserError):
@@ -250,12 +250,20 @@ def finish_run(run_dir, args, task, kd, student, ensemble, data, transform, devi
     for row, ids in zip(teacher_rows, ensemble.class_ids):
         # The student on the specialist's test images, choosing among the specialist's classes: its task.
         row["student_test_acc"] = restricted_accuracy(logits, labels, ids.cpu())
-    ensemble_rows = {}
-    for method in ENSEMBLE_METHODS:
-        model = EnsembleClassifier(ensemble, method)
-        ensemble_rows[method] = {
-            "val_acc": evaluate(model, create_loader(data.val, 512, train=False), transform, device)["acc"],
-            "test_acc": evaluate(model, test_loader, transform, device)["acc"]}
+    ensemble_rows = {method: {} for method in ENSEMBLE_METHODS}
+    for split, dataset in (("val", data.val), ("test", data.test)):
+        # The teachers run once per split; each way of combining them reads the same logits.
+        teacher_logits, split_labels = [], []
+        with torch.inference_mode():
+            for images, y in create_loader(dataset, 512, train=False):
+                teacher_logits.append(ensemble(transform(images.to(device))))
+                split_labels.append(y.to(device))
+        for method in ENSEMBLE_METHODS:
+            if not teacher_logits:  # an empty split
+                ensemble_rows[method][f"{split}_acc"] = float("nan")
+                continue
+            pred = ensemble.combine([torch.cat(z) for z in zip(*teacher_logits)], method).argmax(1)
+            ensemble_rows[method][f"{split}_acc"] = (pred == torch.cat(split_labels)).float().mean().item()
     summary = {
         "task": task.name, "student_model": args.student_model, "run_dir": str(run_dir),
         "alpha": args.alpha, "temperature": args.temperature, "epochs": args.num_epochs, "seed": args.seed,

@@ -39,6 +39,20 @@ def test_smoke_run_summary_is_consistent(smoke_run):
     assert all(t["test_acc"] > 0.6 for t in s["teachers"])
     assert s["test_acc"] > 0.3
     assert "test acc" in smoke_run["stdout"]
+    # The ensemble rows are those of the teachers evaluated as one classifier, each way of combining them.
+    from mtkd.data import BatchTransform, create_loader, load_task_data
+    from mtkd.engine import evaluate
+    from mtkd.evaluate import load_ensemble
+    from mtkd.teachers import EnsembleClassifier
+    from tasks import get_task
+
+    task = get_task("B")
+    ensemble, _ = load_ensemble(task, smoke_run["output_dir"])
+    test = create_loader(load_task_data(task).test, 512, train=False)
+    for method in ("combination", "mixture"):
+        acc = evaluate(EnsembleClassifier(ensemble, method), test, BatchTransform.for_task(task), torch.device("cpu"))
+        assert s["ensemble"][method]["test_acc"] == pytest.approx(acc["acc"], abs=1e-6)  # float32 mean; an image is 3e-3
+    assert s["ensemble_test_acc"] == s["ensemble"]["combination"]["test_acc"]
 
 
 def test_smoke_run_tensorboard_tags(smoke_run):
