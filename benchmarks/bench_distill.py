@@ -53,7 +53,7 @@ from mtkd.optim import create_optimizer  # noqa: E402
 from mtkd.precision import AMP_MODES, FP32, resolve_precision  # noqa: E402
 from mtkd.models import create_student, create_teacher, list_students  # noqa: E402
 from mtkd.spec import get_task, list_tasks  # noqa: E402
-from mtkd.specialists import create_ensemble  # noqa: E402
+from mtkd.specialists import create_ensemble, example_batch  # noqa: E402
 
 
 def get_args_parser():
@@ -117,18 +117,14 @@ def best_rates(device, repeats: int, passes: dict, n: int) -> dict[str, float]:
     return {name: n / t for name, t in best.items()}
 
 
-def example(data, transform, device, n=64):
-    return transform(data.images[:n].to(device))
-
-
 def student_precision(task, args, data, device, transform, amp):
     seed_everything(args.seed)
     student = create_student(args.student_model, task).to(device)
-    return resolve_precision(amp, device, student, example(data, transform, device, args.batch_size), train=True)[0]
+    return resolve_precision(amp, device, student, example_batch(data, transform, device, args.batch_size), train=True)[0]
 
 
 def teacher_precisions(ensemble, data, device, transform, amp):
-    x = example(data, transform, device)
+    x = example_batch(data, transform, device, 64)
     return [resolve_precision(amp, device, t, x, train=False)[0] for t in ensemble.teachers]
 
 
