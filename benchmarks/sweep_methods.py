@@ -11,6 +11,8 @@ baseline and the teacher ensemble.
 
 Methods are ``baseline`` (alpha 0) or ``AGGREGATION:WEIGHTING``; ``+online``
 at the end of a method runs it without the teacher cache (to check parity).
+``--label_fractions 1 0.1`` repeats every method at each ``--label_fraction``
+(the baseline then trains on the labelled images only).
 """
 import argparse
 import json
@@ -41,13 +43,16 @@ def method_flags(method: str) -> dict:
 def table(rows: list[dict]) -> str:
     by = {}
     for r in rows:
-        by.setdefault(r["method"], []).append(r)
-    lines = ["| method | seeds | test acc (mean ± std) | best val (mean) |", "|---|---:|---:|---:|"]
-    for method, rs in by.items():
+        by.setdefault((r.get("label_fraction", 1.0), r["method"]), []).append(r)
+    lines = ["| label fraction | method | labelled / unlabelled images | seeds | test acc (mean ± std) | "
+             "best val (mean) |", "|---:|---|---:|---:|---:|---:|"]
+    for (fraction, method), rs in sorted(by.items(), key=lambda kv: -kv[0][0]):
         acc = [100 * r["test_acc"] for r in rs]
         std = statistics.stdev(acc) if len(acc) > 1 else 0.0
         val = statistics.mean(100 * r["best_val_acc"] for r in rs)
-        lines.append(f"| {method} | {len(rs)} | {statistics.mean(acc):.2f} ± {std:.2f} | {val:.2f} |")
+        images = f"{rs[0].get('labelled_images', '?')} / {rs[0].get('unlabelled_images', '?')}"
+        lines.append(f"| {fraction:g} | {method} | {images} | {len(rs)} | {statistics.mean(acc):.2f} ± {std:.2f} | "
+                     f"{val:.2f} |")
     ens = statistics.mean(100 * r["ensemble_test_acc"] for r in rows)
     lines.append(f"| teacher ensemble (specialist combination, T=1) | - | {ens:.2f} | - |")
     return "\n".join(lines)
@@ -57,24 +62,29 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", nargs="+", default=ALL)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--label_fractions", nargs="+", type=float, default=None,
+                   help="run every method at each of these --label_fraction values (default: --label_fraction)")
     p.add_argument("--table_only", action="store_true", help="print the table of the results so far")
     own, rest = p.parse_known_args(argv)
     base = get_args_parser(list_tasks()).parse_args(rest)
     log = Path(base.output_dir) / "sweep.jsonl"
     log.parent.mkdir(parents=True, exist_ok=True)
     done = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-    for method in [] if own.table_only else own.methods:
-        for seed in own.seeds:
-            if any(r["method"] == method and r["seed"] == seed for r in done):
-                continue
-            args = argparse.Namespace(**{**vars(base), **method_flags(method), "seed": seed,
-                                         "run": f"sweep_{method.replace(':', '_').replace('+', '_')}"})
-            summary = run(args)
-            row = {"method": method, "seed": seed, **{k: summary[k] for k in (
-                "test_acc", "best_val_acc", "best_epoch", "ensemble_test_acc", "wall_time_s", "run_dir")}}
-            done.append(row)
-            with log.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+    fractions = own.label_fractions or [base.label_fraction]
+    todo = [] if own.table_only else [(f, m, s) for f in fractions for m in own.methods for s in own.seeds]
+    for fraction, method, seed in todo:
+        if any(r["method"] == method and r["seed"] == seed and r.get("label_fraction", 1.0) == fraction
+               for r in done):
+            continue
+        args = argparse.Namespace(**{**vars(base), **method_flags(method), "seed": seed, "label_fraction": fraction,
+                                     "run": f"sweep_{method.replace(':', '_').replace('+', '_')}_f{fraction:g}"})
+        summary = run(args)
+        row = {"method": method, "seed": seed, "label_fraction": fraction, **{k: summary[k] for k in (
+            "test_acc", "best_val_acc", "best_epoch", "ensemble_test_acc", "wall_time_s", "run_dir",
+            "labelled_images", "unlabelled_images")}}
+        done.append(row)
+        with log.open("a") as f:
+            f.write(json.dumps(row) + "\n")
     print(table(done))
 
 

@@ -8,9 +8,10 @@ exactly the pixels the teachers saw (consistent teaching, Beyer et al., CVPR
 2022; FKD, Shen & Xing, ECCV 2022).
 
 The file name is a hash of everything the logits depend on: the teachers'
-weights and classes, the training images and labels, the augmentation
-settings and K. A checksum over the stored tensors detects corruption; a
-corrupt, partial or mismatched file is rebuilt, never used.
+weights, classes and inputs, the training images (not their labels, so runs
+that keep different labels share it), the augmentation settings and K. A
+checksum over the stored tensors detects corruption; a corrupt, partial or
+mismatched file is rebuilt, never used.
 """
 from __future__ import annotations
 
@@ -26,21 +27,22 @@ from .data import BatchTransform, FileImageDataset, ImageTensorDataset, hash_ten
 from .report import console
 from .teachers import TeacherEnsemble
 
-CACHE_VERSION = 2  # 2: the key records each teacher's precision and the device type
+CACHE_VERSION = 3  # 2: the key records each teacher's precision and the device type; 3: its input, not labels
 VIEW_SEED = 0  # views do not depend on the run's --seed, so every run of a sweep shares them
 
 
 def cache_key(ensemble: TeacherEnsemble, dataset: ImageTensorDataset | FileImageDataset,
               transform: BatchTransform, num_views: int) -> str:
-    """sha256 over the teachers' weights, classes and precisions (dtype), the device type they run on, the images
-    (pixels, or files' paths, sizes and modification times) and labels, augmentation and K."""
+    """sha256 over the teachers' weights, classes, inputs and precisions (dtype), the device type they run on, the
+    images (pixels, or files' paths, sizes and modification times), augmentation and K."""
     device = ensemble.weights.device.type
     h = hashlib.sha256(f"mtkd-teacher-cache v{CACHE_VERSION} views={num_views} seed={VIEW_SEED} "
                        f"device={device}".encode())
-    for teacher, ids, precision in zip(ensemble.teachers, ensemble.class_ids, ensemble.precisions):
+    for teacher, ids, precision, inputs in zip(ensemble.teachers, ensemble.class_ids, ensemble.precisions,
+                                               ensemble.inputs):
         # The dtype, not the memory layout: NCHW and NHWC give the same fp16-stored logits, and --amp auto's
         # timed choice of layout may differ from one run to the next.
-        h.update(f"precision={precision.dtype}".encode())
+        h.update(f"precision={precision.dtype} input={inputs!r}".encode())
         hash_tensor(h, ids)
         for name, t in teacher.state_dict().items():
             h.update(name.encode())

@@ -55,6 +55,38 @@ def load_checkpoint(path: str | Path, required: tuple[str, ...] = ("model",)) ->
     return state
 
 
+def load_weights_file(path: str | Path, who: str) -> tuple[dict, dict | None]:
+    """A teacher's weights: ``(state_dict, mtkd checkpoint or None)``.
+
+    ``path`` is an mtkd teacher checkpoint, a plain state dict saved with
+    ``torch.save`` (a dict of tensors), or a ``.safetensors`` file (the format
+    weights are shared in). Anything else is one ``UserError`` naming ``who``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{who}: checkpoint {path} not found. Fix: check the path in the task file.")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu"), None
+        except Exception as e:
+            raise UserError(f"{who}: cannot read {path} as safetensors ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}). Fix: re-export the weights.") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{who}: cannot load {path}: it is corrupt, truncated, or holds more than weights "
+                        f"({type(e).__name__}). Fix: save the model's state_dict() with torch.save, or as "
+                        ".safetensors.") from None
+    if isinstance(state, dict) and all(k in state for k in FOR_TEACHER):
+        return state["model"], state
+    if isinstance(state, dict) and state and all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        return state, None
+    raise UserError(f"{who}: {path} is neither an mtkd teacher checkpoint nor a state dict (a dict of tensors). "
+                    "Fix: save model.state_dict() with torch.save, or as .safetensors.")
+
+
 CHECKPOINT_VERSION = 1
 
 # The keys of each kind of checkpoint, written by CheckpointSaver / specialists.train_teacher.

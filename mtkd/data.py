@@ -24,6 +24,7 @@ from .registry import Registry
 from .spec import TaskSpec
 
 SPLITS = ("train", "val", "test")
+UNLABELLED = -1  # the label of a training image used without one (--label_fraction, a task's unlabelled folder)
 # What PIL raises on a file that is not a readable image (truncated, wrong format, bad header).
 READ_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError)
 
@@ -55,10 +56,16 @@ class ImageTensorDataset(Dataset):
         keep, local = _relabel(self.labels, class_ids)
         return ImageTensorDataset(self.images[keep], local[keep])
 
+    def subset(self, idx) -> "ImageTensorDataset":
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        return ImageTensorDataset(self.images[idx], self.labels[idx])
+
+    def with_labels(self, labels: torch.Tensor) -> "ImageTensorDataset":
+        return ImageTensorDataset(self.images, labels)
+
     def fingerprint(self, h) -> None:
-        """Feed everything the samples depend on into the hash ``h`` (for the teacher cache's key)."""
+        """Feed the images (not the labels: the teachers never see them) into the hash ``h`` (cache key)."""
         hash_tensor(h, self.images)
-        hash_tensor(h, self.labels)
 
 
 def hash_tensor(h, t: torch.Tensor) -> None:
@@ -71,7 +78,7 @@ def hash_tensor(h, t: torch.Tensor) -> None:
 def _relabel(labels: torch.Tensor, class_ids: list[int]):
     lookup = torch.full((max(int(labels.max()) if len(labels) else 0, max(class_ids)) + 1,), -1, dtype=torch.long)
     lookup[torch.as_tensor(class_ids)] = torch.arange(len(class_ids))
-    local = lookup[labels]
+    local = torch.where(labels >= 0, lookup[labels.clamp_min(0)], UNLABELLED)  # unlabelled images are left out
     return local >= 0, local
 
 
@@ -109,12 +116,59 @@ class FileImageDataset(Dataset):
         return FileImageDataset([p for p, k in zip(self.paths, keep.tolist()) if k], local[keep],
                                 self.channels, self.size)
 
+    def subset(self, idx) -> "FileImageDataset":
+        idx = [int(i) for i in idx]
+        return FileImageDataset([self.paths[i] for i in idx], self.labels[idx], self.channels, self.size)
+
+    def with_labels(self, labels: torch.Tensor) -> "FileImageDataset":
+        return FileImageDataset(self.paths, labels, self.channels, self.size)
+
     def fingerprint(self, h) -> None:
         h.update(f"files {self.channels} {self.size}".encode())
         for path in self.paths:
             st = Path(path).stat()
             h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        h.update(self.labels.numpy().tobytes())
+
+
+def count_labelled(dataset) -> tuple[int, int]:
+    """``(labelled, unlabelled)`` images in ``dataset`` (unlabelled ones have label -1)."""
+    labelled = int((dataset.labels >= 0).sum())
+    return labelled, len(dataset) - labelled
+
+
+def keep_labels(dataset, fraction: float, seed: int):
+    """``dataset`` with the labels of a stratified, seeded ``fraction`` of its labelled images kept and the
+    others set to -1 (used without a label). Images and their order do not change."""
+    labels = dataset.labels.clone()
+    labelled = torch.nonzero(labels >= 0).squeeze(1).numpy()
+    if fraction >= 1 or len(labelled) == 0:
+        return dataset
+    classes = len(np.unique(labels[labelled].numpy()))
+    keep_n = int(round(fraction * len(labelled)))
+    if keep_n < classes:
+        raise UserError(f"--label_fraction {fraction} keeps {keep_n} of {len(labelled)} labelled training images, "
+                        f"fewer than the {classes} classes. Fix: raise --label_fraction to at least "
+                        f"{classes / len(labelled):.3g}.")
+    if keep_n < len(labelled):
+        _, kept = stratified_split(labels[labelled].numpy(), keep_n, seed)
+        drop = np.setdiff1d(np.arange(len(labelled)), kept)
+        labels[torch.from_numpy(labelled[drop])] = UNLABELLED
+    return dataset.with_labels(labels)
+
+
+def labelled_only(dataset):
+    """The images of ``dataset`` that have a label."""
+    if bool((dataset.labels >= 0).all()):
+        return dataset
+    return dataset.subset(torch.nonzero(dataset.labels >= 0).squeeze(1))
+
+
+def concat(first, second):
+    """Two datasets of the same kind (in memory, or files) as one, ``first``'s samples first."""
+    if isinstance(first, FileImageDataset):
+        return FileImageDataset(first.paths + second.paths, torch.cat([first.labels, second.labels]),
+                                first.channels, first.size)
+    return ImageTensorDataset(torch.cat([first.images, second.images]), torch.cat([first.labels, second.labels]))
 
 
 def _batch_collate(batch):
@@ -233,6 +287,13 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int):
     return np.sort(keep), np.sort(held)
 
 
+def split_three(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int):
+    """Indices (train, val, test): ``test_fraction`` of each class, then ``val_fraction`` of the whole, seeded."""
+    rest, test = stratified_split(labels, test_fraction, seed)
+    train, val = stratified_split(labels[rest], val_fraction / (1.0 - test_fraction), seed)
+    return rest[train], rest[val], test
+
+
 def _to_dataset(images: np.ndarray, labels: np.ndarray) -> ImageTensorDataset:
     return ImageTensorDataset(torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels).long())
 
@@ -246,11 +307,8 @@ def _load_digits(spec: TaskSpec, data_root: Path, download: bool) -> TaskData:
     names = [str(t) for t in digits.target_names]
     order = spec.class_indices(tuple(names))
     labels = np.asarray(order)[digits.target]
-    rest, test = stratified_split(labels, spec.test_fraction, spec.split_seed)
-    val_of_rest = spec.val_fraction / (1.0 - spec.test_fraction)
-    train, val = stratified_split(labels[rest], val_of_rest, spec.split_seed)
-    train, val = rest[train], rest[val]
-    return TaskData(*(_to_dataset(images[i], labels[i]) for i in (train, val, test)))
+    splits = split_three(labels, spec.val_fraction, spec.test_fraction, spec.split_seed)
+    return TaskData(*(_to_dataset(images[i], labels[i]) for i in splits))
 
 
 class _CIFAR100(CIFAR100):
@@ -346,12 +404,19 @@ def _check_file(path: str) -> None:
         img.verify()
 
 
-def _read_folder(folder: Path, class_names, channels: int, size: int, skipped: list[str], in_memory: bool):
-    """Every image under ``folder/<class>/``: decoded ``(images, labels)``, or ``(paths, labels)``.
+def _list_unlabelled(folder: Path) -> tuple[list[str], np.ndarray]:
+    """Every image file under ``folder`` (any depth, no class folders), each with label -1."""
+    paths = sorted(str(p) for p in folder.rglob("*") if p.is_file() and p.name.lower().endswith(IMG_EXTENSIONS))
+    return paths, np.full(len(paths), UNLABELLED, dtype=np.int64)
+
+
+def _read_files(listing: tuple[list[str], np.ndarray], channels: int, size: int, skipped: list[str],
+                in_memory: bool):
+    """The listed images: decoded ``(images, labels)``, or ``(paths, labels)``.
 
     Unreadable files are listed in ``skipped`` and left out, never a crash later.
     """
-    paths, labels = _list_folder(folder, class_names)
+    paths, labels = listing
     good, images = [], []
     for i, path in enumerate(paths):
         try:
@@ -387,23 +452,33 @@ def _load_imagefolder(spec: TaskSpec, data_root: Path, download: bool) -> TaskDa
     root = Path(spec.source_options["root"])
     size, channels, skipped = spec.image_size, spec.channels, []
     folders = [root / s for s in SPLITS] if spec.source_options["layout"] == "split" else [root]
+    listings = [_list_folder(f, spec.class_names) for f in folders]
+    extra = spec.source_options.get("unlabeled")
+    unlabelled = _list_unlabelled(Path(extra)) if extra else ([], np.zeros(0, np.int64))
     in_memory = spec.source_options.get("in_memory", "auto")
     if in_memory == "auto":
-        count = sum(len(_list_folder(f, spec.class_names)[0]) for f in folders)
+        count = sum(len(paths) for paths, _ in listings) + len(unlabelled[0])
         in_memory = count * channels * size * size <= IN_MEMORY_LIMIT
-    if spec.source_options["layout"] == "split":
-        splits = [_read_folder(f, spec.class_names, channels, size, skipped, in_memory) for f in folders]
-        return TaskData(*(_make_dataset(*s, channels, size) for s in splits), skipped=skipped)
-    items, labels = _read_folder(root, spec.class_names, channels, size, skipped, in_memory)
+    data = _split_imagefolder(spec, root, [_read_files(x, channels, size, skipped, in_memory) for x in listings])
+    data.skipped = skipped
+    if extra:  # the task's unlabelled images join the training split, with label -1
+        data.train = concat(data.train, _make_dataset(*_read_files(unlabelled, channels, size, skipped, in_memory),
+                                                      channels, size))
+    return data
+
+
+def _split_imagefolder(spec: TaskSpec, root: Path, read: list) -> TaskData:
+    """The labelled splits: the three folders as they are, or one folder split by the task's fractions."""
+    channels, size = spec.channels, spec.image_size
+    if len(read) == len(SPLITS):
+        return TaskData(*(_make_dataset(*s, channels, size) for s in read))
+    items, labels = read[0]
     try:
-        rest, test = stratified_split(labels, spec.test_fraction, spec.split_seed)
-        train, val = stratified_split(labels[rest], spec.val_fraction / (1 - spec.test_fraction), spec.split_seed)
+        splits = split_three(labels, spec.val_fraction, spec.test_fraction, spec.split_seed)
     except ValueError as e:
         raise UserError(f"cannot split {root} into train/val/test ({e}). Fix: add images (at least a few "
                         "per class), or provide train/, val/ and test/ folders.") from None
-    train, val = rest[train], rest[val]
-    return TaskData(*(_make_dataset(_take(items, i), labels[i], channels, size) for i in (train, val, test)),
-                    skipped=skipped)
+    return TaskData(*(_make_dataset(_take(items, i), labels[i], channels, size) for i in splits))
 
 
 SOURCES.register("digits", _load_digits)

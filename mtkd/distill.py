@@ -4,6 +4,13 @@
 picks per-sample teacher weights, aggregates the teachers (see ``losses``),
 optionally matches features through learned 1x1 adapters, and optionally adds
 an exponential moving average of the student as one more teacher.
+
+Images without a label (``y = -1``, ``--label_fraction`` / a task's
+unlabelled folder) get the soft loss only. Wherever a method needs a label
+(``consensus``'s choice of teachers, ``confidence`` weighting, DKD's target
+class) an unlabelled image uses its *pseudo-label*: the class the teachers'
+specialist combination (``losses.specialist_combination`` at T = 1, the
+task's teachers without the EMA) predicts. The cross-entropy never sees it.
 """
 from __future__ import annotations
 
@@ -36,10 +43,12 @@ class KDTerm:
     loss: Callable
     warmup: bool = False  # the soft term ramps up over config.dkd_warmup epochs
     per_teacher_dkd: bool = False  # amalgamate applies DKD per teacher over its classes
+    uses_label: bool = False  # needs each sample's class (a pseudo-label for an unlabelled one)
 
 
 # --kd_loss: adding a term is adding an entry.
-KD_TERMS = {"kl": KDTerm(_kl_term), "dkd": KDTerm(_dkd_term, warmup=True, per_teacher_dkd=True)}
+KD_TERMS = {"kl": KDTerm(_kl_term),
+            "dkd": KDTerm(_dkd_term, warmup=True, per_teacher_dkd=True, uses_label=True)}
 KD_LOSSES = tuple(KD_TERMS)
 
 
@@ -76,6 +85,9 @@ AGGREGATION_METHODS = {
         lambda z, ids, w, labels, n, T: losses.mixture_targets(z, ids, w, n, T))),
     "consensus": Aggregation(_through_targets(losses.consensus_targets), label_aware=True),
     "amalgamate": Aggregation(_amalgamate),
+    # Hinton et al. 2015, section 5: the one distribution that agrees best with every specialist; label-free.
+    "combination": Aggregation(_through_targets(
+        lambda z, ids, w, labels, n, T: losses.specialist_combination(z, ids, w, n, T).exp())),
 }
 AGGREGATIONS = tuple(AGGREGATION_METHODS)
 
@@ -98,6 +110,7 @@ class KDConfig:
     feature_weight: float = 0.0
     feature_layers: list[str] = field(default_factory=lambda: ["-1"])
     ema_decay: float = 0.0  # > 0: the student's EMA joins the teachers
+    unlabelled: bool = False  # the training set holds unlabelled images (label -1): pseudo-labels are needed
 
     @classmethod
     def from_args(cls, args: Namespace) -> "KDConfig":
@@ -172,6 +185,12 @@ class Distiller(nn.Module):
         if getattr(self, "ema", None) is not None:
             self.ema.update(self.student)
 
+    def pseudo_labels(self, teacher_logits: list[Tensor]) -> Tensor:
+        """The class the task's teachers' specialist combination predicts (T = 1), per sample."""
+        k = len(self.ensemble.teachers)
+        return losses.specialist_combination(teacher_logits[:k], self.ensemble.class_ids, self.fixed_weights,
+                                             self.ensemble.num_classes).argmax(1)
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
@@ -193,7 +212,7 @@ class Distiller(nn.Module):
         c = self.config
         if self.ensemble is None:
             logits = self.student_forward(x)
-            hard = F.cross_entropy(logits, y)
+            hard = losses.labelled_cross_entropy(logits, y)
             return {"loss": hard, "loss_hard": hard.detach(), "loss_soft": hard.new_zeros(()), "logits": logits}
 
         features = self.adapters is not None
@@ -211,6 +230,10 @@ class Distiller(nn.Module):
         teacher_logits = [z.float() for z in teacher_logits]
         class_ids = list(self.ensemble.class_ids)
         fixed = self.fixed_weights
+        method = AGGREGATION_METHODS[c.aggregation]
+        y_teach = y
+        if c.unlabelled and (method.label_aware or c.weighting == "confidence" or KD_TERMS[c.kd_loss].uses_label):
+            y_teach = torch.where(y >= 0, y, self.pseudo_labels(teacher_logits))
         if self.ema is not None:
             with torch.inference_mode():
                 ema_logits = self.ema.module(x)
@@ -220,16 +243,15 @@ class Distiller(nn.Module):
             fixed = fixed / fixed.sum()
 
         T = self.temperature()
-        method = AGGREGATION_METHODS[c.aggregation]
         if method.label_aware:
-            eligible = losses.coverage(class_ids, y)
+            eligible = losses.coverage(class_ids, y_teach)
         else:
             eligible = torch.ones(len(y), len(class_ids), dtype=torch.bool, device=y.device)
-        w = losses.teacher_weights(c.weighting, teacher_logits, class_ids, y, fixed.to(y.device), eligible)
-        soft = method.soft(logits, teacher_logits, class_ids, w, T, y, c)
+        w = losses.teacher_weights(c.weighting, teacher_logits, class_ids, y_teach, fixed.to(y.device), eligible)
+        soft = method.soft(logits, teacher_logits, class_ids, w, T, y_teach, c)
         warmup = KD_TERMS[c.kd_loss].warmup and c.dkd_warmup > 0
         ramp = min(self.epoch / c.dkd_warmup, 1.0) if warmup else 1.0
-        hard = F.cross_entropy(logits, y)
+        hard = losses.labelled_cross_entropy(logits, y)
         loss = (1.0 - c.alpha) * hard + c.alpha * ramp * soft
         out = {"loss_hard": hard.detach(), "loss_soft": soft.detach(), "logits": logits,
                "temperature": torch.tensor(T)}

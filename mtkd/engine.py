@@ -79,7 +79,8 @@ def train_one_epoch(step: nn.Module, loader: DataLoader, optimizer: torch.optim.
                     scaler: torch.amp.GradScaler | None = None,
                     grad_accum: int = 1, clip_grad: float = 0.0, stop=None, reduce=_identity,
                     agree=None) -> dict[str, float]:
-    """One pass over ``loader``; returns the sample-weighted mean of each part and ``acc``.
+    """One pass over ``loader``; returns the sample-weighted mean of each part and ``acc``
+    (over the images with a label; an unlabelled image has label -1).
 
     * ``precision`` (``mtkd.precision``): the step runs under its autocast
       (``scaler``, a ``GradScaler``, for fp16) on batches in its memory layout.
@@ -139,22 +140,26 @@ def train_one_epoch(step: nn.Module, loader: DataLoader, optimizer: torch.optim.
 
         n = labels.numel()
         seen += n
+        # Accuracy over the labelled images (an unlabelled one has label -1).
         sums["correct"] += (out["logits"].detach().argmax(1) == labels).sum()
+        sums["labelled"] += (labels >= 0).sum()
         for name, value in out.items():
             if name != "logits" and (not torch.is_tensor(value) or value.ndim == 0):
                 sums[name] += (value.detach().double() if torch.is_tensor(value) else float(value)) * n
         if progress is not None:
             refresh = (i + 1) % PROGRESS_EVERY == 0 or i + 1 == len(loader)
-            progress.update(bar, advance=1, **({"metrics": f"loss {sums['loss'].item() / seen:.4f}  "
-                                                           f"acc {sums['correct'].item() / seen:.4f}"} if refresh else {}))
+            progress.update(bar, advance=1, **({"metrics": f"loss {sums['loss'].item() / seen:.4f}  acc "
+                                                           f"{sums['correct'].item() / max(sums['labelled'].item(), 1):.4f}"}
+                                               if refresh else {}))
     if progress is not None:
         progress.remove_task(bar)
     sums = {name: total.item() for name, total in sums.items()}
     sums["seen"] = seen
     sums = reduce(dict(sums))
     seen = max(sums.pop("seen", 0), 1)
+    labelled = sums.pop("labelled", 0)
     metrics = {name: total / seen for name, total in sums.items() if name != "correct"}
-    metrics["acc"] = sums.get("correct", 0) / seen
+    metrics["acc"] = sums.get("correct", 0) / labelled if labelled else math.nan
     return metrics
 
 

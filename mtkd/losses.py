@@ -11,6 +11,9 @@ Conventions (pinned by golden-value tests in ``tests/test_losses.py``):
   on the scale of the cross-entropy's (Hinton et al., 2015).
 * The total is ``(1 - alpha) * CE(s, y) + alpha * KD``: alpha weights the
   teachers; 0 trains on labels only, 1 on teachers only.
+* A label of -1 (``data.UNLABELLED``) marks an image used without its label: the
+  cross-entropy is the mean over the labelled images of the batch only
+  (``labelled_cross_entropy``); the KD term is the mean over all images.
 """
 from __future__ import annotations
 
@@ -20,6 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+def labelled_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """``(1/|L|) sum_{b in L} CE(s_b, y_b)`` over the labelled samples ``L = {b: y_b >= 0}``; 0 when none.
+
+    Unlabelled rows are masked out before the mean (no gradient reaches
+    their logits), without a host synchronisation.
+    """
+    has = labels >= 0
+    ce = F.cross_entropy(logits, labels.clamp_min(0), reduction="none")
+    return torch.where(has, ce, 0.0).sum() / has.sum().clamp_min(1)
 
 
 def kl_per_sample(student_logits: Tensor, target_probs: Tensor, temperature: float) -> Tensor:
@@ -64,22 +76,6 @@ def dkd_per_sample(student_logits: Tensor, target_probs: Tensor, target: Tensor,
     q_nt = q_nt / q_nt.sum(1, keepdim=True).clamp_min(1e-12)
     nckd = (torch.special.xlogy(q_nt, q_nt) - q_nt * log_p_nt.masked_fill(mask, 0.0)).sum(1)
     return (alpha * tckd + beta * nckd) * temperature**2
-
-
-def distillation_loss(student_logits: Tensor, labels: Tensor, target_probs: Tensor | None,
-                      alpha: float, temperature: float) -> dict[str, Tensor]:
-    """``(1 - alpha) * CE(s, y) + alpha * kd_kl_loss(s, q, T)``.
-
-    Returns the total as ``loss`` and its unweighted parts ``loss_hard`` (CE)
-    and ``loss_soft`` (KD). With ``alpha = 0`` or no targets, ``loss_soft`` is 0.
-    """
-    hard = F.cross_entropy(student_logits, labels)
-    if target_probs is None or alpha == 0:
-        soft = hard.new_zeros(())
-        return {"loss": hard, "loss_hard": hard.detach(), "loss_soft": soft}
-    soft = kd_kl_loss(student_logits, target_probs, temperature)
-    loss = (1.0 - alpha) * hard + alpha * soft
-    return {"loss": loss, "loss_hard": hard.detach(), "loss_soft": soft.detach()}
 
 
 def coverage(class_ids: list[Tensor], labels: Tensor) -> Tensor:

@@ -70,14 +70,15 @@ def check_architecture(architecture: str) -> None:
 
 def create_model(architecture: str, num_classes: int, in_chans: int, image_size: int,
                  adapt: bool = True) -> nn.Module:
-    """A randomly initialised timm model for ``image_size`` inputs.
+    """A randomly initialised timm model for ``image_size`` inputs, adapted to them when smaller than
+    ``SMALL_INPUT`` (``adapt=False``: never; ``"always"``: whatever the size).
 
     No pretrained weights are fetched: teachers and students are trained here.
     """
     check_architecture(architecture)
     model = timm.create_model(architecture, pretrained=False, num_classes=num_classes, in_chans=in_chans)
     reset_classifier_init(model)
-    if adapt and image_size < SMALL_INPUT:
+    if adapt == "always" or adapt and image_size < SMALL_INPUT:
         adapt_to_small_inputs(model)
     return model
 
@@ -107,7 +108,39 @@ def create_student(name: str, task: TaskSpec, adapt: bool = True) -> nn.Module:
 
 
 def create_teacher(teacher: TeacherSpec, task: TaskSpec) -> nn.Module:
-    return create_model(teacher.architecture, len(teacher.classes), task.channels, task.image_size)
+    """The teacher's architecture for its own input size (default: the task's), adapted as it declares."""
+    adapt = True if teacher.adapt is None else "always" if teacher.adapt else False
+    return create_model(teacher.architecture, len(teacher.classes), task.channels,
+                        teacher.image_size or task.image_size, adapt)
+
+
+def load_fitting_state(model: nn.Module, state: dict, who: str, outputs: int) -> None:
+    """Load ``state`` into ``model`` (strictly), or raise one ``UserError`` that says why it does not fit."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if not (missing or unexpected or shapes):
+        model.load_state_dict(state)
+        return
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    head_keys = [f"{n}.weight" for n, m in model.named_modules() if m is head and n]
+    if len(missing) + len(unexpected) > len(own) // 2:
+        raise UserError(f"{who}: the weights do not belong to {type(model).__name__} "
+                        f"({len(missing)} of its {len(own)} keys missing, e.g. {missing[:2]}; {len(unexpected)} "
+                        f"unexpected, e.g. {unexpected[:2]}). Fix: set the teacher's architecture to the timm "
+                        "model the weights come from.")
+    if shapes and shapes[0] in head_keys and not (missing or unexpected):
+        got = state[shapes[0]].shape[0]
+        raise UserError(f"{who}: the classifier has {got} outputs but the teacher lists {outputs} classes. "
+                        "Fix: list exactly the classes it was trained on, in the order of its outputs.")
+    parts = [f"missing keys {missing[:3]}" if missing else "", f"unexpected keys {unexpected[:3]}" if unexpected else "",
+             "shapes differ at " + ", ".join(f"{k} ({tuple(state[k].shape)} vs {tuple(own[k].shape)})"
+                                              for k in shapes[:3]) if shapes else ""]
+    hint = (" The stem's shape differs: set adapt_small_input (and image_size) to how the teacher was built."
+            if any(k.startswith(("conv1.", "conv_stem.")) for k in shapes) else "")
+    raise UserError(f"{who}: the weights do not fit: {'; '.join(p for p in parts if p)}.{hint} "
+                    "Fix: use the state dict of exactly this architecture.")
 
 
 def feature_stages(model: nn.Module) -> list[dict]:

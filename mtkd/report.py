@@ -65,7 +65,9 @@ def run_summary_table(summary: dict) -> Table:
     table.add_row(f"[bold]student {summary['student_model']}[/] (best epoch {summary['best_epoch']})",
                   f"{summary['student_params'] / 1e6:.1f}M",
                   percent(summary["best_val_acc"]), f"[bold]{percent(summary['test_acc'])}")
-    table.caption = f"alpha {summary['alpha']}, T {summary['temperature']}, time {summary['wall_time_s']:.0f} s"
+    images = (f", {summary['labelled_images']} labelled + {summary['unlabelled_images']} unlabelled training images"
+              if "labelled_images" in summary else "")
+    table.caption = f"alpha {summary['alpha']}, T {summary['temperature']}{images}, time {summary['wall_time_s']:.0f} s"
     return table
 
 

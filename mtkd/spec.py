@@ -15,7 +15,14 @@ class TeacherSpec:
     unit ``i`` stands for ``classes[i]``. ``weight`` scales its vote in the
     ensemble (weights are normalised over the teachers that take part).
     ``checkpoint`` is where its weights live (default: the task's teacher
-    folder under ``--output_dir``); it is trained there when absent.
+    folder under ``--output_dir``); it is trained there when absent. It may
+    also be a plain state dict of the architecture (``torch.save``d tensors or
+    ``.safetensors``) trained elsewhere, one output per class in ``classes``.
+
+    A teacher may declare its own input: ``image_size``, ``mean``, ``std``
+    (default: the task's) and ``adapt`` (the small-input stem adaptation of
+    ``models``; default: when its input is smaller than 64 px). The ensemble
+    prepares each teacher's input from the student's batch.
     """
 
     name: str
@@ -23,6 +30,10 @@ class TeacherSpec:
     classes: tuple[str, ...]
     weight: float = 1.0
     checkpoint: str | None = None
+    image_size: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    adapt: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -71,6 +82,14 @@ class TaskSpec:
                 problems.append(f"teacher {t.name!r} lists a class twice")
             if not t.weight > 0:
                 problems.append(f"teacher {t.name!r} has weight {t.weight}; weights must be > 0")
+            for key in ("mean", "std"):
+                value = getattr(t, key)
+                if value is not None and len(value) != self.channels:
+                    problems.append(f"teacher {t.name!r}: {key} needs one value per channel ({self.channels})")
+            if t.std is not None and not all(v > 0 for v in t.std):
+                problems.append(f"teacher {t.name!r}: std values must be > 0")
+            if t.image_size is not None and t.image_size < 8:
+                problems.append(f"teacher {t.name!r}: image_size must be at least 8")
             covered.update(t.classes)
         uncovered = [c for c in self.class_names if c not in covered]
         if uncovered:

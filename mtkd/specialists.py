@@ -8,18 +8,18 @@ import torch
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
-from .checkpoint import CHECKPOINT_VERSION, FOR_TEACHER, load_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINT_VERSION, load_weights_file, save_checkpoint
 from .data import BatchTransform, TaskData, create_loader
 from .distill import Distiller
 from .engine import evaluate
 from .errors import UserError
 from .loop import LoopConfig, RunRng, fit, seed_everything
 from .optim import EpochScheduler, create_optimizer
-from .models import count_parameters, create_teacher
+from .models import count_parameters, create_teacher, load_fitting_state
 from .precision import Precision, resolve_precision
 from .report import console
 from .spec import TaskSpec
-from .teachers import TeacherEnsemble
+from .teachers import TeacherEnsemble, TeacherInput
 
 
 @dataclass(frozen=True)
@@ -73,18 +73,37 @@ def choose_precision(amp: str, model: nn.Module, example: torch.Tensor, train: b
     return precision
 
 
+def teacher_input(spec, task: TaskSpec) -> TeacherInput | None:
+    """The teacher's own input (``image_size`` / ``mean`` / ``std`` it declares), or None: the task's."""
+    size, mean, std = spec.image_size or task.image_size, spec.mean or task.mean, spec.std or task.std
+    if (size, tuple(mean), tuple(std)) == (task.image_size, tuple(task.mean), tuple(task.std)):
+        return None
+    return TeacherInput(task.mean, task.std, mean, std, size)
+
+
+def _own_classes(spec, task: TaskSpec, data: TaskData) -> TaskData:
+    ids = task.class_indices(spec.classes)
+    return TaskData(*(data.split(s).select_classes(ids) for s in ("train", "val", "test")))
+
+
+def _with_input(model: nn.Module, spec, task: TaskSpec) -> nn.Module:
+    """The teacher as it sees the student's batches: its own input preparation first, if it has one."""
+    inputs = teacher_input(spec, task)
+    return model if inputs is None else nn.Sequential(inputs, model)
+
+
 def train_teacher(spec, task: TaskSpec, data: TaskData, recipe: TeacherRecipe, device: torch.device,
                   path: Path) -> tuple[nn.Module, dict]:
     """Train one specialist on its classes by ``recipe``; keep the weights of its best validation epoch."""
-    ids = task.class_indices(spec.classes)
-    own = TaskData(*(data.split(s).select_classes(ids) for s in ("train", "val", "test")))
+    own = _own_classes(spec, task, data)
     model = create_teacher(spec, task).to(device)
+    net = _with_input(model, spec, task).to(device)
     optimizer = create_optimizer(model, "adam", recipe.lr, recipe.weight_decay)
     scheduler = EpochScheduler(optimizer, "cosine", recipe.epochs)
     transform = BatchTransform.for_task(task).to(device)
-    precision = choose_precision(recipe.amp, model, example_batch(own.train, transform, device, recipe.batch_size),
+    precision = choose_precision(recipe.amp, net, example_batch(own.train, transform, device, recipe.batch_size),
                                  True, recipe.deterministic, f"teacher {spec.name}")
-    precision.prepare_model(model)
+    precision.prepare_model(net)
     scaler = torch.amp.GradScaler(device.type) if precision.dtype == "fp16" else None
     best = {"val_acc": -1.0}
     writer = SummaryWriter(str(path.with_suffix("")))
@@ -98,12 +117,13 @@ def train_teacher(spec, task: TaskSpec, data: TaskData, recipe: TeacherRecipe, d
                         model={k: v.detach().clone() for k, v in model.state_dict().items()})
 
     seed_everything(recipe.seed)
-    fit(Distiller(model), own, epochs=recipe.epochs, optimizer=optimizer, scheduler=scheduler,
-        loop=LoopConfig(recipe.batch_size, recipe.seed, recipe.num_workers), device=device, transform=transform, on_epoch=on_epoch, val_model=model,
-        title=f"teacher {spec.name}", rng=RunRng(recipe.seed), precision=precision, scaler=scaler)
+    fit(Distiller(net), own, epochs=recipe.epochs, optimizer=optimizer, scheduler=scheduler,
+        loop=LoopConfig(recipe.batch_size, recipe.seed, recipe.num_workers), device=device, transform=transform,
+        on_epoch=on_epoch, val_model=net, title=f"teacher {spec.name}", rng=RunRng(recipe.seed),
+        precision=precision, scaler=scaler)
     writer.close()
     model.load_state_dict(best["model"])
-    test = evaluate(model, create_loader(own.test, 512, train=False), transform, device, precision=precision)
+    test = evaluate(net, create_loader(own.test, 512, train=False), transform, device, precision=precision)
     model.to(memory_format=torch.contiguous_format)  # checkpoints hold plain NCHW weights
     metrics = {"val_acc": best["val_acc"], "test_acc": test["acc"], "best_epoch": best["epoch"]}
     save_checkpoint({"model": model.state_dict(), "architecture": spec.architecture,
@@ -112,16 +132,31 @@ def train_teacher(spec, task: TaskSpec, data: TaskData, recipe: TeacherRecipe, d
     return model, metrics
 
 
-def load_teacher(spec, task: TaskSpec, path: Path) -> tuple[nn.Module, dict]:
-    state = load_checkpoint(path, required=FOR_TEACHER)
-    if state["architecture"] != spec.architecture or list(state["classes"]) != list(spec.classes):
+def load_teacher(spec, task: TaskSpec, path: Path, data: TaskData,
+                 device: torch.device) -> tuple[nn.Module, dict, str]:
+    """An mtkd teacher checkpoint, or a state dict trained elsewhere (then measured here on its classes)."""
+    who = f"teacher {spec.name!r} ({spec.architecture}, {len(spec.classes)} classes)"
+    weights, state = load_weights_file(path, who)
+    if state is not None and (state["architecture"] != spec.architecture
+                              or list(state["classes"]) != list(spec.classes)):
         raise UserError(
             f"teacher checkpoint {path} was trained as {state['architecture']} on {state['classes']}, "
             f"but task {task.name} now asks for {spec.architecture} on {list(spec.classes)}. "
             "Fix: pass --retrain_teachers, or move the old checkpoint away.")
     model = create_teacher(spec, task)
-    model.load_state_dict(state["model"])
-    return model, state["metrics"]
+    load_fitting_state(model, weights, f"{who}, checkpoint {path}", len(spec.classes))
+    if state is not None:
+        return model, state["metrics"], "reused"
+    # Trained elsewhere: what it does on its own classes of this task's validation and test images.
+    own, net = _own_classes(spec, task, data), _with_input(model, spec, task).to(device)
+    transform = BatchTransform.for_task(task).to(device)
+    metrics = {split: evaluate(net, create_loader(own.split(split), 512, train=False), transform, device)["acc"]
+               for split in ("val", "test")}
+    return model.cpu(), {"val_acc": metrics["val"], "test_acc": metrics["test"]}, "external"
+
+
+def _is_external(path: Path) -> bool:
+    return path.suffix == ".safetensors" or load_weights_file(path, str(path))[1] is None
 
 
 def prepare_teachers(task: TaskSpec, data: TaskData, output_dir: str | Path, recipe: TeacherRecipe,
@@ -133,9 +168,12 @@ def prepare_teachers(task: TaskSpec, data: TaskData, output_dir: str | Path, rec
     models, rows = [], []
     for spec in task.teachers:
         path = teacher_path(output_dir, task, spec)
-        if path.exists() and not retrain:
-            model, metrics = load_teacher(spec, task, path)
-            status = "reused"
+        # A teacher trained elsewhere is never overwritten, --retrain_teachers or not.
+        if path.exists() and (not retrain or _is_external(path)):
+            model, metrics, status = load_teacher(spec, task, path, data, device)
+        elif path.suffix == ".safetensors":
+            raise UserError(f"teacher {spec.name!r}: checkpoint {path} not found (mtkd trains missing teachers, "
+                            "but writes its own format, not .safetensors). Fix: check the path, or name a .pt file.")
         else:
             console.print(f"[bold]Training teacher {spec.name}[/] ({spec.architecture}, "
                           f"classes {' '.join(spec.classes)})")
@@ -145,8 +183,9 @@ def prepare_teachers(task: TaskSpec, data: TaskData, output_dir: str | Path, rec
         rows.append(_teacher_row(spec, model, metrics, status))
     ensemble = create_ensemble(task, models).to(device)
     example = example_batch(data.train, BatchTransform.for_task(task).to(device), device, recipe.batch_size)
-    ensemble.set_precisions([choose_precision(recipe.amp, t, example, False, recipe.deterministic, f"teacher {name}")
-                             for t, name in zip(ensemble.teachers, ensemble.names)])
+    ensemble.set_precisions([choose_precision(recipe.amp, t, inputs(example), False, recipe.deterministic,
+                                              f"teacher {name}")
+                             for t, inputs, name in zip(ensemble.teachers, ensemble.inputs, ensemble.names)])
     for row, precision in zip(rows, ensemble.precisions):
         row["precision"] = str(precision)
     return ensemble, rows
@@ -155,4 +194,5 @@ def prepare_teachers(task: TaskSpec, data: TaskData, output_dir: str | Path, rec
 def create_ensemble(task: TaskSpec, models: list[nn.Module]) -> TeacherEnsemble:
     """The task's teachers (``models``, in the task's order) as one frozen ensemble."""
     return TeacherEnsemble(models, [task.class_indices(t.classes) for t in task.teachers],
-                           [t.weight for t in task.teachers], task.num_classes, [t.name for t in task.teachers])
+                           [t.weight for t in task.teachers], task.num_classes, [t.name for t in task.teachers],
+                           [teacher_input(t, task) for t in task.teachers])

@@ -14,8 +14,16 @@ Example::
     classes = ["zebra", "lynx", "hyena"]
     weight = 1.0
     checkpoint = "teachers/mammals.pt"   # optional; trained when absent
+    # A teacher trained elsewhere: a state dict (.pt / .safetensors) of its timm architecture, one output
+    # per class above in that order, and the input it was trained on (default: the task's).
+    # image_size = 224
+    # mean = [0.485, 0.456, 0.406]
+    # std = [0.229, 0.224, 0.225]
+    # adapt_small_input = false    # default: true below 64 px
 
 The task's classes are the class folders found under the dataset root.
+``[dataset] unlabeled = "dir"`` adds every image file under ``dir`` (no class
+folders) to the training split without a label.
 """
 from __future__ import annotations
 
@@ -28,8 +36,9 @@ from .errors import UserError
 from .spec import TaskSpec, TeacherSpec, get_task
 
 TOP_KEYS = {"name", "title", "image_size", "channels", "mean", "std", "crop_padding", "hflip", "dataset", "teachers"}
-DATASET_KEYS = {"type", "root", "val_fraction", "test_fraction", "split_seed", "in_memory"}
-TEACHER_KEYS = {"name", "architecture", "classes", "weight", "checkpoint"}
+DATASET_KEYS = {"type", "root", "val_fraction", "test_fraction", "split_seed", "in_memory", "unlabeled"}
+TEACHER_KEYS = {"name", "architecture", "classes", "weight", "checkpoint", "image_size", "mean", "std",
+                "adapt_small_input"}
 SPLIT_FOLDERS = ("train", "val", "test")
 
 
@@ -87,6 +96,23 @@ def dataset_layout(root: Path) -> tuple[str, list[str]]:
     return layout, classes
 
 
+def _teacher_input(path: Path, t: dict, name: str) -> dict:
+    """A teacher's own input declaration (``image_size``, ``mean``, ``std``, ``adapt_small_input``), checked."""
+    where = f"teacher {name!r}"
+    out = {}
+    if "image_size" in t:
+        out["image_size"] = _need(path, t, "image_size", int, where)
+    for key in ("mean", "std"):
+        if key in t:
+            values = _need(path, t, key, list, where)
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                raise UserError(f"{path}: {where} key {key!r} must be a list of numbers, got {values!r}.")
+            out[key] = tuple(float(v) for v in values)
+    if "adapt_small_input" in t:
+        out["adapt"] = _need(path, t, "adapt_small_input", bool, where)
+    return out
+
+
 def load_task_file(path: str | Path) -> TaskSpec:
     path = Path(path)
     if not path.is_file():
@@ -113,6 +139,13 @@ def load_task_file(path: str | Path) -> TaskSpec:
     in_memory = dataset.get("in_memory", "auto")
     if in_memory not in (True, False, "auto"):
         raise UserError(f"{path}: [dataset] in_memory must be true, false or \"auto\", got {in_memory!r}.")
+    options = {"root": str(root), "layout": layout, "in_memory": in_memory}
+    if "unlabeled" in dataset:
+        unlabeled = (path.parent / _need(path, dataset, "unlabeled", str, "[dataset]")).resolve()
+        if not unlabeled.is_dir():
+            raise UserError(f"{path}: [dataset] unlabeled folder {unlabeled} does not exist. "
+                            "Fix: point it at a folder of image files, or remove the key.")
+        options["unlabeled"] = str(unlabeled)
 
     teachers_raw = _need(path, raw, "teachers", list, "the task")
     if not teachers_raw:
@@ -135,7 +168,8 @@ def load_task_file(path: str | Path) -> TaskSpec:
         ckpt = t.get("checkpoint")
         teachers.append(TeacherSpec(tname, _need(path, t, "architecture", str, f"teacher {tname!r}"),
                                     tuple(str(c) for c in tclasses), float(t.get("weight", 1.0)),
-                                    str((path.parent / ckpt).resolve()) if ckpt else None))
+                                    str((path.parent / ckpt).resolve()) if ckpt else None,
+                                    **_teacher_input(path, t, tname)))
     uncovered = [c for c in classes if not any(c in t.classes for t in teachers)]
     if uncovered:
         raise UserError(f"{path}: classes {uncovered} in the data are covered by no teacher. "
@@ -148,7 +182,7 @@ def load_task_file(path: str | Path) -> TaskSpec:
             teachers=tuple(teachers), val_fraction=float(dataset.get("val_fraction", 0.1)),
             test_fraction=float(dataset.get("test_fraction", 0.1)) if layout == "single" else 0.0,
             split_seed=int(dataset.get("split_seed", 0)), crop_padding=int(raw.get("crop_padding", image_size // 8)),
-            hflip=bool(raw.get("hflip", True)), source_options={"root": str(root), "layout": layout, "in_memory": in_memory},
+            hflip=bool(raw.get("hflip", True)), source_options=options,
         )
     except ValueError as e:
         raise UserError(f"{path}: {e}") from None

@@ -2,11 +2,37 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .losses import mixture_targets, specialist_combination
 from .models import forward_with_features
 from .precision import FP32, Precision
+
+
+class TeacherInput(nn.Module):
+    """A teacher's own input from the student's batch: undo the task's normalisation, resize to the teacher's
+    ``size`` (bilinear; antialiased when shrinking), apply the teacher's ``mean`` / ``std``.
+
+    Crops and flips happen before, on the student's batch, so every teacher sees the same augmented view.
+    """
+
+    def __init__(self, task_mean, task_std, mean, std, size: int):
+        super().__init__()
+        for name, value in (("task_mean", task_mean), ("task_std", task_std), ("mean", mean), ("std", std)):
+            self.register_buffer(name, torch.tensor(value, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.size = size
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x * self.task_std + self.task_mean
+        if x.shape[-2:] != (self.size, self.size):
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False,
+                              antialias=self.size < min(x.shape[-2:]))
+        return (x - self.mean) / self.std
+
+    def extra_repr(self) -> str:  # also the teacher cache's record of it
+        return (f"size={self.size}, mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}, "
+                f"task_mean={self.task_mean.flatten().tolist()}, task_std={self.task_std.flatten().tolist()}")
 
 
 class TeacherEnsemble(nn.Module):
@@ -15,15 +41,18 @@ class TeacherEnsemble(nn.Module):
     Frozen for good: ``eval()`` mode that ``train()`` cannot undo, no
     gradients, and forward passes under ``torch.inference_mode``. Each
     teacher runs once per batch, in its own ``Precision`` (autocast dtype and
-    memory layout; fp32 / NCHW until ``set_precisions``).
+    memory layout; fp32 / NCHW until ``set_precisions``), on its own input
+    (``inputs[k]``, a ``TeacherInput``; None: the student's batch as it is).
     """
 
     def __init__(self, teachers: list[nn.Module], class_ids: list[list[int]],
-                 weights: list[float], num_classes: int, names: list[str] | None = None):
+                 weights: list[float], num_classes: int, names: list[str] | None = None,
+                 inputs: list[nn.Module | None] | None = None):
         super().__init__()
         if not (len(teachers) == len(class_ids) == len(weights)):
             raise ValueError("one class list and one weight per teacher")
         self.teachers = nn.ModuleList(teachers)
+        self.inputs = nn.ModuleList(m if m is not None else nn.Identity() for m in (inputs or [None] * len(teachers)))
         for k, ids in enumerate(class_ids):
             self.register_buffer(f"class_ids_{k}", torch.tensor(ids, dtype=torch.long))
         self.register_buffer("weights", torch.tensor(weights, dtype=torch.float32))
@@ -59,7 +88,7 @@ class TeacherEnsemble(nn.Module):
         out = []
         with torch.inference_mode():
             for k, (teacher, precision) in enumerate(zip(self.teachers, self.precisions)):
-                xk = precision.prepare_input(x)
+                xk = precision.prepare_input(self.inputs[k](x))
                 with precision.autocast(x.device):
                     out.append(teacher(xk) if stages is None else forward_with_features(teacher, xk, stages[k]))
         # Inference tensors cannot be saved for backward; clone them out of it.

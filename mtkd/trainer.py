@@ -13,6 +13,7 @@ import os
 import signal
 import time
 from argparse import Namespace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from .cache import CachedViews, open_teacher_cache
 from .checkpoint import CHECKPOINT_VERSION, CheckpointSaver, load_checkpoint
-from .data import BatchTransform, TaskData, create_loader, load_task_data
+from .data import BatchTransform, TaskData, count_labelled, create_loader, keep_labels, labelled_only, load_task_data
 from .distill import Distiller, KDConfig
 from .distributed import DistInfo, barrier, broadcast, cleanup, init_distributed, main_first
 from .engine import TrainingInterrupted, evaluate, predict
@@ -138,20 +139,27 @@ def _run(args: Namespace, explicit: set[str], dist: DistInfo, device_name: str) 
     precision = broadcast(dist, precision)  # DDP needs the same layout on every rank
     # Before the Distiller copies the student (EMA), so that every copy has the student's layout.
     precision.prepare_model(student)
+    # The teachers were trained on every label of their classes; the student keeps --label_fraction of them.
+    train_set = keep_labels(data.train, args.label_fraction, args.seed)
+    kd = replace(kd, unlabelled=count_labelled(train_set)[1] > 0)
     seed_everything(args.seed)
     step = Distiller(student, ensemble, kd, compile=args.compile).to(device)
+    if step.ensemble is None:  # labels only: an image without a label would teach nothing
+        train_set = labelled_only(train_set)
+    labelled, unlabelled = count_labelled(train_set)
+    console.print(f"[bold]Training images[/] {labelled} labelled, {unlabelled} unlabelled", soft_wrap=True)
     if getattr(step, "adapters", None) is not None:
         precision.prepare_model(step.adapters)
     scaler = torch.amp.GradScaler(device.type) if precision.dtype == "fp16" else None
-    train_data, cache_status = data, None
+    train_data, cache_status = TaskData(train_set, data.val, data.test), None
     if args.teacher_cache and step.ensemble is not None:
         started_cache = time.perf_counter()
         # Rank 0 builds a missing cache; the others then find it.
         cache, cache_path, cache_status = main_first(dist, lambda: open_teacher_cache(
-            args.teacher_cache, task.name, ensemble, data.train, transform, args.cache_views, device))
+            args.teacher_cache, task.name, ensemble, train_set, transform, args.cache_views, device))
         console.print(f"[bold]Teacher cache[/] {cache_path}: {cache_status}, {cache.num_views} views "
                       f"({time.perf_counter() - started_cache:.1f}s)", soft_wrap=True)
-        train_data = TaskData(CachedViews(data.train, cache), data.val, data.test)
+        train_data = TaskData(CachedViews(train_set, cache), data.val, data.test)
     optimizer = create_optimizer(step, **optimizer_kwargs(args))
     scheduler = EpochScheduler(optimizer, epochs=args.num_epochs, **scheduler_kwargs(args))
     rng = RunRng(args.seed, dist.rank)
@@ -226,7 +234,7 @@ def _run(args: Namespace, explicit: set[str], dist: DistInfo, device_name: str) 
     summary = None
     if dist.is_main:
         summary = finish_run(run_dir, args, task, kd, student, ensemble, data, transform, device, best,
-                             teacher_rows, cache_status, writer, started, precision)
+                             teacher_rows, cache_status, writer, started, precision, (labelled, unlabelled))
     barrier(dist)
     return broadcast(dist, summary)
 
@@ -241,7 +249,7 @@ def write_run_args(run_dir: Path, args: Namespace) -> None:
 
 
 def finish_run(run_dir, args, task, kd, student, ensemble, data, transform, device, best, teacher_rows,
-               cache_status, writer, started, precision) -> dict:
+               cache_status, writer, started, precision, counts) -> dict:
     """Test the best checkpoint and the teacher ensemble; write summary.json, curves and the hparams."""
     student.load_state_dict(load_checkpoint(run_dir / "best.pt")["model"])
     test_loader = create_loader(data.test, 512, train=False)
@@ -268,7 +276,8 @@ def finish_run(run_dir, args, task, kd, student, ensemble, data, transform, devi
         "task": task.name, "student_model": args.student_model, "run_dir": str(run_dir),
         "alpha": args.alpha, "temperature": args.temperature, "epochs": args.num_epochs, "seed": args.seed,
         "aggregation": kd.aggregation, "teacher_weighting": kd.weighting, "kd_loss": kd.kd_loss,
-        "teacher_cache": cache_status, "precision": str(precision),
+        "teacher_cache": cache_status, "precision": str(precision), "label_fraction": args.label_fraction,
+        "labelled_images": counts[0], "unlabelled_images": counts[1],
         "best_epoch": best["epoch"], "best_val_acc": best["val_acc"], "test_acc": test["acc"],
         "student_params": count_parameters(student), "teachers": teacher_rows,
         "ensemble_params": count_parameters(ensemble), "ensemble_val_acc": ensemble_rows["combination"]["val_acc"],

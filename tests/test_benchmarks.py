@@ -34,7 +34,9 @@ def test_sweep_table_summarises_seeds(tmp_path):
     rows = [{"method": "consensus:fixed", "seed": s, "test_acc": a, "best_val_acc": 0.9, "ensemble_test_acc": 0.7}
             for s, a in ((0, 0.97), (1, 0.99))]
     table = sweep.table(rows)
-    assert "| consensus:fixed | 2 | 98.00 ± 1.41 | 90.00 |" in table and "| 70.00 |" in table
+    assert "| 1 | consensus:fixed | ? / ? | 2 | 98.00 ± 1.41 | 90.00 |" in table and "| 70.00 |" in table
+    rows = [{**r, "label_fraction": 0.1, "labelled_images": 117, "unlabelled_images": 1050} for r in rows]
+    assert "| 0.1 | consensus:fixed | 117 / 1050 | 2 | 98.00 ± 1.41 | 90.00 |" in sweep.table(rows)
     assert sweep.method_flags("amalgamate:entropy+online") == {
         "aggregation": "amalgamate", "teacher_weighting": "entropy", "teacher_cache": None}
 

@@ -230,3 +230,52 @@ def test_golden_loss_of_the_training_step_amalgamate_two_specialists():
         torch.zeros(1, 1), torch.tensor([Y_FIXED]))
     assert out["loss_soft"].item() == pytest.approx(kd, rel=1e-5)
     assert out["loss"].item() == pytest.approx((1 - alpha) * ce + alpha * kd, rel=1e-5)
+
+
+class BatchLogits(nn.Module):
+    """A teacher with fixed logits per sample (row ``b`` for sample ``b``)."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.register_buffer("logits", torch.tensor(logits))
+
+    def forward(self, x):
+        return self.logits[: len(x)]
+
+
+S_BATCH, Y_BATCH, Z_BATCH = [[1.0, 2.0, 0.0], [0.0, 0.0, 3.0]], [1, 2], [[2.0, 0.0, 1.0], [0.0, 3.0, -1.0]]
+
+
+def _golden_ce_kd(T):
+    ce = sum(-math.log(_softmax(s)[y]) for s, y in zip(S_BATCH, Y_BATCH)) / 2
+    kd = sum(T * T * _kl(_softmax(z, T), _softmax(s, T)) for s, z in zip(S_BATCH, Z_BATCH)) / 2
+    return ce, kd
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+def test_the_training_step_mixes_hard_and_soft(alpha):
+    """(1 - a) * mean CE + a * T^2 * mean KL, against values computed with the math module."""
+    T = 2.0
+    ce, kd = _golden_ce_kd(T)
+    ens = TeacherEnsemble([BatchLogits(Z_BATCH)], [[0, 1, 2]], [1.0], 3)
+    student = BatchLogits(S_BATCH)
+    out = Distiller(student, ens, KDConfig(alpha=alpha, temperature=T, aggregation="mixture"))(
+        torch.zeros(2, 1), torch.tensor(Y_BATCH))
+    assert out["loss"].item() == pytest.approx((1 - alpha) * ce + alpha * kd, rel=1e-5)
+    assert out["loss_hard"].item() == pytest.approx(ce, rel=1e-6)
+    assert out["loss_soft"].item() == pytest.approx(0.0 if alpha == 0 else kd, rel=1e-5)
+
+
+def test_alpha_one_ignores_labels_and_alpha_zero_ignores_teachers():
+    ens = TeacherEnsemble([BatchLogits(Z_BATCH)], [[0, 1, 2]], [1.0], 3)
+    grads = []
+    for labels in (Y_BATCH, [0, 0]):
+        student = FixedLogits([0.0, 0.0, 0.0])
+        student.logits.data = torch.tensor(S_BATCH)
+        student.forward = lambda x, m=student: m.logits
+        Distiller(student, ens, KDConfig(alpha=1.0, temperature=2.0, aggregation="mixture"))(
+            torch.zeros(2, 1), torch.tensor(labels))["loss"].backward()
+        grads.append(student.logits.grad.clone())
+    assert torch.equal(grads[0], grads[1])
+    out = Distiller(BatchLogits(S_BATCH), ens, KDConfig(alpha=0.0))(torch.zeros(2, 1), torch.tensor(Y_BATCH))
+    assert out["loss"].item() == pytest.approx(_golden_ce_kd(2.0)[0], rel=1e-6)

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mtkd.losses import (amalgamation_loss, consensus_targets, distillation_loss, dkd_per_sample, feature_loss,
-                         kd_kl_loss, mixture_targets, specialist_combination, teacher_weights)
+from mtkd.losses import (amalgamation_loss, consensus_targets, dkd_per_sample, feature_loss, kd_kl_loss,
+                         labelled_cross_entropy, mixture_targets, specialist_combination, teacher_weights)
 
 S = torch.tensor([[1.0, 2.0, 0.0], [0.0, 0.0, 3.0]])
 Q = torch.tensor([[0.2, 0.5, 0.3], [0.0, 1.0, 0.0]])
@@ -38,22 +38,15 @@ def test_kd_matches_long_hand_kl():
     assert kd_kl_loss(s, q, T).item() == pytest.approx(long_hand.item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("alpha, golden", [(0.0, CE_GOLDEN), (0.3, 0.7 * CE_GOLDEN + 0.3 * KD_GOLDEN), (1.0, KD_GOLDEN)])
-def test_distillation_loss_mixes_hard_and_soft(alpha, golden):
-    out = distillation_loss(S, Y, Q, alpha, 2.0)
-    assert out["loss"].item() == pytest.approx(golden, rel=1e-6)
-    assert out["loss_hard"].item() == pytest.approx(CE_GOLDEN, rel=1e-6)
-    assert out["loss_soft"].item() == pytest.approx(0.0 if alpha == 0 else KD_GOLDEN, rel=1e-6)
-
-
-def test_alpha_one_ignores_labels_and_alpha_zero_ignores_teachers():
+def test_labelled_cross_entropy_golden_and_unlabelled_rows_get_no_gradient():
+    assert labelled_cross_entropy(S, Y).item() == pytest.approx(CE_GOLDEN, rel=1e-6)
     s = S.clone().requires_grad_()
-    distillation_loss(s, Y, Q, 1.0, 2.0)["loss"].backward()
-    g1 = s.grad.clone()
-    s.grad = None
-    distillation_loss(s, torch.tensor([0, 0]), Q, 1.0, 2.0)["loss"].backward()
-    assert torch.equal(g1, s.grad)
-    assert distillation_loss(S, Y, None, 0.5, 2.0)["loss"].item() == pytest.approx(CE_GOLDEN, rel=1e-6)
+    loss = labelled_cross_entropy(s, torch.tensor([1, -1]))  # sample 2 has no label
+    assert loss.item() == pytest.approx(0.40760596444, rel=1e-6)  # sample 1's CE alone (see CE_GOLDEN)
+    loss.backward()
+    assert s.grad[1].abs().sum() == 0 and s.grad[0].abs().sum() > 0
+    none = labelled_cross_entropy(S.clone().requires_grad_(), torch.tensor([-1, -1]))
+    assert none.item() == 0.0 and none.requires_grad
 
 
 def test_mixture_targets_golden():
