@@ -233,7 +233,7 @@ def feature_loss(student_features: list[Tensor], teacher_features: list[list[Ten
 
 
 def specialist_combination(teacher_logits: list[Tensor], class_ids: list[Tensor], weights: Tensor,
-                           num_classes: int, temperature: float = 1.0, steps: int = 200) -> Tensor:
+                           num_classes: int, temperature: float = 1.0, steps: int = 50) -> Tensor:
     """The distribution over all classes that best agrees with every specialist on its own classes.
 
     Hinton et al. 2015, section 5 ("the full distribution q that minimises
@@ -243,46 +243,76 @@ def specialist_combination(teacher_logits: list[Tensor], class_ids: list[Tensor]
 
         q = argmin_q  sum_k w_k KL(p_k || q[C_k] / sum_{c in C_k} q_c)
 
-    Returns ``log q`` ``(B, num_classes)``. The objective is convex in
-    ``log q``; it is minimised by L-BFGS (strong Wolfe line search; the
-    samples are independent, so their sum is minimised at once) from the
-    average of the teachers' centred log-probabilities (each teacher's
-    ``log p_k`` minus its mean over ``C_k``), which is already the minimiser
-    when no two teachers share a class. Then only each specialist's classes
-    relative to each other are pinned: between disjoint specialists the
-    split of mass is left where that start puts it (the gradient never moves
-    a group's common shift), i.e. the geometric means of the specialists'
-    distributions are made equal, so a confident specialist outweighs a
-    hesitant one. Overlapping classes tie the specialists together and
-    replace that choice by what the teachers say. Classes covered by no
-    teacher get probability 0.
+    ``weights`` is ``(K,)`` or one row per sample ``(B, K)``. Returns
+    ``log q`` ``(B, num_classes)``. The objective is convex in ``log q``; it
+    is minimised per sample by Newton's method (at most ``steps`` steps, each
+    halved until the objective decreases; float64) from the average of the
+    teachers' centred log-probabilities (each teacher's ``log p_k`` minus its
+    mean over ``C_k``), which is already the minimiser when no two teachers
+    share a class. Then only each specialist's classes relative to each other
+    are pinned: between disjoint specialists the split of mass is left where
+    that start puts it (gradient and Newton steps never move a group's common
+    shift), i.e. the geometric means of the specialists' distributions are
+    made equal, so a confident specialist outweighs a hesitant one.
+    Overlapping classes tie the specialists together and replace that choice
+    by what the teachers say. Classes covered by no teacher get probability 0.
     """
     batch = teacher_logits[0].shape[0]
-    with torch.inference_mode(False), torch.enable_grad():  # also when called from evaluation
+    device = teacher_logits[0].device
+    with torch.inference_mode(False), torch.no_grad():  # also when called from evaluation
         w = weights.detach().clone().double().expand(batch, -1)
-        covered = torch.zeros(num_classes, dtype=torch.bool, device=teacher_logits[0].device)
-        start = torch.zeros(batch, num_classes, dtype=torch.float64, device=covered.device)
+        covered = torch.zeros(num_classes, dtype=torch.bool, device=device)
+        start = torch.zeros(batch, num_classes, dtype=torch.float64, device=device)
         cover_w = start.clone()
-        log_p = []
+        parts = []
         for k, (z, ids) in enumerate(zip(teacher_logits, class_ids)):
-            ids = ids.clone()
+            ids = ids.clone().to(device)
             lp = F.log_softmax(z.detach().clone().double() / temperature, dim=1)
-            log_p.append((lp, ids))
+            parts.append((w[:, k], lp, ids))
             start[:, ids] += w[:, k:k + 1] * (lp - lp.mean(1, keepdim=True))
             cover_w[:, ids] += w[:, k:k + 1]
             covered[ids] = True
-        z = torch.where(cover_w > 0, start / cover_w.clamp_min(1e-12), 0.0).requires_grad_(True)
-
-        def objective():
-            optimizer.zero_grad()
-            loss = sum((w[:, k] * -(lp.exp() * F.log_softmax(z[:, ids], dim=1)).sum(1)).sum()
-                       for k, (lp, ids) in enumerate(log_p))
-            loss.backward()
-            return loss
-
-        if steps > 0 and len(class_ids) > 1:
-            optimizer = torch.optim.LBFGS([z], lr=1, max_iter=steps, tolerance_grad=1e-10,
-                                          tolerance_change=1e-14, history_size=20, line_search_fn="strong_wolfe")
-            optimizer.step(objective)
-        z = z.detach()
+        z = torch.where(cover_w > 0, start / cover_w.clamp_min(1e-12), 0.0)
+        if len(class_ids) > 1:
+            z = _newton_combination(z, parts, steps)
     return F.log_softmax(z.masked_fill(~covered, float("-inf")), dim=1).float()
+
+
+def _combination_objective(z: Tensor, parts) -> Tensor:
+    """Per sample: ``sum_k w_k (logsumexp(z[C_k]) - sum_{c in C_k} p_kc z_c)`` (the KL up to a constant)."""
+    return sum(wk * (torch.logsumexp(z[:, ids], 1) - (lp.exp() * z[:, ids]).sum(1)) for wk, lp, ids in parts)
+
+
+def _newton_combination(z: Tensor, parts, steps: int) -> Tensor:
+    """Minimise ``_combination_objective`` per sample by damped Newton steps with step halving.
+
+    Gradient ``sum_k w_k (s_k - p_k)`` and Hessian ``sum_k w_k (diag(s_k) - s_k s_k^T)`` on ``C_k``
+    (``s_k`` the softmax of ``z[C_k]``). The Hessian is singular along each group's common shift, where
+    the gradient has no component; a tiny ridge keeps the solve defined without moving those directions.
+    """
+    batch, n = z.shape
+    eye = torch.eye(n, dtype=z.dtype, device=z.device)
+    f = _combination_objective(z, parts)
+    for _ in range(steps):
+        grad = torch.zeros_like(z)
+        hess = torch.zeros(batch, n, n, dtype=z.dtype, device=z.device)
+        for wk, lp, ids in parts:
+            s = F.softmax(z[:, ids], 1)
+            grad[:, ids] += wk[:, None] * (s - lp.exp())
+            block = torch.diag_embed(s) - s[:, :, None] * s[:, None, :]
+            hess[:, ids[:, None], ids[None, :]] += wk[:, None, None] * block
+        if grad.abs().max() < 1e-10:  # converged (float64 noise is far below)
+            break
+        step = torch.linalg.solve(hess + 1e-9 * eye, grad.unsqueeze(-1)).squeeze(-1)
+        t = torch.ones(batch, 1, dtype=z.dtype, device=z.device)
+        for _ in range(30):  # halve each sample's step until its objective does not increase
+            new = z - t * step
+            f_new = _combination_objective(new, parts)
+            worse = ~(f_new <= f + 1e-15 * f.abs())
+            if not worse.any():
+                break
+            t = torch.where(worse[:, None], t / 2, t)
+        if worse.all():  # no sample can improve any more
+            break
+        z, f = torch.where(worse[:, None], z, new), torch.where(worse, f, f_new)
+    return z

@@ -132,9 +132,9 @@ def train_teacher(spec, task: TaskSpec, data: TaskData, recipe: TeacherRecipe, d
     return model, metrics
 
 
-def load_teacher(spec, task: TaskSpec, path: Path, data: TaskData,
-                 device: torch.device) -> tuple[nn.Module, dict, str]:
-    """An mtkd teacher checkpoint, or a state dict trained elsewhere (then measured here on its classes)."""
+def load_teacher(spec, task: TaskSpec, path: Path) -> tuple[nn.Module, dict | None]:
+    """The teacher from an mtkd teacher checkpoint, or from a state dict trained elsewhere; and the mtkd
+    checkpoint (None for the latter)."""
     who = f"teacher {spec.name!r} ({spec.architecture}, {len(spec.classes)} classes)"
     weights, state = load_weights_file(path, who)
     if state is not None and (state["architecture"] != spec.architecture
@@ -145,14 +145,17 @@ def load_teacher(spec, task: TaskSpec, path: Path, data: TaskData,
             "Fix: pass --retrain_teachers, or move the old checkpoint away.")
     model = create_teacher(spec, task)
     load_fitting_state(model, weights, f"{who}, checkpoint {path}", len(spec.classes))
-    if state is not None:
-        return model, state["metrics"], "reused"
-    # Trained elsewhere: what it does on its own classes of this task's validation and test images.
+    return model, state
+
+
+def measure_teacher(spec, task: TaskSpec, model: nn.Module, data: TaskData, device: torch.device) -> dict:
+    """Validation and test accuracy of a teacher trained elsewhere, on its own classes of this task."""
     own, net = _own_classes(spec, task, data), _with_input(model, spec, task).to(device)
     transform = BatchTransform.for_task(task).to(device)
-    metrics = {split: evaluate(net, create_loader(own.split(split), 512, train=False), transform, device)["acc"]
-               for split in ("val", "test")}
-    return model.cpu(), {"val_acc": metrics["val"], "test_acc": metrics["test"]}, "external"
+    acc = {split: evaluate(net, create_loader(own.split(split), 512, train=False), transform, device)["acc"]
+           for split in ("val", "test")}
+    model.cpu()
+    return {"val_acc": acc["val"], "test_acc": acc["test"]}
 
 
 def _is_external(path: Path) -> bool:
@@ -170,7 +173,9 @@ def prepare_teachers(task: TaskSpec, data: TaskData, output_dir: str | Path, rec
         path = teacher_path(output_dir, task, spec)
         # A teacher trained elsewhere is never overwritten, --retrain_teachers or not.
         if path.exists() and (not retrain or _is_external(path)):
-            model, metrics, status = load_teacher(spec, task, path, data, device)
+            model, state = load_teacher(spec, task, path)
+            metrics, status = ((state["metrics"], "reused") if state is not None
+                               else (measure_teacher(spec, task, model, data, device), "external"))
         elif path.suffix == ".safetensors":
             raise UserError(f"teacher {spec.name!r}: checkpoint {path} not found (mtkd trains missing teachers, "
                             "but writes its own format, not .safetensors). Fix: check the path, or name a .pt file.")

@@ -1,0 +1,185 @@
+"""Specialists trained elsewhere and images without labels (``--label_fraction``, a task's unlabelled folder)."""
+import json
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import save_file
+
+import train
+from mtkd import losses
+from mtkd.data import ImageTensorDataset, count_labelled, keep_labels, labelled_only, load_task_data
+from mtkd.errors import UserError
+from mtkd.specialists import load_teacher
+from mtkd.taskfile import load_task_file
+from mtkd.teachers import TeacherInput
+from test_taskfile import write_images
+
+TOML = """
+name = "animals"
+image_size = 16
+channels = 3
+[dataset]
+type = "imagefolder"
+root = "images"
+val_fraction = 0.2
+test_fraction = 0.2
+unlabeled = "unlabelled"
+[[teachers]]
+name = "cats"
+architecture = "resnet10t"
+classes = ["lynx", "hyena"]
+checkpoint = "cats.safetensors"
+image_size = 24
+mean = [0.485, 0.456, 0.406]
+std = [0.229, 0.224, 0.225]
+adapt_small_input = false
+[[teachers]]
+name = "stripes"
+architecture = "resnet10t"
+classes = ["zebra", "hyena"]
+checkpoint = "stripes.pt"
+"""
+
+
+def _external_teacher(outputs: int, architecture: str = "resnet10t") -> dict:
+    """A teacher built outside mtkd: a plain timm model, its state dict."""
+    torch.manual_seed(outputs)
+    return timm.create_model(architecture, pretrained=False, num_classes=outputs).state_dict()
+
+
+@pytest.fixture
+def amalgamation_task(tmp_path):
+    write_images(tmp_path / "images", per_class=10)
+    rng = np.random.default_rng(1)
+    (tmp_path / "unlabelled" / "more").mkdir(parents=True)
+    for i, name in enumerate(["a.png", "b.jpg", "c.png", "more/d.png", "more/e.png"]):
+        Image.fromarray(rng.integers(0, 256, (20 + i, 20, 3), dtype=np.uint8)).save(tmp_path / "unlabelled" / name)
+    (tmp_path / "unlabelled" / "notes.txt").write_text("not an image")
+    save_file(_external_teacher(2), str(tmp_path / "cats.safetensors"))
+    torch.save(_external_teacher(2), tmp_path / "stripes.pt")
+    path = tmp_path / "animals.toml"
+    path.write_text(TOML)
+    return path
+
+
+def test_keep_labels_is_stratified_seeded_and_keeps_the_images():
+    labels = torch.arange(200) % 4
+    data = ImageTensorDataset(torch.zeros(200, 1, 2, 2, dtype=torch.uint8), labels)
+    kept = keep_labels(data, 0.1, seed=3)
+    assert count_labelled(kept) == (20, 180) and kept.images is data.images
+    assert torch.bincount(kept.labels[kept.labels >= 0]).tolist() == [5, 5, 5, 5]  # stratified
+    assert torch.equal(keep_labels(data, 0.1, seed=3).labels, kept.labels)
+    assert not torch.equal(keep_labels(data, 0.1, seed=4).labels, kept.labels)
+    assert torch.equal(kept.labels[kept.labels >= 0], labels[kept.labels >= 0])  # kept labels are the true ones
+    assert len(labelled_only(kept)) == 20 and keep_labels(data, 1.0, seed=3) is data
+    # A specialist's view of the training set leaves the unlabelled images out.
+    assert len(kept.select_classes([1, 2])) == 10
+    with pytest.raises(UserError, match="keeps 2 of 200 labelled training images, fewer than the 4 classes"):
+        keep_labels(data, 0.01, seed=0)
+
+
+def test_teacher_input_undoes_the_tasks_normalisation_and_applies_its_own():
+    pixels = torch.rand(2, 3, 8, 8)
+    task_mean, task_std, mean, std = [0.5] * 3, [0.25] * 3, [0.4, 0.5, 0.6], [0.2, 0.3, 0.4]
+    x = (pixels - 0.5) / 0.25
+    same_size = TeacherInput(task_mean, task_std, mean, std, 8)(x)
+    expected = (pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    assert torch.allclose(same_size, expected, atol=1e-6)
+    bigger = TeacherInput(task_mean, task_std, mean, std, 24)(x)
+    assert bigger.shape == (2, 3, 24, 24)
+    assert torch.allclose(bigger, (F.interpolate(pixels, size=24, mode="bilinear") - expected.new_tensor(mean).view(
+        1, 3, 1, 1)) / expected.new_tensor(std).view(1, 3, 1, 1), atol=1e-5)
+
+
+def test_task_file_declares_unlabelled_images_and_teachers_inputs(amalgamation_task, tmp_path):
+    task = load_task_file(amalgamation_task)
+    cats = task.teachers[0]
+    assert (cats.image_size, cats.mean, cats.adapt) == (24, (0.485, 0.456, 0.406), False)
+    data = load_task_data(task)
+    # 18 labelled training images (30 minus val and test) and the folder's 5 images, the text file left out.
+    assert count_labelled(data.train) == (18, 5) and len(data.val) == len(data.test) == 6
+
+
+def test_a_teacher_trained_elsewhere_is_distilled_from_at_its_own_input(amalgamation_task, tmp_path, monkeypatch):
+    seen = []
+    forward = TeacherInput.forward
+    monkeypatch.setattr(TeacherInput, "forward", lambda self, x: seen.append(tuple(forward(self, x).shape[-2:]))
+                        or forward(self, x))
+    out = tmp_path / "runs"
+    assert train.main(["--task", str(amalgamation_task), "--num_epochs", "1", "--student_model", "ResNet18",
+                       "--alpha", "0.5", "--aggregation", "combination", "--output_dir", str(out)]) == 0
+    summary = json.loads(next((out / "Taskanimals").glob("*/summary.json")).read_text())
+    assert [t["status"] for t in summary["teachers"]] == ["external", "external"]
+    assert all(0 <= t["val_acc"] <= 1 for t in summary["teachers"]) and summary["aggregation"] == "combination"
+    assert seen and set(seen) == {(24, 24)}  # only the teacher that declared 24 px gets an input of its own
+    assert not (out / "Taskanimals" / "teachers").exists()  # nothing trained, the external files untouched
+    # --retrain_teachers never overwrites a teacher trained elsewhere.
+    before = (tmp_path / "stripes.pt").read_bytes()
+    assert train.main(["--task", str(amalgamation_task), "--num_epochs", "1", "--student_model", "ResNet18",
+                       "--retrain_teachers", "--output_dir", str(out)]) == 0
+    assert (tmp_path / "stripes.pt").read_bytes() == before
+
+
+def test_unlabelled_images_never_reach_the_cross_entropy(amalgamation_task, tmp_path, monkeypatch):
+    calls = []
+    original = losses.labelled_cross_entropy
+
+    def spy(logits, labels):
+        value = original(logits, labels)
+        has = labels >= 0
+        direct = F.cross_entropy(logits[has], labels[has]) if has.any() else logits.new_zeros(())
+        assert value.item() == pytest.approx(direct.item(), rel=1e-5, abs=1e-7)
+        grad, = torch.autograd.grad(value, logits, retain_graph=True)
+        assert grad[~has].abs().sum() == 0  # no gradient reaches an unlabelled image's logits
+        calls.append(labels.clone())
+        return value
+
+    monkeypatch.setattr(losses, "labelled_cross_entropy", spy)
+    out = tmp_path / "runs"
+    assert train.main(["--task", str(amalgamation_task), "--num_epochs", "2", "--student_model", "ResNet18",
+                       "--label_fraction", "0.5", "--alpha", "0.5", "--batch_size", "8",
+                       "--output_dir", str(out)]) == 0
+    summary = json.loads(next((out / "Taskanimals").glob("*/summary.json")).read_text())
+    # Half of the 18 labelled training images keep their label; the other 9 and the folder's 5 have none.
+    assert (summary["labelled_images"], summary["unlabelled_images"]) == (9, 14)
+    labels = torch.cat(calls)
+    assert len(labels) == 2 * 23 and int((labels >= 0).sum()) == 2 * 9  # every image once per epoch
+    # Labels only (alpha 0): the unlabelled images are left out altogether.
+    calls.clear()
+    assert train.main(["--task", str(amalgamation_task), "--num_epochs", "1", "--student_model", "ResNet18",
+                       "--label_fraction", "0.5", "--alpha", "0", "--output_dir", str(out)]) == 0
+    assert len(torch.cat(calls)) == 9 and bool((torch.cat(calls) >= 0).all())
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: _external_teacher(3), "the classifier has 3 outputs but the teacher lists 2 classes"),
+    (lambda: _external_teacher(2, "mobilenetv3_small_050"), "the weights do not belong to ResNet"),
+    (lambda: {k: v for k, v in _external_teacher(2).items() if not k.startswith("layer4.0.conv1")},
+     r"missing keys \['layer4.0.conv1.weight'\]"),
+    (lambda: {**_external_teacher(2), "extra.weight": torch.zeros(1)}, r"unexpected keys \['extra.weight'\]"),
+    (lambda: b"not safetensors", "cannot read .*cats.safetensors as safetensors"),
+])
+def test_a_checkpoint_that_does_not_fit_gets_one_message_and_exit_2(amalgamation_task, tmp_path, capsys,
+                                                                     make, message):
+    weights = make()
+    if isinstance(weights, bytes):
+        (tmp_path / "cats.safetensors").write_bytes(weights)
+    else:
+        save_file(weights, str(tmp_path / "cats.safetensors"))
+    assert train.main(["--task", str(amalgamation_task), "--num_epochs", "1", "--output_dir",
+                       str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert "teacher 'cats'" in err and "Traceback" not in err
+    import re
+    assert re.search(message, " ".join(err.split())), err
+
+
+def test_a_torch_file_that_is_not_a_state_dict_is_refused(amalgamation_task, tmp_path):
+    torch.save([torch.zeros(2)], tmp_path / "stripes.pt")
+    task = load_task_file(amalgamation_task)
+    with pytest.raises(UserError, match="neither an mtkd teacher checkpoint nor a state dict"):
+        load_teacher(task.teachers[1], task, tmp_path / "stripes.pt")
