@@ -53,7 +53,7 @@ from mtkd.optim import create_optimizer  # noqa: E402
 from mtkd.precision import AMP_MODES, FP32, resolve_precision  # noqa: E402
 from mtkd.models import create_student, create_teacher, list_students  # noqa: E402
 from mtkd.spec import get_task, list_tasks  # noqa: E402
-from mtkd.specialists import create_ensemble, example_batch  # noqa: E402
+from mtkd.specialists import choose_teacher_precisions, create_ensemble, example_batch  # noqa: E402
 
 
 def get_args_parser():
@@ -124,8 +124,7 @@ def student_precision(task, args, data, device, transform, amp):
 
 
 def teacher_precisions(ensemble, data, device, transform, amp):
-    x = example_batch(data, transform, device, 64)
-    return [resolve_precision(amp, device, t, x, train=False)[0] for t in ensemble.teachers]
+    return choose_teacher_precisions(ensemble, example_batch(data, transform, device, 64), amp)
 
 
 def training_pass(task, data, ensemble, cfg, args, device, transform, cache=None, precision=FP32):

@@ -99,6 +99,16 @@ FOR_STUDENT = ("model", "student_model", "class_names", "task")  # evaluation, e
 FOR_TEACHER = ("model", "architecture", "classes", "metrics")
 
 
+def student_checkpoint(**fields) -> dict:
+    """A student checkpoint: exactly ``STUDENT_KEYS`` (``version`` is added); a missing or unknown key raises."""
+    fields = {**fields, "version": CHECKPOINT_VERSION}
+    missing, unknown = set(STUDENT_KEYS) - set(fields), set(fields) - set(STUDENT_KEYS)
+    if missing or unknown:
+        raise ValueError(f"a student checkpoint has keys {STUDENT_KEYS}; missing {sorted(missing)}, "
+                         f"unknown {sorted(unknown)}")
+    return {k: fields[k] for k in STUDENT_KEYS}
+
+
 class CheckpointSaver:
     """A student run's checkpoints: ``best.pt`` (best validation accuracy), ``last.pt`` (every epoch) and,
     with ``top_k > 1``, the k best epochs as ``top/epoch_N.pt`` with ``top/index.json``."""

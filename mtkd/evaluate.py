@@ -114,9 +114,9 @@ def evaluate_task(task: TaskSpec, *, output_dir="runs", eval_dir="evaluation", d
     ensemble, teachers = load_ensemble(task, output_dir)
     results["teachers"], results["ensemble"] = [], None
     if ensemble is not None:
-        for spec, model in zip(task.teachers, teachers):
+        for k, (spec, model) in enumerate(zip(task.teachers, teachers)):
             own = data.test.select_classes(task.class_indices(spec.classes))
-            m = ev.metrics(model, spec.classes, own)
+            m = ev.metrics(ensemble.teacher_model(k), spec.classes, own)
             results["teachers"].append({"name": spec.name, "architecture": spec.architecture,
                                         "classes": list(spec.classes), "num_parameters": count_parameters(model),
                                         **_short_metrics(m)})

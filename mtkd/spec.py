@@ -66,18 +66,19 @@ class TaskSpec:
         if len(set(self.class_names)) != len(self.class_names):
             problems.append("class names repeat")
         if not self.teachers:
-            problems.append("no teachers")
+            problems.append("no teachers. Fix: add at least one teacher")
         names = [t.name for t in self.teachers]
-        if len(set(names)) != len(names):
-            problems.append(f"duplicate teacher names in {names}")
+        for name in sorted({n for n in names if names.count(n) > 1}):
+            problems.append(f"two teachers are named {name!r}. Fix: give each teacher its own name")
         known = set(self.class_names)
         covered = set()
         for t in self.teachers:
             if not t.classes:
-                problems.append(f"teacher {t.name!r} has no classes")
+                problems.append(f"teacher {t.name!r} has no classes. Fix: list the classes it knows")
             unknown = [c for c in t.classes if c not in known]
             if unknown:
-                problems.append(f"teacher {t.name!r} names classes not in the task: {unknown}")
+                problems.append(f"teacher {t.name!r} names classes {unknown} that are not in the task "
+                                f"(its classes: {', '.join(self.class_names)})")
             if len(set(t.classes)) != len(t.classes):
                 problems.append(f"teacher {t.name!r} lists a class twice")
             if not t.weight > 0:
@@ -93,7 +94,8 @@ class TaskSpec:
             covered.update(t.classes)
         uncovered = [c for c in self.class_names if c not in covered]
         if uncovered:
-            problems.append(f"classes covered by no teacher: {uncovered}")
+            problems.append(f"classes {uncovered} are covered by no teacher. Fix: add them to a teacher, or "
+                            "remove them (for a task file: their folders)")
         if len(self.mean) != self.channels or len(self.std) != self.channels:
             problems.append("mean/std must have one value per channel")
         if problems:

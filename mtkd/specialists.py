@@ -92,6 +92,14 @@ def _with_input(model: nn.Module, spec, task: TaskSpec) -> nn.Module:
     return model if inputs is None else nn.Sequential(inputs, model)
 
 
+def choose_teacher_precisions(ensemble: TeacherEnsemble, example: torch.Tensor, amp: str,
+                              deterministic: bool = False) -> list[Precision]:
+    """``choose_precision`` for inference of each teacher, timed on ``example`` (the student's batch) as it
+    reaches that teacher."""
+    return [choose_precision(amp, t, inputs(example), False, deterministic, f"teacher {name}")
+            for t, inputs, name in zip(ensemble.teachers, ensemble.inputs, ensemble.names)]
+
+
 def train_teacher(spec, task: TaskSpec, data: TaskData, recipe: TeacherRecipe, device: torch.device,
                   path: Path) -> tuple[nn.Module, dict]:
     """Train one specialist on its classes by ``recipe``; keep the weights of its best validation epoch."""
@@ -188,9 +196,7 @@ def prepare_teachers(task: TaskSpec, data: TaskData, output_dir: str | Path, rec
         rows.append(_teacher_row(spec, model, metrics, status))
     ensemble = create_ensemble(task, models).to(device)
     example = example_batch(data.train, BatchTransform.for_task(task).to(device), device, recipe.batch_size)
-    ensemble.set_precisions([choose_precision(recipe.amp, t, inputs(example), False, recipe.deterministic,
-                                              f"teacher {name}")
-                             for t, inputs, name in zip(ensemble.teachers, ensemble.inputs, ensemble.names)])
+    ensemble.set_precisions(choose_teacher_precisions(ensemble, example, recipe.amp, recipe.deterministic))
     for row, precision in zip(rows, ensemble.precisions):
         row["precision"] = str(precision)
     return ensemble, rows

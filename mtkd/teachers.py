@@ -75,6 +75,10 @@ class TeacherEnsemble(nn.Module):
         self.precisions = list(precisions)
         return self
 
+    def teacher_model(self, k: int) -> nn.Module:
+        """Teacher ``k`` as a classifier of the student's batches (its own input preparation first)."""
+        return nn.Sequential(self.inputs[k], self.teachers[k])
+
     @property
     def class_ids(self) -> list[Tensor]:
         return [getattr(self, f"class_ids_{k}") for k in range(len(self.teachers))]

@@ -13,15 +13,16 @@ import os
 import signal
 import time
 from argparse import Namespace
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 
 from .cache import CachedViews, open_teacher_cache
-from .checkpoint import CHECKPOINT_VERSION, CheckpointSaver, load_checkpoint
+from .checkpoint import CheckpointSaver, load_checkpoint, student_checkpoint
 from .data import BatchTransform, TaskData, count_labelled, create_loader, keep_labels, labelled_only, load_task_data
 from .distill import Distiller, KDConfig
 from .distributed import DistInfo, barrier, broadcast, cleanup, init_distributed, main_first
@@ -38,7 +39,7 @@ from .precision import Precision
 from .specialists import TeacherRecipe, choose_precision, example_batch, prepare_teachers, teacher_path
 from .spec import TaskSpec
 from .taskfile import resolve_task
-from .teachers import ENSEMBLE_METHODS
+from .teachers import ENSEMBLE_METHODS, TeacherEnsemble
 
 
 class RunInterrupted(UserError):
@@ -91,152 +92,228 @@ def run(args: Namespace, explicit: set[str] = frozenset()) -> dict:
         console.quiet = False
 
 
+@dataclass
+class StudentRun:
+    """What a student run holds from its set-up to its final report (rank 0 reports)."""
+
+    args: Namespace
+    task: TaskSpec
+    kd: KDConfig
+    dist: DistInfo
+    device: torch.device
+    data: TaskData
+    ensemble: TeacherEnsemble
+    teacher_rows: list[dict]
+    run_dir: Path
+    transform: BatchTransform
+    student: nn.Module = None
+    precision: Precision = None
+    counts: tuple[int, int] = (0, 0)  # labelled, unlabelled training images
+    cache_status: str | None = None
+    started: float = 0.0
+    best: dict = field(default_factory=lambda: {"val_acc": -1.0, "epoch": 0})
+
+
 def _run(args: Namespace, explicit: set[str], dist: DistInfo, device_name: str) -> dict:
     started = time.perf_counter()
+    args, task, run_dir, last = _resolve(args, explicit)
+    kd = check_kd_args(args, task)
+    device = resolve_device(device_name)
+    set_deterministic(args.deterministic)
+    data = _load_data(task, args.data_root)
+    seed_everything(args.seed)
+    student = create_student(args.student_model, task).to(device)  # drawn before the teachers train (seeded)
+    ensemble, teacher_rows = _teachers(args, task, data, device, dist)
+    if last is None:
+        run_dir = Path(broadcast(dist, str(create_run_dir(args, task)) if dist.is_main else None))
+    run = StudentRun(args, task, kd, dist, device, data, ensemble, teacher_rows, run_dir,
+                     BatchTransform.for_task(task).to(device), started=started)
+    _write_run_files(run)
+    run.student, run.precision = student, _student_precision(run, student, last)
+    train_set = keep_labels(data.train, args.label_fraction, args.seed)
+    run.kd = replace(kd, unlabelled=count_labelled(train_set)[1] > 0)
+    seed_everything(args.seed)
+    step = Distiller(student, ensemble, run.kd, compile=args.compile).to(device)
+    if getattr(step, "adapters", None) is not None:
+        run.precision.prepare_model(step.adapters)
+    train_data = _training_data(run, step, train_set)
+    optimizer = create_optimizer(step, **optimizer_kwargs(args))
+    scheduler = EpochScheduler(optimizer, epochs=args.num_epochs, **scheduler_kwargs(args))
+    scaler = torch.amp.GradScaler(device.type) if run.precision.dtype == "fp16" else None
+    rng = RunRng(args.seed, dist.rank)
+    start_epoch = 1
+    if last is not None:
+        start_epoch = _restore(run, last, step, optimizer, scheduler, rng, scaler)
+    # purge_step drops events a killed run logged after its last checkpoint.
+    writer = (SummaryWriter(str(run_dir), purge_step=start_epoch if last is not None else None)
+              if dist.is_main else None)
+    recorder = EpochRecorder(run, writer, CheckpointSaver(run_dir, args.save_top_k),
+                             lambda epoch, val: dict(
+                                 model=student.state_dict(), distiller=distiller_state(step),
+                                 optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                                 scaler=scaler.state_dict() if scaler is not None else {},
+                                 rng=rng.state_dict(dist)))
+    # No buffer broadcast on every forward: the Distiller also holds the frozen teachers and the EMA copy,
+    # and the student's BatchNorm statistics are synchronised before each validation (loop.fit).
+    train_step = DistributedDataParallel(step, broadcast_buffers=False) if dist.enabled else step
+    with GracefulStop() as stop:
+        try:
+            fit(train_step, train_data, epochs=args.num_epochs, optimizer=optimizer, scheduler=scheduler,
+                loop=LoopConfig.from_args(args), device=device, transform=run.transform, on_epoch=recorder,
+                val_model=student, title="student", rng=rng, start_epoch=start_epoch, stop=stop, dist=dist,
+                precision=run.precision, scaler=scaler)
+        except TrainingInterrupted as e:
+            if writer is not None:
+                writer.close()
+            raise _interrupted(e, run_dir) from None
+    summary = finish_run(run, writer) if dist.is_main else None
+    barrier(dist)
+    return broadcast(dist, summary)
+
+
+def _resolve(args: Namespace, explicit: set[str]):
+    """The run's arguments and task; for ``--resume``, its folder and ``last.pt`` (else None, None)."""
     task = resolve_task(args.task)
-    last = None
+    run_dir = last = None
     if getattr(args, "resume", None):
         run_dir, args, last = open_resume(args, task, set(explicit) - {"resume"})
         task = resolve_task(args.task)
     for spec in task.teachers:  # fail before any data is read
         check_architecture(spec.architecture)
-    kd = check_kd_args(args, task)
-    device = resolve_device(device_name)
-    set_deterministic(args.deterministic)
-    data = load_task_data(task, args.data_root)
+    return args, task, run_dir, last
+
+
+def _load_data(task: TaskSpec, data_root: str) -> TaskData:
+    data = load_task_data(task, data_root)
     if data.skipped:
         console.print(f"[yellow]skipped {len(data.skipped)} unreadable image file(s)[/], e.g. {data.skipped[0]}",
                       soft_wrap=True)
-    seed_everything(args.seed)
-    student = create_student(args.student_model, task).to(device)
-    # Missing teachers are trained by rank 0 alone; the other ranks wait, then load them.
-    # The other ranks load what rank 0 trained, whatever --retrain_teachers says.
+    return data
+
+
+def _teachers(args: Namespace, task: TaskSpec, data: TaskData, device: torch.device, dist: DistInfo):
+    """The ensemble and its table rows. Missing teachers are trained by rank 0 alone; the other ranks wait,
+    then load what rank 0 trained, whatever --retrain_teachers says."""
     recipe = TeacherRecipe.from_args(args)
-    ensemble, teacher_rows = main_first(
+    ensemble, rows = main_first(
         dist, lambda: prepare_teachers(task, data, args.output_dir, recipe, device, args.retrain_teachers),
         lambda: prepare_teachers(task, data, args.output_dir, recipe, device, retrain=False))
     # Every rank runs the teachers as rank 0 measured (the cache key records it).
     ensemble.set_precisions(broadcast(dist, ensemble.precisions))
-    console.print(teachers_table(teacher_rows))
+    console.print(teachers_table(rows))
     console.print("Teacher checkpoints: " + ", ".join(sorted({str(teacher_path(args.output_dir, task, t).parent)
                                                               for t in task.teachers})), soft_wrap=True)
+    return ensemble, rows
 
-    if last is None:
-        run_dir = Path(broadcast(dist, str(create_run_dir(args, task)) if dist.is_main else None))
-    if dist.is_main:
-        write_run_args(run_dir, args)
-        if data.skipped:
-            (run_dir / "skipped_files.txt").write_text("\n".join(data.skipped) + "\n")
-    console.print(f"[bold]Run folder[/] {run_dir}  (device {device}"
+
+def _write_run_files(run: StudentRun) -> None:
+    if run.dist.is_main:
+        write_run_args(run.run_dir, run.args)
+        if run.data.skipped:
+            (run.run_dir / "skipped_files.txt").write_text("\n".join(run.data.skipped) + "\n")
+    data, dist = run.data, run.dist
+    console.print(f"[bold]Run folder[/] {run.run_dir}  (device {run.device}"
                   f"{f' x {dist.world_size} processes' if dist.enabled else ''}, {len(data.train)} train / "
                   f"{len(data.val)} val / {len(data.test)} test images)", soft_wrap=True)
-    transform = BatchTransform.for_task(task).to(device)
-    if last is not None and "precision" in last:  # a resumed run keeps the precision it was measured with
+
+
+def _student_precision(run: StudentRun, student: nn.Module, last: dict | None) -> Precision:
+    """Measured (or as the resumed run had it), the same on every rank, and applied to ``student`` before the
+    Distiller copies it (EMA), so that every copy has the student's layout."""
+    if last is not None and "precision" in last:
         precision = Precision.parse(last["precision"])
     else:
-        precision = choose_precision(args.amp, student, example_batch(data.train, transform, device, args.batch_size),
+        args = run.args
+        precision = choose_precision(args.amp, student, example_batch(run.data.train, run.transform, run.device,
+                                                                       args.batch_size),
                                      True, args.deterministic, f"student {args.student_model}")
-    precision = broadcast(dist, precision)  # DDP needs the same layout on every rank
-    # Before the Distiller copies the student (EMA), so that every copy has the student's layout.
+    precision = broadcast(run.dist, precision)  # DDP needs the same layout on every rank
     precision.prepare_model(student)
-    # The teachers were trained on every label of their classes; the student keeps --label_fraction of them.
-    train_set = keep_labels(data.train, args.label_fraction, args.seed)
-    kd = replace(kd, unlabelled=count_labelled(train_set)[1] > 0)
-    seed_everything(args.seed)
-    step = Distiller(student, ensemble, kd, compile=args.compile).to(device)
+    return precision
+
+
+def _training_data(run: StudentRun, step: Distiller, train_set) -> TaskData:
+    """The images the student trains on (labels only: the labelled ones), with the teacher cache's views."""
     if step.ensemble is None:  # labels only: an image without a label would teach nothing
         train_set = labelled_only(train_set)
-    labelled, unlabelled = count_labelled(train_set)
-    console.print(f"[bold]Training images[/] {labelled} labelled, {unlabelled} unlabelled", soft_wrap=True)
-    if getattr(step, "adapters", None) is not None:
-        precision.prepare_model(step.adapters)
-    scaler = torch.amp.GradScaler(device.type) if precision.dtype == "fp16" else None
-    train_data, cache_status = TaskData(train_set, data.val, data.test), None
-    if args.teacher_cache and step.ensemble is not None:
-        started_cache = time.perf_counter()
-        # Rank 0 builds a missing cache; the others then find it.
-        cache, cache_path, cache_status = main_first(dist, lambda: open_teacher_cache(
-            args.teacher_cache, task.name, ensemble, train_set, transform, args.cache_views, device))
-        console.print(f"[bold]Teacher cache[/] {cache_path}: {cache_status}, {cache.num_views} views "
-                      f"({time.perf_counter() - started_cache:.1f}s)", soft_wrap=True)
-        train_data = TaskData(CachedViews(train_set, cache), data.val, data.test)
-    optimizer = create_optimizer(step, **optimizer_kwargs(args))
-    scheduler = EpochScheduler(optimizer, epochs=args.num_epochs, **scheduler_kwargs(args))
-    rng = RunRng(args.seed, dist.rank)
-    best = {"val_acc": -1.0, "epoch": 0}
-    start_epoch = 1
-    metrics_path = run_dir / "metrics.csv"
-    if last is not None:
-        student.load_state_dict(last["model"])
-        step.load_state_dict(last.get("distiller", {}), strict=False)
-        optimizer.load_state_dict(last["optimizer"])
-        scheduler.load_state_dict(last["scheduler"])
-        rng.load_state_dict(last["rng"])
-        if scaler is not None and last.get("scaler"):
-            scaler.load_state_dict(last["scaler"])
-        best = {"val_acc": last["best_val_acc"], "epoch": last["best_epoch"]}
-        start_epoch = last["epoch"] + 1
-        if dist.is_main:
-            truncate_metrics(metrics_path, start_epoch)
-        console.print(f"[bold]Resuming[/] at epoch {start_epoch} of {args.num_epochs}", soft_wrap=True)
-    # purge_step drops events a killed run logged after its last checkpoint.
-    writer = SummaryWriter(str(run_dir), purge_step=start_epoch if last is not None else None) if dist.is_main else None
-    # No buffer broadcast on every forward: the Distiller also holds the frozen teachers and the EMA copy,
-    # and the student's BatchNorm statistics are synchronised before each validation (loop.fit).
-    train_step = DistributedDataParallel(step, broadcast_buffers=False) if dist.enabled else step
+    run.counts = count_labelled(train_set)
+    console.print(f"[bold]Training images[/] {run.counts[0]} labelled, {run.counts[1]} unlabelled", soft_wrap=True)
+    args = run.args
+    if not (args.teacher_cache and step.ensemble is not None):
+        return TaskData(train_set, run.data.val, run.data.test)
+    started = time.perf_counter()
+    # Rank 0 builds a missing cache; the others then find it.
+    cache, path, run.cache_status = main_first(run.dist, lambda: open_teacher_cache(
+        args.teacher_cache, run.task.name, run.ensemble, train_set, run.transform, args.cache_views, run.device))
+    console.print(f"[bold]Teacher cache[/] {path}: {run.cache_status}, {cache.num_views} views "
+                  f"({time.perf_counter() - started:.1f}s)", soft_wrap=True)
+    return TaskData(CachedViews(train_set, cache), run.data.val, run.data.test)
 
-    saver = CheckpointSaver(run_dir, args.save_top_k)
 
-    def on_epoch(epoch, train, val, lr, seconds) -> bool:
+def _restore(run: StudentRun, last: dict, step, optimizer, scheduler, rng, scaler) -> int:
+    """Load a resumed run's state from its ``last.pt``; returns the epoch to start from."""
+    run.student.load_state_dict(last["model"])
+    step.load_state_dict(last.get("distiller", {}), strict=False)
+    optimizer.load_state_dict(last["optimizer"])
+    scheduler.load_state_dict(last["scheduler"])
+    rng.load_state_dict(last["rng"])
+    if scaler is not None and last.get("scaler"):
+        scaler.load_state_dict(last["scaler"])
+    run.best = {"val_acc": last["best_val_acc"], "epoch": last["best_epoch"]}
+    start_epoch = last["epoch"] + 1
+    if run.dist.is_main:
+        truncate_metrics(run.run_dir / "metrics.csv", start_epoch)
+    console.print(f"[bold]Resuming[/] at epoch {start_epoch} of {run.args.num_epochs}", soft_wrap=True)
+    return start_epoch
+
+
+class EpochRecorder:
+    """``fit``'s ``on_epoch``: after each epoch, the best epoch so far, TensorBoard scalars, a metrics.csv row,
+    the checkpoints (best / top-k / last) and the early-stopping decision (True stops the run).
+
+    ``training_state(epoch, val)`` gives what the checkpoint needs besides the run's own facts (model,
+    optimiser, ... and every rank's RNG state: a collective, so all ranks call the recorder).
+    """
+
+    def __init__(self, run: StudentRun, writer, saver: CheckpointSaver, training_state):
+        self.run, self.writer, self.saver, self.training_state = run, writer, saver, training_state
+
+    def __call__(self, epoch: int, train: dict, val: dict, lr: float, seconds: float) -> bool:
+        run, best = self.run, self.run.best
         if val["acc"] > best["val_acc"]:
             best.update(val_acc=val["acc"], epoch=epoch)
-        rng_state = rng.state_dict(dist)  # every rank's, gathered (a collective: all ranks call it)
-        if dist.is_main:
+        state = self.training_state(epoch, val)
+        if run.dist.is_main:
             row = {"epoch": epoch, **{f"train_{k}": v for k, v in train.items()}, "val_loss": val["loss"],
                    "val_acc": val["acc"], "val_top3": val["top3"], "lr": lr, "time_s": seconds}
             for key, value in row.items():
                 if key != "epoch":
                     tag = key.replace("_", "/", 1) if key.startswith(("train_", "val_")) else key
-                    writer.add_scalar(tag, value, epoch)
-            append_metrics(metrics_path, row)
-            state = {"model": student.state_dict(), "distiller": distiller_state(step),
-                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
-                     "val_acc": val["acc"], "best_val_acc": best["val_acc"], "best_epoch": best["epoch"],
-                     "rng": rng_state, "args": vars(args), "task": task.name,
-                     "student_model": args.student_model, "class_names": list(task.class_names),
-                     "precision": str(precision), "scaler": scaler.state_dict() if scaler is not None else {},
-                     "version": CHECKPOINT_VERSION}
-            saver.save(state, is_best=best["epoch"] == epoch)
-        if args.early_stopping and epoch - best["epoch"] >= args.early_stopping:
-            console.print(f"[bold]Early stopping[/]: no better validation accuracy for {args.early_stopping} "
+                    self.writer.add_scalar(tag, value, epoch)
+            append_metrics(run.run_dir / "metrics.csv", row)
+            args = run.args
+            self.saver.save(student_checkpoint(
+                **state, epoch=epoch, val_acc=val["acc"], best_val_acc=best["val_acc"], best_epoch=best["epoch"],
+                args=vars(args), task=run.task.name, student_model=args.student_model,
+                class_names=list(run.task.class_names), precision=str(run.precision)),
+                is_best=best["epoch"] == epoch)
+        patience = run.args.early_stopping
+        if patience and epoch - best["epoch"] >= patience:
+            console.print(f"[bold]Early stopping[/]: no better validation accuracy for {patience} "
                           f"epochs (best {best['val_acc']:.4f} at epoch {best['epoch']})")
             return True
         return False
 
-    with GracefulStop() as stop:
-        try:
-            fit(train_step, train_data, epochs=args.num_epochs, optimizer=optimizer, scheduler=scheduler,
-                loop=LoopConfig.from_args(args), device=device, transform=transform, on_epoch=on_epoch,
-                val_model=student, title="student", rng=rng, start_epoch=start_epoch, stop=stop, dist=dist, precision=precision,
-                scaler=scaler)
-        except TrainingInterrupted as e:
-            if writer is not None:
-                writer.close()
-            name = signal.Signals(e.signum).name
-            if e.epoch > 1:
-                saved = (f"{run_dir / 'last.pt'} holds epoch {e.epoch - 1}, the last complete one. "
-                         f"Resume with: python train.py --resume {run_dir}")
-            else:
-                saved = "no epoch was complete, so there is nothing to resume: start the run again."
-            raise RunInterrupted(f"{name} at epoch {e.epoch}, step {e.step}: epoch {e.epoch} is abandoned and "
-                                 + saved, e.signum) from None
 
-    summary = None
-    if dist.is_main:
-        summary = finish_run(run_dir, args, task, kd, student, ensemble, data, transform, device, best,
-                             teacher_rows, cache_status, writer, started, precision, (labelled, unlabelled))
-    barrier(dist)
-    return broadcast(dist, summary)
+def _interrupted(e: TrainingInterrupted, run_dir: Path) -> RunInterrupted:
+    name = signal.Signals(e.signum).name
+    if e.epoch > 1:
+        saved = (f"{run_dir / 'last.pt'} holds epoch {e.epoch - 1}, the last complete one. "
+                 f"Resume with: python train.py --resume {run_dir}")
+    else:
+        saved = "no epoch was complete, so there is nothing to resume: start the run again."
+    return RunInterrupted(f"{name} at epoch {e.epoch}, step {e.step}: epoch {e.epoch} is abandoned and " + saved,
+                          e.signum)
 
 
 def write_run_args(run_dir: Path, args: Namespace) -> None:
@@ -248,46 +325,54 @@ def write_run_args(run_dir: Path, args: Namespace) -> None:
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
 
-def finish_run(run_dir, args, task, kd, student, ensemble, data, transform, device, best, teacher_rows,
-               cache_status, writer, started, precision, counts) -> dict:
+def finish_run(run: StudentRun, writer) -> dict:
     """Test the best checkpoint and the teacher ensemble; write summary.json, curves and the hparams."""
-    student.load_state_dict(load_checkpoint(run_dir / "best.pt")["model"])
+    args, data, device, student, ensemble = run.args, run.data, run.device, run.student, run.ensemble
+    student.load_state_dict(load_checkpoint(run.run_dir / "best.pt")["model"])
     test_loader = create_loader(data.test, 512, train=False)
-    test = evaluate(student, test_loader, transform, device, precision=precision)
-    logits, labels = predict(student, test_loader, transform, device, precision)
-    for row, ids in zip(teacher_rows, ensemble.class_ids):
+    test = evaluate(student, test_loader, run.transform, device, precision=run.precision)
+    logits, labels = predict(student, test_loader, run.transform, device, run.precision)
+    for row, ids in zip(run.teacher_rows, ensemble.class_ids):
         # The student on the specialist's test images, choosing among the specialist's classes: its task.
         row["student_test_acc"] = restricted_accuracy(logits, labels, ids.cpu())
-    ensemble_rows = {method: {} for method in ENSEMBLE_METHODS}
-    for split, dataset in (("val", data.val), ("test", data.test)):
-        # The teachers run once per split; each way of combining them reads the same logits.
-        teacher_logits, split_labels = [], []
-        with torch.inference_mode():
-            for images, y in create_loader(dataset, 512, train=False):
-                teacher_logits.append(ensemble(transform(images.to(device))))
-                split_labels.append(y.to(device))
-        for method in ENSEMBLE_METHODS:
-            if not teacher_logits:  # an empty split
-                ensemble_rows[method][f"{split}_acc"] = float("nan")
-                continue
-            pred = ensemble.combine([torch.cat(z) for z in zip(*teacher_logits)], method).argmax(1)
-            ensemble_rows[method][f"{split}_acc"] = (pred == torch.cat(split_labels)).float().mean().item()
+    ensemble_rows = ensemble_accuracy(ensemble, {"val": data.val, "test": data.test}, run.transform, device)
+    kd = run.kd
     summary = {
-        "task": task.name, "student_model": args.student_model, "run_dir": str(run_dir),
+        "task": run.task.name, "student_model": args.student_model, "run_dir": str(run.run_dir),
         "alpha": args.alpha, "temperature": args.temperature, "epochs": args.num_epochs, "seed": args.seed,
         "aggregation": kd.aggregation, "teacher_weighting": kd.weighting, "kd_loss": kd.kd_loss,
-        "teacher_cache": cache_status, "precision": str(precision), "label_fraction": args.label_fraction,
-        "labelled_images": counts[0], "unlabelled_images": counts[1],
-        "best_epoch": best["epoch"], "best_val_acc": best["val_acc"], "test_acc": test["acc"],
-        "student_params": count_parameters(student), "teachers": teacher_rows,
+        "teacher_cache": run.cache_status, "precision": str(run.precision), "label_fraction": args.label_fraction,
+        "labelled_images": run.counts[0], "unlabelled_images": run.counts[1],
+        "best_epoch": run.best["epoch"], "best_val_acc": run.best["val_acc"], "test_acc": test["acc"],
+        "student_params": count_parameters(student), "teachers": run.teacher_rows,
         "ensemble_params": count_parameters(ensemble), "ensemble_val_acc": ensemble_rows["combination"]["val_acc"],
-        "ensemble_test_acc": ensemble_rows["combination"]["test_acc"], "ensemble": ensemble_rows, "device": str(device), "skipped_files": len(data.skipped),
-        "wall_time_s": time.perf_counter() - started,
+        "ensemble_test_acc": ensemble_rows["combination"]["test_acc"], "ensemble": ensemble_rows,
+        "device": str(device), "skipped_files": len(data.skipped), "wall_time_s": time.perf_counter() - run.started,
     }
     log_hparams(writer, vars(args), {"hparam/best_val_acc": summary["best_val_acc"],
                                      "hparam/test_acc": summary["test_acc"]})
     writer.close()
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    write_run_curves(run_dir)
+    (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_run_curves(run.run_dir)
     console.print(run_summary_table(summary))
     return summary
+
+
+def ensemble_accuracy(ensemble: TeacherEnsemble, splits: dict, transform: BatchTransform,
+                      device: torch.device) -> dict[str, dict[str, float]]:
+    """``{method: {"<split>_acc": ...}}`` for each of ``ENSEMBLE_METHODS``; the teachers run once per split and
+    each way of combining them reads the same logits."""
+    rows = {method: {} for method in ENSEMBLE_METHODS}
+    for split, dataset in splits.items():
+        teacher_logits, labels = [], []
+        with torch.inference_mode():
+            for images, y in create_loader(dataset, 512, train=False):
+                teacher_logits.append(ensemble(transform(images.to(device))))
+                labels.append(y.to(device))
+        for method in ENSEMBLE_METHODS:
+            if not teacher_logits:  # an empty split
+                rows[method][f"{split}_acc"] = float("nan")
+                continue
+            pred = ensemble.combine([torch.cat(z) for z in zip(*teacher_logits)], method).argmax(1)
+            rows[method][f"{split}_acc"] = (pred == torch.cat(labels)).float().mean().item()
+    return rows

@@ -16,18 +16,10 @@ from mtkd.errors import UserError
 from mtkd.specialists import load_teacher
 from mtkd.taskfile import load_task_file
 from mtkd.teachers import TeacherInput
-from test_taskfile import write_images
+from test_taskfile import TOML as ANIMALS, write_images
 
-TOML = """
-name = "animals"
-image_size = 16
-channels = 3
-[dataset]
-type = "imagefolder"
-root = "images"
-val_fraction = 0.2
-test_fraction = 0.2
-unlabeled = "unlabelled"
+# The animals task of test_taskfile, with a folder of unlabelled images and two teachers trained elsewhere.
+TOML = ANIMALS.split("[[teachers]]")[0] + """unlabeled = "unlabelled"
 [[teachers]]
 name = "cats"
 architecture = "resnet10t"

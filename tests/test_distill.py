@@ -98,11 +98,11 @@ def test_ema_teacher_joins_the_ensemble_and_follows_the_student():
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == 20  # the student's 16 + 4 only
     for _ in range(3):
         before = student.weight.detach().clone()
+        ema_before = step.ema.module.weight.clone()
         for _ in range(2):  # two micro-batches (gradient accumulation), one optimiser step
             out = step(X, Y)
             out["loss"].backward()
-            assert torch.equal(step.ema.module.weight, ema_before) if _ else True
-            ema_before = step.ema.module.weight.clone()
+            assert torch.equal(step.ema.module.weight, ema_before)  # a forward pass never moves the EMA
         opt.step()
         opt.zero_grad()
         step.after_optimizer_step()

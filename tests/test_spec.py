@@ -50,9 +50,9 @@ def _teacher(name, classes, weight=1.0):
 
 @pytest.mark.parametrize("teachers, message", [
     ((), "no teachers"),
-    ((_teacher("x", "ab"), _teacher("x", "c")), "duplicate teacher names"),
-    ((_teacher("x", "abz"), _teacher("y", "c")), "names classes not in the task"),
-    ((_teacher("x", "ab"),), r"classes covered by no teacher: \['c'\]"),
+    ((_teacher("x", "ab"), _teacher("x", "c")), "two teachers are named 'x'"),
+    ((_teacher("x", "abz"), _teacher("y", "c")), r"names classes \['z'\] that are not in the task"),
+    ((_teacher("x", "ab"),), r"classes \['c'\] are covered by no teacher"),
     ((_teacher("x", ""), _teacher("y", "abc")), "has no classes"),
     ((_teacher("x", "abc", weight=0.0),), "weights must be > 0"),
 ])

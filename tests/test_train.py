@@ -245,6 +245,48 @@ def test_torchrun_two_processes_match_a_single_process_evaluation(smoke_run, tmp
 
 
 @pytest.mark.slow
+def _children(pid: int) -> list[int]:
+    """The direct child processes of ``pid`` (from /proc)."""
+    import os
+
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(entry))
+    return kids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds torchrun's workers through /proc")
+def test_sigterm_to_one_torchrun_worker_stops_every_rank_the_same_way(smoke_run, tmp_path):
+    """A SIGTERM to rank 1 alone: both ranks stop at the same step through mtkd's own stop path (same
+    message, exit code 143), and rank 0 saves the last complete epoch, as a single process does."""
+    out = _runs_with_teachers(smoke_run, tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "train.py", "--num_epochs", "50", "--student_model", "MobileNetV3", "--batch_size", "32",
+                             "--alpha", "0", "--output_dir", str(out), "--run_name", "term"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    _wait_for_epoch(proc, lambda: (out / "TaskB").glob("*_term/metrics.csv"), 1)
+    workers = sorted(_children(proc.pid))
+    assert len(workers) == 2, workers
+    rank1 = next(w for w in workers if "LOCAL_RANK=1" in open(f"/proc/{w}/environ").read().replace("\0", " "))
+    __import__("os").kill(rank1, signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    import re
+
+    stops = re.findall(r"error: (SIGTERM at epoch \d+, step \d+)", stderr)
+    assert len(stops) == 2 and stops[0] == stops[1], stderr[-3000:]  # both ranks, the same step
+    assert proc.returncode != 0 and "exitcode  : -9" not in stderr  # nobody killed from outside
+    epoch = int(re.search(r"epoch (\d+)", stops[0]).group(1))
+    assert load_checkpoint(next((out / "TaskB").glob("*_term")) / "last.pt")["epoch"] == epoch - 1
+
+
+@pytest.mark.slow
 def test_single_teacher_task_with_every_distillation_signal(tmp_path, monkeypatch):
     """One teacher over all classes (classic KD), with DKD, features, EMA teacher and a temperature
     schedule; and the training options: SGD, plateau schedule with warm-up, clipping, accumulation,
