@@ -2,7 +2,7 @@ import torch
 from torch import nn
 
 from mtkd.cache import CachedViews, TeacherCache, cache_key, open_teacher_cache
-from mtkd.data import BatchTransform, ImageTensorDataset, create_loader
+from mtkd.data import BatchTransform, ImageTensorDataset, create_loader, keep_labels
 from mtkd.losses import mixture_targets
 from mtkd.teachers import TeacherEnsemble
 
@@ -60,6 +60,13 @@ def test_key_follows_teachers_data_and_augmentation_only():
     other.images[0, 0, 0, 0] ^= 1
     assert cache_key(ens, other, transform, 4) != key  # one pixel of the data
     assert cache_key(ens, data, BatchTransform([0.3], [0.4], crop_padding=1, hflip=True), 4) != key
+    # Labels kept or dropped (--label_fraction) do not change what the teachers compute: one cache for all.
+    assert cache_key(ens, keep_labels(data, 0.5, seed=1), transform, 4) == key
+    # A teacher's own input does.
+    from mtkd.teachers import TeacherInput
+
+    ens.inputs[0] = TeacherInput([0.5], [0.5], [0.4], [0.3], 8)
+    assert cache_key(ens, data, transform, 4) != key
 
 
 def test_cache_is_reused_and_rebuilt_when_corrupt(tmp_path, monkeypatch):
