@@ -279,3 +279,22 @@ def test_alpha_one_ignores_labels_and_alpha_zero_ignores_teachers():
     assert torch.equal(grads[0], grads[1])
     out = Distiller(BatchLogits(S_BATCH), ens, KDConfig(alpha=0.0))(torch.zeros(2, 1), torch.tensor(Y_BATCH))
     assert out["loss"].item() == pytest.approx(_golden_ce_kd(2.0)[0], rel=1e-6)
+
+
+@pytest.mark.parametrize("aggregation, weighting, kd_loss", [("consensus", "fixed", "kl"),
+                                                            ("mixture", "confidence", "kl"),
+                                                            ("amalgamate", "fixed", "dkd")])
+def test_an_unlabelled_image_is_taught_as_if_labelled_with_the_combinations_class(aggregation, weighting, kd_loss):
+    """Label -1: no cross-entropy; where the method needs a label, the specialist combination's class."""
+    ens = make_ensemble()
+    cfg = KDConfig(alpha=0.5, temperature=2.0, aggregation=aggregation, weighting=weighting, kd_loss=kd_loss,
+                   unlabelled=True)
+    student = nn.Linear(4, 4)
+    step = Distiller(student, ens, cfg)
+    pseudo = ens.combine(ens(X)).argmax(1)
+    hidden = torch.full_like(Y, -1)
+    out = step(X, hidden)
+    assert out["loss_hard"].item() == 0.0
+    assert out["loss_soft"].item() == pytest.approx(step(X, pseudo)["loss_soft"].item(), rel=1e-6)
+    if aggregation == "consensus" and not torch.equal(pseudo, Y):  # the rule matters: the true labels differ
+        assert out["loss_soft"].item() != pytest.approx(step(X, Y)["loss_soft"].item(), rel=1e-6)
