@@ -19,6 +19,7 @@ setup(
         "matplotlib",
         "pillow",
         "pyyaml",
+        "safetensors",  # teachers trained elsewhere (also a timm dependency)
     ],
     extras_require={
         "export": ["onnx", "onnxruntime"],
