@@ -187,9 +187,8 @@ class Distiller(nn.Module):
 
     def pseudo_labels(self, teacher_logits: list[Tensor]) -> Tensor:
         """The class the task's teachers' specialist combination predicts (T = 1), per sample."""
-        k = len(self.ensemble.teachers)
-        return losses.specialist_combination(teacher_logits[:k], self.ensemble.class_ids, self.fixed_weights,
-                                             self.ensemble.num_classes).argmax(1)
+        k = len(self.ensemble.teachers)  # the EMA teacher, appended later, takes no part
+        return self.ensemble.combine(teacher_logits[:k], "combination", self.fixed_weights).argmax(1)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

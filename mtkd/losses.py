@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+
 def labelled_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     """``(1/|L|) sum_{b in L} CE(s_b, y_b)`` over the labelled samples ``L = {b: y_b >= 0}``; 0 when none.
 

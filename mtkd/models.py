@@ -69,16 +69,16 @@ def check_architecture(architecture: str) -> None:
 
 
 def create_model(architecture: str, num_classes: int, in_chans: int, image_size: int,
-                 adapt: bool = True) -> nn.Module:
-    """A randomly initialised timm model for ``image_size`` inputs, adapted to them when smaller than
-    ``SMALL_INPUT`` (``adapt=False``: never; ``"always"``: whatever the size).
+                 adapt: bool | None = None) -> nn.Module:
+    """A randomly initialised timm model for ``image_size`` inputs, adapted to small inputs: ``adapt=None``
+    when ``image_size`` is smaller than ``SMALL_INPUT``, ``True`` always, ``False`` never.
 
     No pretrained weights are fetched: teachers and students are trained here.
     """
     check_architecture(architecture)
     model = timm.create_model(architecture, pretrained=False, num_classes=num_classes, in_chans=in_chans)
     reset_classifier_init(model)
-    if adapt == "always" or adapt and image_size < SMALL_INPUT:
+    if image_size < SMALL_INPUT if adapt is None else adapt:
         adapt_to_small_inputs(model)
     return model
 
@@ -101,7 +101,7 @@ def reset_classifier_init(model: nn.Module) -> bool:
     return False
 
 
-def create_student(name: str, task: TaskSpec, adapt: bool = True) -> nn.Module:
+def create_student(name: str, task: TaskSpec, adapt: bool | None = None) -> nn.Module:
     if name not in STUDENTS:
         raise UserError(f"unknown student {name!r}; choose one of {', '.join(STUDENTS)}")
     return create_model(STUDENTS[name], task.num_classes, task.channels, task.image_size, adapt)
@@ -109,9 +109,8 @@ def create_student(name: str, task: TaskSpec, adapt: bool = True) -> nn.Module:
 
 def create_teacher(teacher: TeacherSpec, task: TaskSpec) -> nn.Module:
     """The teacher's architecture for its own input size (default: the task's), adapted as it declares."""
-    adapt = True if teacher.adapt is None else "always" if teacher.adapt else False
     return create_model(teacher.architecture, len(teacher.classes), task.channels,
-                        teacher.image_size or task.image_size, adapt)
+                        teacher.image_size or task.image_size, teacher.adapt)
 
 
 def load_fitting_state(model: nn.Module, state: dict, who: str, outputs: int) -> None:

@@ -158,9 +158,10 @@ def load_teacher(spec, task: TaskSpec, path: Path) -> tuple[nn.Module, dict | No
 
 def measure_teacher(spec, task: TaskSpec, model: nn.Module, data: TaskData, device: torch.device) -> dict:
     """Validation and test accuracy of a teacher trained elsewhere, on its own classes of this task."""
-    own, net = _own_classes(spec, task, data), _with_input(model, spec, task).to(device)
+    ids, net = task.class_indices(spec.classes), _with_input(model, spec, task).to(device)
     transform = BatchTransform.for_task(task).to(device)
-    acc = {split: evaluate(net, create_loader(own.split(split), 512, train=False), transform, device)["acc"]
+    acc = {split: evaluate(net, create_loader(data.split(split).select_classes(ids), 512, train=False), transform,
+                           device)["acc"]
            for split in ("val", "test")}
     model.cpu()
     return {"val_acc": acc["val"], "test_acc": acc["test"]}

@@ -108,16 +108,18 @@ class TeacherEnsemble(nn.Module):
         """The ensemble's prediction at T = 1, as log-probabilities over global classes (see ``combine``)."""
         return self.combine(self(x), method)
 
-    def combine(self, logits: list[Tensor], method: str = "combination") -> Tensor:
+    def combine(self, logits: list[Tensor], method: str = "combination", weights: Tensor | None = None) -> Tensor:
         """The teachers' ``logits`` as one prediction at T = 1, log-probabilities over global classes.
 
         ``combination``: ``losses.specialist_combination`` (Hinton et al. 2015,
-        section 5); ``mixture``: the label-blind weighted mixture.
+        section 5); ``mixture``: the label-blind weighted mixture. ``weights``:
+        the teachers' (default: the task's).
         """
+        weights = self.weights if weights is None else weights
         if method == "combination":
-            return specialist_combination(logits, self.class_ids, self.weights, self.num_classes)
+            return specialist_combination(logits, self.class_ids, weights, self.num_classes)
         if method == "mixture":
-            return mixture_targets(logits, self.class_ids, self.weights, self.num_classes, 1.0).clamp_min(1e-12).log()
+            return mixture_targets(logits, self.class_ids, weights, self.num_classes, 1.0).clamp_min(1e-12).log()
         raise ValueError(f"unknown ensemble method {method!r}; choose from {', '.join(ENSEMBLE_METHODS)}")
 
 
