@@ -99,6 +99,8 @@ def test_run_curves_are_written_next_to_the_checkpoints(smoke_run):
     (["--ema_teacher", "1"], "--ema_teacher: 1 is out of range: must be in [0, 1)"),
     (["--cache_views", "0"], "--cache_views: 0 is out of range"),
     (["--feature_weight", "-1"], "--feature_weight: -1 is out of range"),
+    (["--label_fraction", "0"], "--label_fraction: 0 is out of range: must be in (0, 1]"),
+    (["--label_fraction", "1.5"], "--label_fraction: 1.5 is out of range: must be in (0, 1]"),
 ])
 def test_parser_rejects_bad_values_with_exit_2(flags, message, capsys):
     with pytest.raises(SystemExit) as e:
