@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from . import losses
 from .models import feature_stages, forward_with_features, resolve_stages
+from .precision import FP32
 from .teachers import TeacherEnsemble
 
 
@@ -208,35 +209,45 @@ class Distiller(nn.Module):
         return self
 
     def forward(self, x: Tensor, y: Tensor, teacher_logits: list[Tensor] | None = None) -> dict[str, Tensor]:
-        c = self.config
+        """The student (and its feature adapters, and the EMA copy) run in the caller's precision, each teacher
+        in its own; soft targets and every loss are computed in fp32 from the logits, whatever the student's
+        precision (as timm and torchdistill do)."""
         if self.ensemble is None:
             logits = self.student_forward(x)
-            hard = losses.labelled_cross_entropy(logits, y)
+            with FP32.autocast(x.device):
+                hard = losses.labelled_cross_entropy(logits.float(), y)
             return {"loss": hard, "loss_hard": hard.detach(), "loss_soft": hard.new_zeros(()), "logits": logits}
 
-        features = self.adapters is not None
-        if features:
+        adapted = t_feats = None
+        if self.adapters is not None:
             logits, s_feats = forward_with_features(self.student, x, self.student_stages)
+            adapted = [[a(f) for a, f in zip(adapters, s_feats)] for adapters in self.adapters]
         else:
             logits = self.student_forward(x)
-        t_feats = None
-        if teacher_logits is None and features:
+        if teacher_logits is None and adapted is not None:
             teacher_logits, t_feats = self.ensemble(x, self.teacher_stages)
         elif teacher_logits is None:
             teacher_logits = self.ensemble(x)
-        elif features:
+        elif adapted is not None:
             _, t_feats = self.ensemble(x, self.teacher_stages)
-        teacher_logits = [z.float() for z in teacher_logits]
+        ema_logits = None
+        if self.ema is not None:
+            with torch.inference_mode():
+                ema_logits = self.ema.module(x).float().clone()
+        with FP32.autocast(x.device):
+            return self._losses(logits.float(), y, [z.float() for z in teacher_logits], ema_logits, adapted, t_feats)
+
+    def _losses(self, logits: Tensor, y: Tensor, teacher_logits: list[Tensor], ema_logits: Tensor | None,
+                adapted, t_feats) -> dict[str, Tensor]:
+        c = self.config
         class_ids = list(self.ensemble.class_ids)
         fixed = self.fixed_weights
         method = AGGREGATION_METHODS[c.aggregation]
         y_teach = y
         if c.unlabelled and (method.label_aware or c.weighting == "confidence" or KD_TERMS[c.kd_loss].uses_label):
             y_teach = torch.where(y >= 0, y, self.pseudo_labels(teacher_logits))
-        if self.ema is not None:
-            with torch.inference_mode():
-                ema_logits = self.ema.module(x)
-            teacher_logits.append(ema_logits.float().clone())
+        if ema_logits is not None:
+            teacher_logits = teacher_logits + [ema_logits]
             class_ids.append(torch.arange(logits.shape[1], device=logits.device))
             fixed = torch.cat([fixed, fixed.mean().view(1)])
             fixed = fixed / fixed.sum()
@@ -254,18 +265,17 @@ class Distiller(nn.Module):
         loss = (1.0 - c.alpha) * hard + c.alpha * ramp * soft
         out = {"loss_hard": hard.detach(), "loss_soft": soft.detach(), "logits": logits,
                "temperature": torch.tensor(T)}
-        if features:
+        if adapted is not None:
             k = len(self.ensemble.teachers)
             wf = w[:, :k] / w[:, :k].sum(1, keepdim=True).clamp_min(1e-12)
-            adapted = [[a(f) for a, f in zip(adapters, s_feats)] for adapters in self.adapters]
             # The teacher's map is resized to the student's: it has no gradient, so no resampling kernel
             # (non-deterministic backward on CUDA) enters the backward pass.
             resized = [[_match_size(ft, fs) for ft, fs in zip(tf, fa)] for tf, fa in zip(t_feats, adapted)]
-            feat = losses.feature_loss(adapted, resized, wf)
+            feat = losses.feature_loss([[f.float() for f in fa] for fa in adapted], resized, wf)
             loss = loss + c.feature_weight * feat
             out["loss_feat"] = feat.detach()
         out["loss"] = loss
-        names = self.ensemble.names + (["ema"] if self.ema is not None else [])
+        names = self.ensemble.names + (["ema"] if ema_logits is not None else [])
         for name, mean in zip(names, w.detach().mean(0)):
             out[f"weight_{name}"] = mean
         return out

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,10 +63,11 @@ class Precision:
         return cls(dtype, layout == "NHWC")
 
     def autocast(self, device: torch.device | str):
-        """``torch.autocast`` for bf16 / fp16, or a no-op context for fp32."""
-        if self.dtype == "fp32":
-            return nullcontext()
+        """``torch.autocast`` for bf16 / fp16; for fp32 autocast *off*, so that a model run in fp32 stays in
+        fp32 inside a caller's autocast (a teacher inside the student's step, the loss after the student)."""
         device_type = device if isinstance(device, str) else device.type
+        if self.dtype == "fp32":
+            return torch.autocast(device_type, enabled=False)
         return torch.autocast(device_type, dtype=DTYPES[self.dtype])
 
     def prepare_model(self, model: nn.Module) -> nn.Module:

@@ -298,3 +298,34 @@ def test_an_unlabelled_image_is_taught_as_if_labelled_with_the_combinations_clas
     assert out["loss_soft"].item() == pytest.approx(step(X, pseudo)["loss_soft"].item(), rel=1e-6)
     if aggregation == "consensus" and not torch.equal(pseudo, Y):  # the rule matters: the true labels differ
         assert out["loss_soft"].item() != pytest.approx(step(X, Y)["loss_soft"].item(), rel=1e-6)
+
+
+class ConstantStudent(nn.Module):
+    """A 'student' that returns fixed logits (so that only the loss's precision is tested)."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = nn.Parameter(logits)
+
+    def forward(self, x):
+        return self.logits
+
+
+@pytest.mark.parametrize("kd_loss", KD_LOSSES)
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_soft_targets_and_losses_are_fp32_under_the_students_autocast(aggregation, kd_loss):
+    torch.manual_seed(0)
+    # Teachers over 40 overlapping classes, confident enough that bf16 rounding shows.
+    ids = [list(range(0, 25)), list(range(15, 40))]
+    ens = TeacherEnsemble([nn.Linear(4, 25), nn.Linear(4, 25)], ids, [1.0, 2.0], 40)
+    for t in ens.teachers:
+        nn.init.normal_(t.weight, std=3.0)
+    x, y = torch.randn(32, 4), torch.randint(0, 40, (32,))
+    cfg = KDConfig(alpha=0.5, temperature=2.0, aggregation=aggregation, kd_loss=kd_loss)
+    step = Distiller(ConstantStudent(3 * torch.randn(32, 40)), ens, cfg)
+    reference = step(x, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = step(x, y)
+    assert inside["loss"].dtype == torch.float32
+    assert inside["loss"].item() == pytest.approx(reference["loss"].item(), rel=1e-6, abs=1e-7)
+    assert inside["loss_soft"].item() == pytest.approx(reference["loss_soft"].item(), rel=1e-6, abs=1e-7)

@@ -34,3 +34,13 @@ def test_ensemble_is_frozen_and_stays_in_eval_mode():
     ens.train()
     assert not ens.training and not any(t.training for t in ens.teachers)
     assert not any(p.requires_grad for p in ens.parameters())
+
+
+def test_a_teacher_in_fp32_stays_in_fp32_inside_the_students_autocast():
+    torch.manual_seed(0)
+    ens = TeacherEnsemble([nn.Linear(64, 3)], [[0, 1, 2]], [1.0], 3)  # precision: fp32 / NCHW
+    x = torch.randn(16, 64)
+    outside = ens(x)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = ens(x)[0]
+    assert torch.equal(inside, outside)
