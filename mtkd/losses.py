@@ -18,6 +18,7 @@ Conventions (pinned by golden-value tests in ``tests/test_losses.py``):
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -246,55 +247,91 @@ def specialist_combination(teacher_logits: list[Tensor], class_ids: list[Tensor]
 
     ``weights`` is ``(K,)`` or one row per sample ``(B, K)``. Returns
     ``log q`` ``(B, num_classes)``. The objective is convex in ``log q``; it
-    is minimised per sample by Newton's method (at most ``steps`` steps, each
-    halved until the objective decreases; float64) from the average of the
-    teachers' centred log-probabilities (each teacher's ``log p_k`` minus its
-    mean over ``C_k``), which is already the minimiser when no two teachers
-    share a class. Then only each specialist's classes relative to each other
-    are pinned: between disjoint specialists the split of mass is left where
-    that start puts it (gradient and Newton steps never move a group's common
-    shift), i.e. the geometric means of the specialists' distributions are
-    made equal, so a confident specialist outweighs a hesitant one.
-    Overlapping classes tie the specialists together and replace that choice
-    by what the teachers say. Classes covered by no teacher get probability 0.
+    is minimised per sample by Newton's method (``_newton_combination``) from
+    the start below, which is already the minimiser when no two teachers
+    share a class.
+
+    The objective pins only each specialist's classes relative to each other:
+    between groups of teachers that share no class the split of mass is left
+    where the start puts it (no step ever moves a group's common shift). The
+    start gives class ``c`` the ``w``-weighted average, over the teachers that
+    cover it, of ``log p_kc - mean_{C_k} log p_k + log w_k``: the geometric
+    means of disjoint specialists' distributions are made proportional to their
+    weights (equal for equal weights), so a confident specialist outweighs a
+    hesitant one and, as in the mixture, a heavier teacher's group gets more
+    mass. Overlapping classes tie the specialists together and replace that
+    choice by what the teachers say.
+
+    **Weight 0** means *takes no part*: the teacher adds nothing to the
+    objective or the start, a class covered only by teachers of weight 0 gets
+    probability 0 (as one that no teacher covers), and a sample whose teachers
+    all have weight 0 gets ``q = 0`` (``log q = -inf``): a row of zeros, no
+    soft loss. The result is continuous as a weight goes to 0.
     """
     batch = teacher_logits[0].shape[0]
     device = teacher_logits[0].device
     with torch.inference_mode(False), torch.no_grad():  # also when called from evaluation
-        w = weights.detach().clone().double().expand(batch, -1)
-        covered = torch.zeros(num_classes, dtype=torch.bool, device=device)
+        w = weights.detach().clone().double().to(device).expand(batch, -1)
         start = torch.zeros(batch, num_classes, dtype=torch.float64, device=device)
         cover_w = start.clone()
         parts = []
         for k, (z, ids) in enumerate(zip(teacher_logits, class_ids)):
             ids = ids.clone().to(device)
             lp = F.log_softmax(z.detach().clone().double() / temperature, dim=1)
+            wk = w[:, k:k + 1]
+            log_w = torch.where(wk > 0, wk.clamp_min(1e-300).log(), 0.0)
             parts.append((w[:, k], lp, ids))
-            start[:, ids] += w[:, k:k + 1] * (lp - lp.mean(1, keepdim=True))
-            cover_w[:, ids] += w[:, k:k + 1]
-            covered[ids] = True
-        z = torch.where(cover_w > 0, start / cover_w.clamp_min(1e-12), 0.0)
+            start[:, ids] += wk * (lp - lp.mean(1, keepdim=True) + log_w)
+            cover_w[:, ids] += wk
+        covered = cover_w > 0  # per sample: classes some teacher of positive weight covers
+        z = torch.where(covered, start / cover_w.clamp_min(1e-300), 0.0)
         if len(class_ids) > 1:
             z = _newton_combination(z, parts, steps)
-    return F.log_softmax(z.masked_fill(~covered, float("-inf")), dim=1).float()
+        log_q = F.log_softmax(z.masked_fill(~covered, float("-inf")), dim=1)
+        log_q = log_q.masked_fill(~covered.any(1, keepdim=True), float("-inf"))  # no teacher: q = 0, not NaN
+    return log_q.float()
 
 
 def _combination_objective(z: Tensor, parts) -> Tensor:
-    """Per sample: ``sum_k w_k (logsumexp(z[C_k]) - sum_{c in C_k} p_kc z_c)`` (the KL up to a constant)."""
-    return sum(wk * (torch.logsumexp(z[:, ids], 1) - (lp.exp() * z[:, ids]).sum(1)) for wk, lp, ids in parts)
+    """Per sample: ``sum_k w_k (logsumexp(z[C_k]) - sum_{c in C_k} p_kc z_c)`` (the KL up to a constant), and
+    the magnitude of the terms that cancel in it (the scale of its rounding error)."""
+    f = mag = 0.0
+    for wk, lp, ids in parts:
+        lse, linear = torch.logsumexp(z[:, ids], 1), (lp.exp() * z[:, ids]).sum(1)
+        f = f + wk * (lse - linear)
+        mag = mag + wk * (lse.abs() + linear.abs())
+    return f, mag
+
+
+NEWTON_GRAD_TOL = 1e-8  # a row has converged when its gradient's largest entry is below this (float64)
+NEWTON_WARN_TOL = 1e-6  # rows still above this after the last step are counted in a warning
+LINE_SEARCH = 2.0 ** -torch.arange(0, 31, dtype=torch.float64)  # step sizes tried at once: 1, 1/2, ..., 2^-30
+CUDA_CHECK_EVERY = 4  # on CUDA, ask whether every row has converged (a host sync) every this many steps
 
 
 def _newton_combination(z: Tensor, parts, steps: int) -> Tensor:
-    """Minimise ``_combination_objective`` per sample by damped Newton steps with step halving.
+    """Minimise ``_combination_objective`` per sample by damped Newton steps.
 
     Gradient ``sum_k w_k (s_k - p_k)`` and Hessian ``sum_k w_k (diag(s_k) - s_k s_k^T)`` on ``C_k``
     (``s_k`` the softmax of ``z[C_k]``). The Hessian is singular along each group's common shift, where
     the gradient has no component; a tiny ridge keeps the solve defined without moving those directions.
+
+    Each row stops on its own once its gradient is below ``NEWTON_GRAD_TOL`` (or no step size lowers its
+    objective). The line search tries every size of ``LINE_SEARCH`` in one batched evaluation and takes the
+    largest that does not raise the objective beyond its rounding error (a tolerance relative to the
+    magnitude of the objective's terms, which does not vanish as the objective does). No host sync per step
+    on CUDA (``solve_ex``, masks). Rows still above ``NEWTON_WARN_TOL`` after ``steps`` steps are counted in
+    a warning.
     """
     batch, n = z.shape
     eye = torch.eye(n, dtype=z.dtype, device=z.device)
-    f = _combination_objective(z, parts)
-    for _ in range(steps):
+    sizes = LINE_SEARCH.to(z.device)[:, None, None]
+    tried = len(LINE_SEARCH)
+    wide = [(wk.repeat(tried), lp.repeat(tried, 1), ids) for wk, lp, ids in parts]  # the parts for every size
+    active = torch.ones(batch, dtype=torch.bool, device=z.device)
+    f, _ = _combination_objective(z, parts)
+    grad_max = None
+    for i in range(steps):
         grad = torch.zeros_like(z)
         hess = torch.zeros(batch, n, n, dtype=z.dtype, device=z.device)
         for wk, lp, ids in parts:
@@ -302,18 +339,30 @@ def _newton_combination(z: Tensor, parts, steps: int) -> Tensor:
             grad[:, ids] += wk[:, None] * (s - lp.exp())
             block = torch.diag_embed(s) - s[:, :, None] * s[:, None, :]
             hess[:, ids[:, None], ids[None, :]] += wk[:, None, None] * block
-        if grad.abs().max() < 1e-10:  # converged (float64 noise is far below)
+        grad_max = grad.abs().amax(1)
+        active = active & (grad_max >= NEWTON_GRAD_TOL)
+        if (z.device.type != "cuda" or i % CUDA_CHECK_EVERY == 0) and not bool(active.any()):
             break
-        step = torch.linalg.solve(hess + 1e-9 * eye, grad.unsqueeze(-1)).squeeze(-1)
-        t = torch.ones(batch, 1, dtype=z.dtype, device=z.device)
-        for _ in range(30):  # halve each sample's step until its objective does not increase
-            new = z - t * step
-            f_new = _combination_objective(new, parts)
-            worse = ~(f_new <= f + 1e-15 * f.abs())
-            if not worse.any():
-                break
-            t = torch.where(worse[:, None], t / 2, t)
-        if worse.all():  # no sample can improve any more
-            break
-        z, f = torch.where(worse[:, None], z, new), torch.where(worse, f, f_new)
+        step = torch.linalg.solve_ex(hess + 1e-9 * eye, grad.unsqueeze(-1))[0].squeeze(-1)
+        candidates = (z[None] - sizes * step[None]).reshape(tried * batch, n)
+        f_new, mag = _combination_objective(candidates, wide)
+        f_new, mag = f_new.view(tried, batch), mag.view(tried, batch)
+        ok = f_new <= f[None] + 64 * torch.finfo(z.dtype).eps * mag
+        first = ok.to(torch.uint8).argmax(0)  # the largest step size that is ok (0 if none is)
+        improved = ok.any(0) & active
+        pick = candidates.view(tried, batch, n)[first, torch.arange(batch, device=z.device)]
+        z = torch.where(improved[:, None], pick, z)
+        f = torch.where(improved, f_new[first, torch.arange(batch, device=z.device)], f)
+        active = improved  # a row that no step size improves has stopped
+    else:
+        if grad_max is not None:  # the last step's gradient was not measured after it
+            grad = torch.zeros_like(z)
+            for wk, lp, ids in parts:
+                grad[:, ids] += wk[:, None] * (F.softmax(z[:, ids], 1) - lp.exp())
+            grad_max = grad.abs().amax(1)
+    if grad_max is not None:
+        failed = int((grad_max > NEWTON_WARN_TOL).sum())
+        if failed:
+            warnings.warn(f"specialist combination: {failed} of {batch} samples did not converge in {steps} "
+                          f"Newton steps (largest gradient {grad_max.max().item():.2e})", RuntimeWarning)
     return z

@@ -20,8 +20,14 @@ into one for a given model and role (training or inference):
   - with ``--deterministic`` nothing is timed (a timing must not decide the
     bits of a run): fp32, NCHW on the CPU; the CUDA rule above on a GPU.
 
-The choice is printed, stored in the run's checkpoints and summary, and kept
-on resume.
+The choice is printed and stored in the run's checkpoints and summary, the
+student's and each teacher's. On resume the stored choices are kept
+(``keep_saved``), unless ``--amp`` is given again (an explicit flag wins) or
+the device cannot run them natively (another device type; bf16 saved on a
+GPU, resumed on a CPU without bf16 units): then the rule above decides again,
+and says why. A teacher's ``auto`` choice is also recorded per machine beside
+the teacher checkpoints (``specialists``), so that the next run on the same
+machine runs it, and finds its teacher cache, the same way.
 """
 from __future__ import annotations
 
@@ -115,12 +121,85 @@ def cpu_bf16_units(flags: set[str] | None = None) -> str | None:
     return None
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``'s ``model name``; the platform's processor elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                return value.strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def device_model(device: torch.device) -> str:
+    """What runs the models: the GPU's name, or the CPU's model and its bf16 units."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_model()} (bf16 units: {cpu_bf16_units() or 'none'})"
+
+
 def cuda_bf16(device: torch.device) -> bool:
     """Whether the GPU runs bf16 natively (compute capability 8.0 and newer), not by emulation."""
     try:
         return torch.cuda.is_bf16_supported(including_emulation=False)
     except TypeError:  # older torch without the argument
         return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def runs_natively(precision: Precision, device: torch.device, bf16_units=cpu_bf16_units) -> bool:
+    """Whether ``device`` has units for ``precision``'s dtype (fp32 always; no emulated bf16 / fp16)."""
+    if precision.dtype == "fp32":
+        return True
+    if device.type == "cuda":
+        return precision.dtype == "fp16" or cuda_bf16(device)
+    return precision.dtype == "bf16" and bf16_units() is not None
+
+
+@dataclass(frozen=True)
+class SavedPrecisions:
+    """What a resumed run's checkpoint says about precision: the student's, each teacher's (in the task's
+    order), the device type they were chosen on (None in older checkpoints), and whether ``--amp`` was given
+    again on the command line."""
+
+    student: str | None = None
+    teachers: tuple[str, ...] | None = None
+    device: str | None = None
+    amp_given: bool = False
+
+    @classmethod
+    def from_checkpoint(cls, state: dict | None, amp_given: bool) -> "SavedPrecisions":
+        if state is None:
+            return cls(amp_given=amp_given)
+        teachers = state.get("teacher_precisions")
+        return cls(state.get("precision"), tuple(teachers) if teachers else None, state.get("precision_device"),
+                   amp_given)
+
+
+NOT_SAVED = SavedPrecisions()
+
+
+def keep_saved(saved: str | None, saved_precisions: SavedPrecisions, device: torch.device, who: str,
+               bf16_units=cpu_bf16_units) -> tuple[Precision | None, str]:
+    """A resumed run's stored precision ``saved`` (the student's or a teacher's), if it is to be kept:
+    ``(precision, '')``; else ``(None, why)`` (empty when nothing was stored), and the ``--amp`` rule decides
+    again."""
+    if not saved:
+        return None, ""
+    precision = Precision.parse(saved)
+    saved_device = saved_precisions.device
+    if saved_precisions.amp_given:
+        return None, f"{who}: --amp given again, so its rule replaces the saved precision {saved}"
+    if saved_device is not None and saved_device != device.type:
+        return None, (f"{who}: the saved precision {saved} was chosen on {saved_device}, the run now continues on "
+                      f"{device.type}; the --amp rule chooses again")
+    if not runs_natively(precision, device, bf16_units):
+        return None, (f"{who}: the saved precision {saved} would be emulated on this {device.type} (no "
+                      f"{precision.dtype} units); the --amp rule chooses again")
+    return precision, ""
 
 
 def candidates(device: torch.device, bf16_units: str | None) -> list[Precision]:

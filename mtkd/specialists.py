@@ -1,6 +1,7 @@
 """Specialist teachers: train each on its own classes, or load it; build the ensemble."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from .errors import UserError
 from .loop import LoopConfig, RunRng, fit, seed_everything
 from .optim import EpochScheduler, create_optimizer
 from .models import count_parameters, create_teacher, load_fitting_state
-from .precision import Precision, resolve_precision
+from .precision import NOT_SAVED, Precision, SavedPrecisions, device_model, keep_saved, resolve_precision
 from .report import console
 from .spec import TaskSpec
 from .teachers import TeacherEnsemble, TeacherInput
@@ -100,6 +101,58 @@ def choose_teacher_precisions(ensemble: TeacherEnsemble, example: torch.Tensor, 
             for t, inputs, name in zip(ensemble.teachers, ensemble.inputs, ensemble.names)]
 
 
+PRECISION_RECORD = "precisions.json"  # beside the teacher checkpoints: {machine: {teacher: choice}}
+
+
+def _machine_key(device: torch.device) -> str:
+    return f"{device.type} | {device_model(device)} | torch {torch.__version__}"
+
+
+def _weights_id(path: Path) -> dict:
+    st = path.stat()
+    return {"checkpoint": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def teacher_precisions(ensemble: TeacherEnsemble, paths: list[Path], example: torch.Tensor, amp: str,
+                       deterministic: bool, record: Path, saved: SavedPrecisions = NOT_SAVED) -> list[Precision]:
+    """Each teacher's inference precision.
+
+    In order: a resumed run's own choice (``precision.keep_saved``); under ``--amp auto``, the choice recorded
+    in ``record`` for this machine (device, CPU or GPU model, torch version) and these weights (checkpoint
+    path, size, modification time); else the ``--amp`` rule, timed, and (``auto``) recorded. So a near tie in
+    the timing cannot flip a teacher between runs, and the teacher cache keyed on the choice is found again.
+    """
+    device = example.device
+    machine = _machine_key(device)
+    table = json.loads(record.read_text()) if record.exists() else {}
+    known = table.get(machine, {})
+    out, changed = [], False
+    for k, (teacher, inputs, name) in enumerate(zip(ensemble.teachers, ensemble.inputs, ensemble.names)):
+        who = f"teacher {name}"
+        kept, why = keep_saved(saved.teachers[k] if saved.teachers else None, saved, device, who)
+        if why:
+            console.print(f"[yellow]{why}[/]", soft_wrap=True)
+        entry = known.get(name)
+        if kept is None and amp == "auto" and not deterministic and entry and \
+                {key: entry.get(key) for key in ("checkpoint", "size", "mtime_ns")} == _weights_id(paths[k]):
+            kept = Precision.parse(entry["precision"])
+            console.print(f"[bold]Precision[/] {who} inference: {kept} (--amp auto, as recorded for this machine "
+                          f"in {record})", soft_wrap=True)
+        if kept is None:
+            kept = choose_precision(amp, teacher, inputs(example), False, deterministic, who)
+            if amp == "auto" and not deterministic:
+                known[name] = {**_weights_id(paths[k]), "precision": str(kept)}
+                changed = True
+        out.append(kept)
+    if changed:
+        table[machine] = known
+        record.parent.mkdir(parents=True, exist_ok=True)
+        tmp = record.with_name(f".{record.name}.tmp")
+        tmp.write_text(json.dumps(table, indent=1))
+        tmp.replace(record)
+    return out
+
+
 def train_teacher(spec, task: TaskSpec, data: TaskData, recipe: TeacherRecipe, device: torch.device,
                   path: Path) -> tuple[nn.Module, dict]:
     """Train one specialist on its classes by ``recipe``; keep the weights of its best validation epoch."""
@@ -172,14 +225,17 @@ def _is_external(path: Path) -> bool:
 
 
 def prepare_teachers(task: TaskSpec, data: TaskData, output_dir: str | Path, recipe: TeacherRecipe,
-                     device: torch.device, retrain: bool = False) -> tuple[TeacherEnsemble, list[dict]]:
+                     device: torch.device, retrain: bool = False,
+                     saved: SavedPrecisions = NOT_SAVED) -> tuple[TeacherEnsemble, list[dict]]:
     """Load each teacher's checkpoint, training by ``recipe`` those that have none (or all, with ``retrain``).
 
-    Each teacher then runs in the precision ``recipe.amp`` gives it for inference.
+    Each teacher then runs in the inference precision ``teacher_precisions`` gives it (a resumed run's
+    ``saved`` choices, the machine's recorded one, or the ``recipe.amp`` rule).
     """
-    models, rows = [], []
+    models, rows, paths = [], [], []
     for spec in task.teachers:
         path = teacher_path(output_dir, task, spec)
+        paths.append(path)
         # A teacher trained elsewhere is never overwritten, --retrain_teachers or not.
         if path.exists() and (not retrain or _is_external(path)):
             model, state = load_teacher(spec, task, path)
@@ -197,7 +253,8 @@ def prepare_teachers(task: TaskSpec, data: TaskData, output_dir: str | Path, rec
         rows.append(_teacher_row(spec, model, metrics, status))
     ensemble = create_ensemble(task, models).to(device)
     example = example_batch(data.train, BatchTransform.for_task(task).to(device), device, recipe.batch_size)
-    ensemble.set_precisions(choose_teacher_precisions(ensemble, example, recipe.amp, recipe.deterministic))
+    ensemble.set_precisions(teacher_precisions(ensemble, paths, example, recipe.amp, recipe.deterministic,
+                                               teacher_dir(output_dir, task) / PRECISION_RECORD, saved))
     for row, precision in zip(rows, ensemble.precisions):
         row["precision"] = str(precision)
     return ensemble, rows

@@ -35,7 +35,7 @@ from .optim import EpochScheduler, create_optimizer, optimizer_kwargs, scheduler
 from .report import console, run_summary_table, teachers_table
 from .runs import (append_metrics, create_run_dir, log_hparams, open_resume, truncate_metrics,
                    write_run_curves)
-from .precision import Precision
+from .precision import Precision, SavedPrecisions, keep_saved
 from .specialists import TeacherRecipe, choose_precision, example_batch, prepare_teachers, teacher_path
 from .spec import TaskSpec
 from .taskfile import resolve_task
@@ -121,15 +121,16 @@ def _run(args: Namespace, explicit: set[str], dist: DistInfo, device_name: str) 
     device = resolve_device(device_name)
     set_deterministic(args.deterministic)
     data = _load_data(task, args.data_root)
+    saved = SavedPrecisions.from_checkpoint(last, amp_given="amp" in explicit)
     seed_everything(args.seed)
     student = create_student(args.student_model, task).to(device)  # drawn before the teachers train (seeded)
-    ensemble, teacher_rows = _teachers(args, task, data, device, dist)
+    ensemble, teacher_rows = _teachers(args, task, data, device, dist, saved)
     if last is None:
         run_dir = Path(broadcast(dist, str(create_run_dir(args, task)) if dist.is_main else None))
     run = StudentRun(args, task, kd, dist, device, data, ensemble, teacher_rows, run_dir,
                      BatchTransform.for_task(task).to(device), started=started)
     _write_run_files(run)
-    run.student, run.precision = student, _student_precision(run, student, last)
+    run.student, run.precision = student, _student_precision(run, student, saved)
     train_set = keep_labels(data.train, args.label_fraction, args.seed)
     run.kd = replace(kd, unlabelled=count_labelled(train_set)[1] > 0)
     seed_everything(args.seed)
@@ -191,13 +192,14 @@ def _load_data(task: TaskSpec, data_root: str) -> TaskData:
     return data
 
 
-def _teachers(args: Namespace, task: TaskSpec, data: TaskData, device: torch.device, dist: DistInfo):
+def _teachers(args: Namespace, task: TaskSpec, data: TaskData, device: torch.device, dist: DistInfo,
+              saved: SavedPrecisions):
     """The ensemble and its table rows. Missing teachers are trained by rank 0 alone; the other ranks wait,
     then load what rank 0 trained, whatever --retrain_teachers says."""
     recipe = TeacherRecipe.from_args(args)
     ensemble, rows = main_first(
-        dist, lambda: prepare_teachers(task, data, args.output_dir, recipe, device, args.retrain_teachers),
-        lambda: prepare_teachers(task, data, args.output_dir, recipe, device, retrain=False))
+        dist, lambda: prepare_teachers(task, data, args.output_dir, recipe, device, args.retrain_teachers, saved),
+        lambda: prepare_teachers(task, data, args.output_dir, recipe, device, False, saved))
     # Every rank runs the teachers as rank 0 measured (the cache key records it).
     ensemble.set_precisions(broadcast(dist, ensemble.precisions))
     console.print(teachers_table(rows))
@@ -217,12 +219,14 @@ def _write_run_files(run: StudentRun) -> None:
                   f"{len(data.val)} val / {len(data.test)} test images)", soft_wrap=True)
 
 
-def _student_precision(run: StudentRun, student: nn.Module, last: dict | None) -> Precision:
-    """Measured (or as the resumed run had it), the same on every rank, and applied to ``student`` before the
-    Distiller copies it (EMA), so that every copy has the student's layout."""
-    if last is not None and "precision" in last:
-        precision = Precision.parse(last["precision"])
-    else:
+def _student_precision(run: StudentRun, student: nn.Module, saved: SavedPrecisions) -> Precision:
+    """As the resumed run had it (``precision.keep_saved``) or by the ``--amp`` rule, the same on every rank,
+    and applied to ``student`` before the Distiller copies it (EMA), so that every copy has its layout."""
+    who = f"student {run.args.student_model}"
+    precision, why = keep_saved(saved.student, saved, run.device, who)
+    if why:
+        console.print(f"[yellow]{why}[/]", soft_wrap=True)
+    if precision is None:
         args = run.args
         precision = choose_precision(args.amp, student, example_batch(run.data.train, run.transform, run.device,
                                                                        args.batch_size),
@@ -295,7 +299,8 @@ class EpochRecorder:
             self.saver.save(student_checkpoint(
                 **state, epoch=epoch, val_acc=val["acc"], best_val_acc=best["val_acc"], best_epoch=best["epoch"],
                 args=vars(args), task=run.task.name, student_model=args.student_model,
-                class_names=list(run.task.class_names), precision=str(run.precision)),
+                class_names=list(run.task.class_names), precision=str(run.precision),
+                teacher_precisions=[str(p) for p in run.ensemble.precisions], precision_device=run.device.type),
                 is_best=best["epoch"] == epoch)
         patience = run.args.early_stopping
         if patience and epoch - best["epoch"] >= patience:

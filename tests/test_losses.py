@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mtkd.losses import (amalgamation_loss, consensus_targets, dkd_per_sample, feature_loss, kd_kl_loss,
+from mtkd.losses import (amalgamation_loss, consensus_targets, dkd_per_sample, feature_loss, kd_kl_loss, kl_per_sample,
                          labelled_cross_entropy, mixture_targets, specialist_combination, teacher_weights)
 
 S = torch.tensor([[1.0, 2.0, 0.0], [0.0, 0.0, 3.0]])
@@ -244,3 +244,92 @@ def test_specialist_combination_of_disjoint_specialists():
     assert torch.allclose(log_q[:2].mean(), log_q[2:].mean(), atol=1e-5)
     assert torch.allclose(log_q.exp().sum(), torch.tensor(1.0))
     assert log_q.argmax() == 0  # the confident specialist wins
+
+
+def _disjoint_golden(logits, weights):
+    """Independent numpy closed form for disjoint specialists: q_c proportional to w_k * p_kc / geomean(p_k)."""
+    parts = []
+    for z, w in zip(logits, weights):
+        lp = z - np.log(np.exp(z - z.max()).sum()) - z.max()
+        parts.append(w * np.exp(lp - lp.mean()) if w > 0 else np.zeros_like(z))
+    q = np.concatenate(parts)
+    return q / q.sum() if q.sum() > 0 else q
+
+
+@pytest.mark.parametrize("w", [[1.0, 0.0], [1.0, 1e-6], [1.0, 1.0], [2.0, 0.5], [0.0, 3.0]])
+def test_specialist_combination_weights_scale_each_groups_share_and_zero_means_no_part(w):
+    a, b = np.array([5.0, 0, 0, 0, 0]), np.array([9.0, 0, 0, 0, 0])
+    ids = [torch.arange(0, 5), torch.arange(5, 10)]
+    logits = [torch.tensor(a, dtype=torch.float32)[None], torch.tensor(b, dtype=torch.float32)[None]]
+    q = specialist_combination(logits, ids, torch.tensor([w]), 10).exp()[0]
+    golden = _disjoint_golden([a, b], w)
+    assert np.allclose(q.numpy(), golden, atol=1e-6)
+    if w[1] == 0:
+        assert torch.all(q[5:] == 0) and q[:5].sum().item() == pytest.approx(1.0)
+
+
+def test_specialist_combination_is_continuous_as_a_weight_goes_to_zero():
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.tensor([0, 1, 2]), torch.tensor([2, 3, 4]), torch.tensor([5, 6])]
+    logits = [torch.randn(4, len(i), generator=g) * 3 for i in ids]
+    zero = specialist_combination(logits, ids, torch.tensor([1.0, 0.5, 0.0]), 7).exp()
+    tiny = specialist_combination(logits, ids, torch.tensor([1.0, 0.5, 1e-9]), 7).exp()
+    assert torch.all(zero[:, 5:] == 0)  # covered only by the teacher of weight 0
+    assert torch.allclose(zero, tiny, atol=1e-6)
+
+
+def test_specialist_combination_with_every_weight_zero_gives_no_soft_target():
+    ids = [torch.arange(0, 3), torch.arange(3, 6)]
+    logits = [torch.randn(3, 3), torch.randn(3, 3)]
+    w = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.5, 0.5]])  # per sample, as confidence weighting gives
+    log_q = specialist_combination(logits, ids, w, 6)
+    q = log_q.exp()
+    assert torch.all(q[0] == 0) and not torch.isnan(log_q).any()
+    assert q[1, :3].sum().item() == pytest.approx(1.0) and torch.all(q[1, 3:] == 0)
+    # A row of zeros is no soft loss: the KL term of that sample is 0, and no gradient reaches it.
+    s = torch.randn(3, 6, requires_grad=True)
+    kl = kl_per_sample(s, q, 2.0)
+    kl.sum().backward()
+    assert kl[0].item() == 0 and torch.all(s.grad[0] == 0)
+
+
+def _newton_case():
+    """B = 64, 100 classes, three overlapping teachers, confident (logits x 20)."""
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.arange(0, 45), torch.arange(30, 75), torch.cat([torch.arange(60, 100), torch.tensor([1, 2])])]
+    return ids, [20 * torch.randn(64, len(i), generator=g) for i in ids]
+
+
+def test_specialist_combination_converges_per_row_with_one_objective_evaluation_per_step(monkeypatch):
+    import warnings
+
+    import mtkd.losses as losses
+
+    ids, logits = _newton_case()
+    calls = []
+    original = losses._combination_objective
+    monkeypatch.setattr(losses, "_combination_objective", lambda *a: calls.append(1) or original(*a))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # converged: no warning
+        log_q = specialist_combination(logits, ids, torch.ones(3), 100)
+    # Optimality: sum_k w_k (softmax(log q[C_k]) - p_k) = 0 (float32 output: within its rounding).
+    z, grad = log_q.double(), torch.zeros(64, 100, dtype=torch.float64)
+    for zk, i in zip(logits, ids):
+        grad[:, i] += torch.softmax(z[:, i], 1) - torch.softmax(zk.double(), 1)
+    assert grad.abs().max() < 1e-5
+    # The line search tries every step size in one batched evaluation: one per Newton step (+ the start).
+    assert len(calls) <= 51
+
+
+def test_specialist_combination_warns_with_the_count_of_rows_that_did_not_converge():
+    import re
+
+    ids, logits = _newton_case()
+    with pytest.warns(RuntimeWarning, match=r"\d+ of 64 samples did not converge in 2 Newton steps") as caught:
+        log_q = specialist_combination(logits, ids, torch.ones(3), 100, steps=2)
+    count = int(re.search(r"(\d+) of 64", str(caught[0].message)).group(1))
+    z, grad = log_q.double(), torch.zeros(64, 100, dtype=torch.float64)
+    for zk, i in zip(logits, ids):
+        grad[:, i] += torch.softmax(z[:, i], 1) - torch.softmax(zk.double(), 1)
+    far = int((grad.abs().amax(1) > 1e-3).sum())  # clearly not converged, whatever the float32 rounding
+    assert 0 < far <= count <= 64

@@ -100,3 +100,34 @@ def test_timing_leaves_the_model_and_the_random_state_alone():
     assert speed > 0 and torch.equal(rng, torch.get_rng_state())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # BN statistics untouched
     assert model[0].weight.is_contiguous() and model[0].weight.grad is None
+
+
+from mtkd.precision import SavedPrecisions, keep_saved  # noqa: E402
+
+
+@pytest.mark.parametrize("saved, amp_given, units, kept, says", [
+    (SavedPrecisions("bf16/NHWC", device="cpu"), False, "amx_bf16", "bf16/NHWC", ""),
+    (SavedPrecisions("fp32/NHWC", device="cpu"), False, None, "fp32/NHWC", ""),
+    (SavedPrecisions("bf16/NHWC"), False, "amx_bf16", "bf16/NHWC", ""),  # older checkpoints: no device recorded
+    # An explicit --amp wins over the saved choice.
+    (SavedPrecisions("bf16/NHWC", device="cpu"), True, "amx_bf16", None, "--amp given again"),
+    # A CUDA run (bf16) resumed on a CPU: the device changed.
+    (SavedPrecisions("bf16/NHWC", device="cuda"), False, "amx_bf16", None, "chosen on cuda"),
+    # bf16 without bf16 units would be emulated.
+    (SavedPrecisions("bf16/NHWC"), False, None, None, "emulated"),
+    (SavedPrecisions(None, device="cpu"), False, None, None, ""),
+])
+def test_a_resumed_run_keeps_its_precision_unless_the_flag_or_the_device_says_otherwise(saved, amp_given, units,
+                                                                                       kept, says):
+    saved = SavedPrecisions(saved.student, device=saved.device, amp_given=amp_given)
+    precision, why = keep_saved(saved.student, saved, CPU, "student", bf16_units=lambda: units)
+    assert (str(precision) if precision else None) == kept
+    assert (says in why) if says else why == ""
+
+
+def test_saved_precisions_read_from_a_checkpoint():
+    state = {"precision": "fp32/NCHW", "teacher_precisions": ["bf16/NHWC", "fp32/NCHW"], "precision_device": "cpu"}
+    saved = SavedPrecisions.from_checkpoint(state, amp_given=False)
+    assert saved == SavedPrecisions("fp32/NCHW", ("bf16/NHWC", "fp32/NCHW"), "cpu", False)
+    assert SavedPrecisions.from_checkpoint({"precision": "fp32/NCHW"}, True).teachers is None
+    assert SavedPrecisions.from_checkpoint(None, False) == SavedPrecisions()

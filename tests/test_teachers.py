@@ -44,3 +44,42 @@ def test_a_teacher_in_fp32_stays_in_fp32_inside_the_students_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         inside = ens(x)[0]
     assert torch.equal(inside, outside)
+
+
+def test_teacher_precisions_are_recorded_per_machine_and_kept_on_resume(tmp_path, monkeypatch):
+    import mtkd.specialists as specialists
+    from mtkd.precision import Precision, SavedPrecisions
+
+    timed = []
+
+    def fake_choose(amp, model, example, train, deterministic, who):
+        timed.append(who)
+        return Precision("bf16", True) if len(timed) % 2 else Precision("fp32", False)
+
+    monkeypatch.setattr(specialists, "choose_precision", fake_choose)
+    paths = [tmp_path / "a.pt", tmp_path / "b.pt"]
+    for p in paths:
+        p.write_bytes(b"weights")
+    ens = make_ensemble()
+    ens.names = ["a", "b"]
+    record = tmp_path / "precisions.json"
+    x = torch.zeros(4, 1)
+    first = specialists.teacher_precisions(ens, paths, x, "auto", False, record)
+    assert timed == ["teacher a", "teacher b"] and record.exists()
+    # The next run on this machine finds the recorded choices: nothing is timed, nothing flips.
+    assert specialists.teacher_precisions(ens, paths, x, "auto", False, record) == first and len(timed) == 2
+    # New weights for one teacher: that one is timed again.
+    paths[1].write_bytes(b"other weights")
+    specialists.teacher_precisions(ens, paths, x, "auto", False, record)
+    assert timed[2:] == ["teacher b"]
+    # A forced --amp is the rule itself (no record is used or written).
+    specialists.teacher_precisions(ens, paths, x, "off", False, record)
+    assert timed[3:] == ["teacher a", "teacher b"]
+    # A resumed run keeps its own choices, unless --amp is given again.
+    saved = SavedPrecisions("fp32/NCHW", ("fp32/NHWC", "fp32/NCHW"), "cpu", False)  # fp32: runs on any CPU
+    record.unlink()
+    kept = specialists.teacher_precisions(ens, paths, x, "auto", False, record, saved)
+    assert [str(p) for p in kept] == ["fp32/NHWC", "fp32/NCHW"] and len(timed) == 5
+    specialists.teacher_precisions(ens, paths, x, "auto", False, record, SavedPrecisions(
+        saved.student, saved.teachers, "cpu", amp_given=True))
+    assert len(timed) == 7
