@@ -88,7 +88,8 @@ def get_args_parser(task_names: list[str] | None = None) -> argparse.ArgumentPar
     p.add_argument("--device", default="auto", help="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
     p.add_argument("--label_fraction", type=_ranged(float, 0.0, 1.0, low_open=True, what="in (0, 1]"), default=1.0,
                    help="keep the labels of this stratified fraction of the training images (seeded by --seed); the "
-                        "others are used without labels, by the teachers' soft loss only (not at all when alpha = 0)")
+                        "others are used without labels, by the teachers' losses only (not at all when alpha = 0 and "
+                        "--feature_weight is 0)")
     p.add_argument("--teacher_epochs", type=positive_int, default=30, help="epochs for each teacher trained")
     p.add_argument("--retrain_teachers", action="store_true", help="train the teachers even if checkpoints exist")
     p.add_argument("--num_workers", type=nonneg_int, default=0,

@@ -138,7 +138,8 @@ def count_labelled(dataset) -> tuple[int, int]:
 
 def keep_labels(dataset, fraction: float, seed: int):
     """``dataset`` with the labels of a stratified, seeded ``fraction`` of its labelled images kept and the
-    others set to -1 (used without a label). Images and their order do not change."""
+    others set to -1 (used without a label). Images and their order do not change. When fewer images are to
+    lose their label than there are classes (a fraction close to 1), they are a seeded random choice."""
     labels = dataset.labels.clone()
     labelled = torch.nonzero(labels >= 0).squeeze(1).numpy()
     if fraction >= 1 or len(labelled) == 0:
@@ -149,9 +150,13 @@ def keep_labels(dataset, fraction: float, seed: int):
         raise UserError(f"--label_fraction {fraction} keeps {keep_n} of {len(labelled)} labelled training images, "
                         f"fewer than the {classes} classes. Fix: raise --label_fraction to at least "
                         f"{classes / len(labelled):.3g}.")
-    if keep_n < len(labelled):
+    drop_n = len(labelled) - keep_n
+    if drop_n >= classes:
         _, kept = stratified_split(labels[labelled].numpy(), keep_n, seed)
         drop = np.setdiff1d(np.arange(len(labelled)), kept)
+    else:  # fewer images to drop than classes: no stratified choice exists, so a seeded random one
+        drop = np.random.default_rng(seed).choice(len(labelled), drop_n, replace=False)
+    if drop_n > 0:
         labels[torch.from_numpy(labelled[drop])] = UNLABELLED
     return dataset.with_labels(labels)
 

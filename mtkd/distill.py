@@ -216,7 +216,8 @@ class Distiller(nn.Module):
             logits = self.student_forward(x)
             with FP32.autocast(x.device):
                 hard = losses.labelled_cross_entropy(logits.float(), y)
-            return {"loss": hard, "loss_hard": hard.detach(), "loss_soft": hard.new_zeros(()), "logits": logits}
+            return {"loss": hard, "loss_hard": hard.detach(), "loss_soft": hard.new_zeros(()), "logits": logits,
+                    "counts": {"loss_hard": (y >= 0).sum()}}
 
         adapted = t_feats = None
         if self.adapters is not None:
@@ -264,7 +265,7 @@ class Distiller(nn.Module):
         hard = losses.labelled_cross_entropy(logits, y)
         loss = (1.0 - c.alpha) * hard + c.alpha * ramp * soft
         out = {"loss_hard": hard.detach(), "loss_soft": soft.detach(), "logits": logits,
-               "temperature": torch.tensor(T)}
+               "temperature": torch.tensor(T), "counts": {"loss_hard": (y >= 0).sum()}}  # a mean over the labelled
         if adapted is not None:
             k = len(self.ensemble.teachers)
             wf = w[:, :k] / w[:, :k].sum(1, keepdim=True).clamp_min(1e-12)

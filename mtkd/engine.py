@@ -54,6 +54,7 @@ def _to_device(obj, device):
     return type(obj)(_to_device(v, device) for v in obj)
 
 
+COUNT = "count:"  # prefix of the running sums of each part's image counts
 PROGRESS_EVERY = 25  # steps between refreshes of the progress bar's loss and accuracy (a host sync each)
 
 
@@ -79,8 +80,10 @@ def train_one_epoch(step: nn.Module, loader: DataLoader, optimizer: torch.optim.
                     scaler: torch.amp.GradScaler | None = None,
                     grad_accum: int = 1, clip_grad: float = 0.0, stop=None, reduce=_identity,
                     agree=None) -> dict[str, float]:
-    """One pass over ``loader``; returns the sample-weighted mean of each part and ``acc``
-    (over the images with a label; an unlabelled image has label -1).
+    """One pass over ``loader``; returns the mean of each scalar part the step returns and ``acc``
+    (over the images with a label; an unlabelled image has label -1). A part is weighted by the batch
+    size, or by ``out['counts'][name]`` where the step says over how many images that part is a mean
+    (the cross-entropy over the labelled ones only).
 
     * ``precision`` (``mtkd.precision``): the step runs under its autocast
       (``scaler``, a ``GradScaler``, for fp16) on batches in its memory layout.
@@ -143,9 +146,12 @@ def train_one_epoch(step: nn.Module, loader: DataLoader, optimizer: torch.optim.
         # Accuracy over the labelled images (an unlabelled one has label -1).
         sums["correct"] += (out["logits"].detach().argmax(1) == labels).sum()
         sums["labelled"] += (labels >= 0).sum()
+        counts = out.get("counts", {})
         for name, value in out.items():
-            if name != "logits" and (not torch.is_tensor(value) or value.ndim == 0):
-                sums[name] += (value.detach().double() if torch.is_tensor(value) else float(value)) * n
+            if name not in ("logits", "counts") and (not torch.is_tensor(value) or value.ndim == 0):
+                weight = counts.get(name, n)  # the images this part is a mean over (default: the batch)
+                sums[name] += (value.detach().double() if torch.is_tensor(value) else float(value)) * weight
+                sums[COUNT + name] += weight
         if progress is not None:
             refresh = (i + 1) % PROGRESS_EVERY == 0 or i + 1 == len(loader)
             progress.update(bar, advance=1, **({"metrics": f"loss {sums['loss'].item() / seen:.4f}  acc "
@@ -156,9 +162,10 @@ def train_one_epoch(step: nn.Module, loader: DataLoader, optimizer: torch.optim.
     sums = {name: total.item() for name, total in sums.items()}
     sums["seen"] = seen
     sums = reduce(dict(sums))
-    seen = max(sums.pop("seen", 0), 1)
+    sums.pop("seen", 0)
     labelled = sums.pop("labelled", 0)
-    metrics = {name: total / seen for name, total in sums.items() if name != "correct"}
+    metrics = {name: total / sums[COUNT + name] if sums[COUNT + name] else math.nan
+               for name, total in sums.items() if name != "correct" and not name.startswith(COUNT)}
     metrics["acc"] = sums.get("correct", 0) / labelled if labelled else math.nan
     return metrics
 

@@ -19,6 +19,7 @@ Other timm architectures (possible for custom teachers) are used unchanged.
 from __future__ import annotations
 
 import timm
+import torch
 from torch import nn
 
 from .errors import UserError
@@ -111,6 +112,16 @@ def create_teacher(teacher: TeacherSpec, task: TaskSpec) -> nn.Module:
     """The teacher's architecture for its own input size (default: the task's), adapted as it declares."""
     return create_model(teacher.architecture, len(teacher.classes), task.channels,
                         teacher.image_size or task.image_size, teacher.adapt)
+
+
+def stem_in_weights(state: dict) -> tuple[bool, int] | None:
+    """Which stem a ResNet's weights were trained with: ``(adapted, kernel)`` from the first convolution's
+    kernel (3x3: mtkd's small-input stem; 7x7: timm's ImageNet stem), or None where the weights cannot say
+    (other architectures, deep stems, stride-only changes)."""
+    w = state.get("conv1.weight")
+    if torch.is_tensor(w) and w.ndim == 4 and w.shape[-1] in (3, 7):
+        return w.shape[-1] == 3, w.shape[-1]
+    return None
 
 
 def load_fitting_state(model: nn.Module, state: dict, who: str, outputs: int) -> None:

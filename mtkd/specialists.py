@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -16,7 +16,7 @@ from .engine import evaluate
 from .errors import UserError
 from .loop import LoopConfig, RunRng, fit, seed_everything
 from .optim import EpochScheduler, create_optimizer
-from .models import count_parameters, create_teacher, load_fitting_state
+from .models import SMALL_INPUT, count_parameters, create_teacher, load_fitting_state, stem_in_weights
 from .precision import NOT_SAVED, Precision, SavedPrecisions, device_model, keep_saved, resolve_precision
 from .report import console
 from .spec import TaskSpec
@@ -80,6 +80,14 @@ def teacher_input(spec, task: TaskSpec) -> TeacherInput | None:
     if (size, tuple(mean), tuple(std)) == (task.image_size, tuple(task.mean), tuple(task.std)):
         return None
     return TeacherInput(task.mean, task.std, mean, std, size)
+
+
+def input_record(spec, task: TaskSpec) -> dict:
+    """What a teacher is trained on: its input size, normalisation and stem (saved in its checkpoint)."""
+    size = spec.image_size or task.image_size
+    return {"image_size": size, "mean": [float(v) for v in spec.mean or task.mean],
+            "std": [float(v) for v in spec.std or task.std],
+            "adapt_small_input": bool(size < SMALL_INPUT if spec.adapt is None else spec.adapt)}
 
 
 def _own_classes(spec, task: TaskSpec, data: TaskData) -> TaskData:
@@ -189,7 +197,7 @@ def train_teacher(spec, task: TaskSpec, data: TaskData, recipe: TeacherRecipe, d
     metrics = {"val_acc": best["val_acc"], "test_acc": test["acc"], "best_epoch": best["epoch"]}
     save_checkpoint({"model": model.state_dict(), "architecture": spec.architecture,
                      "classes": list(spec.classes), "task": task.name, "metrics": metrics,
-                     "epochs": recipe.epochs, "version": CHECKPOINT_VERSION}, path)
+                     "epochs": recipe.epochs, "input": input_record(spec, task), "version": CHECKPOINT_VERSION}, path)
     return model, metrics
 
 
@@ -204,9 +212,33 @@ def load_teacher(spec, task: TaskSpec, path: Path) -> tuple[nn.Module, dict | No
             f"teacher checkpoint {path} was trained as {state['architecture']} on {state['classes']}, "
             f"but task {task.name} now asks for {spec.architecture} on {list(spec.classes)}. "
             "Fix: pass --retrain_teachers, or move the old checkpoint away.")
+    now = input_record(spec, task)
+    if state is not None and state.get("input") is not None and state["input"] != now:
+        # Checkpoints written before inputs were recorded have none: they are taken as they are.
+        changed = ", ".join(f"{k} {state['input'].get(k)} -> {v}" for k, v in now.items()
+                            if state["input"].get(k) != v)
+        raise UserError(
+            f"teacher checkpoint {path} was trained on another input than task {task.name} now declares for "
+            f"teacher {spec.name!r} ({changed}). Fix: pass --retrain_teachers, or move the old checkpoint away.")
+    spec = follow_stem(spec, task, weights)
     model = create_teacher(spec, task)
     load_fitting_state(model, weights, f"{who}, checkpoint {path}", len(spec.classes))
     return model, state
+
+
+def follow_stem(spec, task: TaskSpec, weights: dict):
+    """``spec`` with the stem its weights were trained with, where they say (``models.stem_in_weights``) and
+    it differs from what the task file's ``adapt_small_input`` (or the size rule) gives; printed."""
+    found = stem_in_weights(weights)
+    declared = input_record(spec, task)["adapt_small_input"]
+    if found is None or found[0] == declared:
+        return spec
+    adapt, kernel = found
+    console.print(f"[yellow]teacher {spec.name}[/]: its weights have a {kernel}x{kernel} first convolution, so it "
+                  f"keeps {'the small-input stem (stride 1)' if adapt else 'timm’s ImageNet stem (stride 4)'} "
+                  f"(adapt_small_input = {str(adapt).lower()}) for its {input_record(spec, task)['image_size']}-px "
+                  "input", soft_wrap=True)
+    return replace(spec, adapt=adapt)
 
 
 def measure_teacher(spec, task: TaskSpec, model: nn.Module, data: TaskData, device: torch.device) -> dict:

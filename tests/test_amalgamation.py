@@ -74,6 +74,16 @@ def test_keep_labels_is_stratified_seeded_and_keeps_the_images():
         keep_labels(data, 0.01, seed=0)
 
 
+@pytest.mark.parametrize("fraction, kept", [(0.995, 995), (0.999, 999), (0.99, 990)])
+def test_keep_labels_close_to_one_drops_the_few_labels_it_must(fraction, kept):
+    labels = torch.arange(1000) % 10
+    data = ImageTensorDataset(torch.zeros(1000, 1, 2, 2, dtype=torch.uint8), labels)
+    out = keep_labels(data, fraction, seed=0)
+    assert count_labelled(out) == (kept, 1000 - kept)
+    assert torch.equal(out.labels[out.labels >= 0], labels[out.labels >= 0])
+    assert torch.equal(keep_labels(data, fraction, seed=0).labels, out.labels)
+
+
 def test_teacher_input_undoes_the_tasks_normalisation_and_applies_its_own():
     pixels = torch.rand(2, 3, 8, 8)
     task_mean, task_std, mean, std = [0.5] * 3, [0.25] * 3, [0.4, 0.5, 0.6], [0.2, 0.3, 0.4]
@@ -108,7 +118,8 @@ def test_a_teacher_trained_elsewhere_is_distilled_from_at_its_own_input(amalgama
     assert [t["status"] for t in summary["teachers"]] == ["external", "external"]
     assert all(0 <= t["val_acc"] <= 1 for t in summary["teachers"]) and summary["aggregation"] == "combination"
     assert seen and set(seen) == {(24, 24)}  # only the teacher that declared 24 px gets an input of its own
-    assert not (out / "Taskanimals" / "teachers").exists()  # nothing trained, the external files untouched
+    # Nothing trained, the external files untouched; the teacher folder holds the machine's precision record only.
+    assert [p.name for p in (out / "Taskanimals" / "teachers").iterdir()] == ["precisions.json"]
     # --retrain_teachers never overwrites a teacher trained elsewhere.
     before = (tmp_path / "stripes.pt").read_bytes()
     assert train.main(["--task", str(amalgamation_task), "--num_epochs", "1", "--student_model", "ResNet18",
@@ -145,6 +156,12 @@ def test_unlabelled_images_never_reach_the_cross_entropy(amalgamation_task, tmp_
     assert train.main(["--task", str(amalgamation_task), "--num_epochs", "1", "--student_model", "ResNet18",
                        "--label_fraction", "0.5", "--alpha", "0", "--output_dir", str(out)]) == 0
     assert len(torch.cat(calls)) == 9 and bool((torch.cat(calls) >= 0).all())
+    # Alpha 0 with feature matching still learns from the teachers (their features): every image stays in.
+    calls.clear()
+    assert train.main(["--task", str(amalgamation_task), "--num_epochs", "1", "--student_model", "ResNet18",
+                       "--label_fraction", "0.5", "--alpha", "0", "--feature_weight", "0.1",
+                       "--output_dir", str(out)]) == 0
+    assert len(torch.cat(calls)) == 23 and int((torch.cat(calls) >= 0).sum()) == 9
 
 
 @pytest.mark.parametrize("make, message", [
@@ -175,3 +192,24 @@ def test_a_torch_file_that_is_not_a_state_dict_is_refused(amalgamation_task, tmp
     task = load_task_file(amalgamation_task)
     with pytest.raises(UserError, match="neither an mtkd teacher checkpoint nor a state dict"):
         load_teacher(task.teachers[1], task, tmp_path / "stripes.pt")
+
+
+@pytest.mark.parametrize("adapted_weights, image_size, kernel", [(False, 32, 7), (True, 64, 3)])
+def test_a_resnets_stem_follows_its_weights(amalgamation_task, tmp_path, capsys, adapted_weights, image_size, kernel):
+    """timm's own resnet18 (7x7 stem) declared at 32 px, and mtkd's small-input resnet18 (3x3) declared at
+    64 px: each loads with the stem of its weights, and says so."""
+    from dataclasses import replace
+
+    from mtkd.models import create_model
+
+    weights = create_model("resnet18", 2, 3, 16 if adapted_weights else 224).state_dict()
+    assert weights["conv1.weight"].shape[-1] == kernel
+    torch.save(weights, tmp_path / "plain.pt")
+    task = load_task_file(amalgamation_task)
+    spec = replace(task.teachers[1], architecture="resnet18", image_size=image_size, checkpoint=str(tmp_path / "plain.pt"))
+    model, state = load_teacher(spec, task, tmp_path / "plain.pt")
+    assert state is None and model.conv1.kernel_size == (kernel, kernel)
+    assert torch.equal(model.state_dict()["conv1.weight"], weights["conv1.weight"])
+    assert model.eval()(torch.zeros(1, 3, image_size, image_size)).shape == (1, 2)
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"{kernel}x{kernel} first convolution" in out and f"adapt_small_input = {str(adapted_weights).lower()}" in out

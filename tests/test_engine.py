@@ -182,3 +182,25 @@ def test_accumulating_micro_batches_skip_the_gradient_all_reduce():
     opt = torch.optim.SGD(step.parameters(), lr=0.1)
     train_one_epoch(step, _loader(8), opt, BatchTransform((0.5,), (0.5,)), torch.device("cpu"), grad_accum=2)
     assert step.synced == [False, True, False, True, True]  # 5 batches: the last, shorter group steps too
+
+
+def test_a_part_that_is_a_mean_over_some_images_is_averaged_over_those_images():
+    """``loss_hard`` of a batch is the mean over its labelled images: the epoch's value is the mean over every
+    labelled image of the epoch, not over all images (a batch without a label adds nothing)."""
+
+    class Labelled(Step):
+        def forward(self, x, y):
+            out = super().forward(x, y.clamp_min(0))
+            per = torch.where(y >= 0, y.float(), 0.0)  # 'loss' of an image: its label
+            has = (y >= 0).sum()
+            out["loss_hard"] = per.sum() / has.clamp_min(1)
+            out["counts"] = {"loss_hard": has}
+            return out
+
+    labels = torch.arange(40) % 3
+    labels[:16] = -1  # the first two batches of 8 have no label at all
+    ds = ImageTensorDataset(torch.zeros(40, 1, 2, 2, dtype=torch.uint8), labels)
+    metrics = train_one_epoch(Labelled(), create_loader(ds, 8, train=False), torch.optim.SGD(Step().parameters(), 0.1),
+                              BatchTransform((0.5,), (0.5,)), torch.device("cpu"))
+    assert metrics["loss_hard"] == pytest.approx(labels[16:].float().mean().item())
+    assert "counts" not in metrics

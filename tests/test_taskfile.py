@@ -178,3 +178,12 @@ def test_custom_task_trains_and_evaluates_end_to_end(task_file, tmp_path, capsys
                             "--speed_repeats", "1"]) == 0
     assert (tmp_path / "ev" / "Taskanimals" / "results.json").is_file()
     assert "animals" in capsys.readouterr().out
+    # The task now declares another input for a teacher mtkd trained: its checkpoint is refused, not reused.
+    task_file.write_text(TOML.replace('classes = ["lynx", "hyena"]', 'classes = ["lynx", "hyena"]\nmean = [0.4, 0.4, 0.4]'))
+    flags = ["--task", str(task_file), "--teacher_epochs", "1", "--num_epochs", "1", "--student_model", "MobileNetV3",
+             "--output_dir", str(out)]
+    assert train.main(flags) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "cats.pt was trained on another input" in err and "mean [0.5, 0.5, 0.5] -> [0.4, 0.4, 0.4]" in err
+    assert "--retrain_teachers" in err and "Traceback" not in err
+    assert train.main(flags + ["--retrain_teachers"]) == 0
