@@ -1,22 +1,24 @@
-"""Compare distillation methods: every (aggregation, weighting) on a task, several seeds each.
+"""Run a grid of configurations on a task, several seeds each, and record every finished run.
 
-Each configuration is one ``train.py`` run (in this process); results are
-appended to ``<output_dir>/sweep.jsonl`` as they finish, so an interrupted
-sweep continues where it stopped. At the end a markdown table gives the mean
-and standard deviation of the test accuracy per method, next to the labels-only
-baseline and the teacher ensemble.
+Each configuration is one ``train.py`` run (in this process). When it ends,
+one row is appended to the study file ``--results`` (``mtkd.results``: task,
+student, method and every setting, best epoch, val and test accuracy, the
+student on each teacher's classes, wall time, images/s, precision, machine,
+commit); a configuration already recorded there is skipped, so an interrupted
+or split study continues where it stopped. At the end the tables are printed
+from the file (mean ± std of the test accuracy over seeds).
 
     python benchmarks/sweep_methods.py --task B --student_model ResNet18 --num_epochs 8 --alpha 0.5 \\
-        --seeds 0 1 2 --teacher_cache cache --output_dir sweep
+        --seeds 0 1 2 --teacher_cache cache --results results/task_b.csv
 
-Methods are ``baseline`` (alpha 0) or ``AGGREGATION:WEIGHTING``; ``+online``
-at the end of a method runs it without the teacher cache (to check parity).
+Methods are ``baseline`` (alpha 0: labels only) or ``AGGREGATION:WEIGHTING``;
+``+online`` at the end of a method runs it without the teacher cache.
 ``--label_fractions 1 0.1`` repeats every method at each ``--label_fraction``
-(the baseline then trains on the labelled images only).
+(the baseline then trains on the labelled images only); ``--alphas`` and
+``--temperatures`` repeat every distilled method at each value. ``--selection``
+marks the runs as hyper-parameter selection (chosen on validation only).
 """
 import argparse
-import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -25,6 +27,8 @@ import tasks  # noqa: E402,F401
 from mtkd.config import get_args_parser  # noqa: E402
 from mtkd.distill import AGGREGATIONS  # noqa: E402
 from mtkd.losses import WEIGHTINGS  # noqa: E402
+from mtkd.results import (append_record, config_of, is_recorded, load_records, record, results_table,  # noqa: E402
+                          selection_table)
 from mtkd.spec import list_tasks  # noqa: E402
 from mtkd.trainer import run  # noqa: E402
 
@@ -40,22 +44,21 @@ def method_flags(method: str) -> dict:
     return {"aggregation": aggregation, "teacher_weighting": weighting, **({"teacher_cache": None} if online else {})}
 
 
-def table(rows: list[dict]) -> str:
-    by = {}
-    for r in rows:
-        by.setdefault((r.get("label_fraction", 1.0), r["method"]), []).append(r)
-    lines = ["| label fraction | method | labelled / unlabelled images | seeds | test acc (mean ± std) | "
-             "best val (mean) |", "|---:|---|---:|---:|---:|---:|"]
-    for (fraction, method), rs in sorted(by.items(), key=lambda kv: -kv[0][0]):
-        acc = [100 * r["test_acc"] for r in rs]
-        std = statistics.stdev(acc) if len(acc) > 1 else 0.0
-        val = statistics.mean(100 * r["best_val_acc"] for r in rs)
-        images = f"{rs[0].get('labelled_images', '?')} / {rs[0].get('unlabelled_images', '?')}"
-        lines.append(f"| {fraction:g} | {method} | {images} | {len(rs)} | {statistics.mean(acc):.2f} ± {std:.2f} | "
-                     f"{val:.2f} |")
-    ens = statistics.mean(100 * r["ensemble_test_acc"] for r in rows)
-    lines.append(f"| teacher ensemble (specialist combination, T=1) | - | {ens:.2f} | - |")
-    return "\n".join(lines)
+def configurations(base: argparse.Namespace, own: argparse.Namespace) -> list[argparse.Namespace]:
+    """Every run of the grid, in order: label fraction, method, alpha, temperature, seed."""
+    out = []
+    for fraction in own.label_fractions or [base.label_fraction]:
+        for method in own.methods:
+            flags = method_flags(method)
+            distilled = "alpha" not in flags
+            for alpha in (own.alphas or [base.alpha]) if distilled else [0.0]:
+                for temperature in (own.temperatures or [base.temperature]) if distilled else [base.temperature]:
+                    for seed in own.seeds:
+                        name = f"sweep_{method.replace(':', '_').replace('+', '_')}_f{fraction:g}"
+                        out.append(argparse.Namespace(**{**vars(base), **flags, "alpha": alpha,
+                                                         "temperature": temperature, "seed": seed,
+                                                         "label_fraction": fraction, "run": name}))
+    return out
 
 
 def main(argv=None):
@@ -64,28 +67,25 @@ def main(argv=None):
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--label_fractions", nargs="+", type=float, default=None,
                    help="run every method at each of these --label_fraction values (default: --label_fraction)")
-    p.add_argument("--table_only", action="store_true", help="print the table of the results so far")
+    p.add_argument("--alphas", nargs="+", type=float, default=None, help="distilled methods: each of these alphas")
+    p.add_argument("--temperatures", nargs="+", type=float, default=None,
+                   help="distilled methods: each of these temperatures")
+    p.add_argument("--results", default=None, metavar="FILE.csv",
+                   help="the study file the runs are recorded in (default: <output_dir>/sweep.csv)")
+    p.add_argument("--selection", action="store_true", help="record the runs as hyper-parameter selection runs")
+    p.add_argument("--table_only", action="store_true", help="print the tables of the results so far")
     own, rest = p.parse_known_args(argv)
     base = get_args_parser(list_tasks()).parse_args(rest)
-    log = Path(base.output_dir) / "sweep.jsonl"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    done = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-    fractions = own.label_fractions or [base.label_fraction]
-    todo = [] if own.table_only else [(f, m, s) for f in fractions for m in own.methods for s in own.seeds]
-    for fraction, method, seed in todo:
-        if any(r["method"] == method and r["seed"] == seed and r.get("label_fraction", 1.0) == fraction
-               for r in done):
+    path = Path(own.results or Path(base.output_dir) / "sweep.csv")
+    for args in [] if own.table_only else configurations(base, own):
+        if is_recorded(load_records(path), config_of(vars(args), own.selection)):
             continue
-        args = argparse.Namespace(**{**vars(base), **method_flags(method), "seed": seed, "label_fraction": fraction,
-                                     "run": f"sweep_{method.replace(':', '_').replace('+', '_')}_f{fraction:g}"})
         summary = run(args)
-        row = {"method": method, "seed": seed, "label_fraction": fraction, **{k: summary[k] for k in (
-            "test_acc", "best_val_acc", "best_epoch", "ensemble_test_acc", "wall_time_s", "run_dir",
-            "labelled_images", "unlabelled_images")}}
-        done.append(row)
-        with log.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-    print(table(done))
+        append_record(path, record(summary, vars(args), own.selection))
+    rows = load_records(path)
+    print(results_table(rows))
+    if any(r["selection"] == "True" for r in rows):
+        print("\nSelection runs (validation only):\n" + selection_table(rows))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from .checkpoint import save_checkpoint
 from .data import BatchTransform, FileImageDataset, ImageTensorDataset, hash_tensor
-from .report import console
+from .report import console, step_progress
 from .teachers import TeacherEnsemble
 
 CACHE_VERSION = 3  # 2: the key records each teacher's precision and the device type; 3: its input, not labels
@@ -92,17 +92,22 @@ class TeacherCache:
         gen = torch.Generator().manual_seed(VIEW_SEED)
         logits = [torch.empty(num_views, n, len(ids), dtype=torch.float16) for ids in ensemble.class_ids]
         params = {k: [] for k in ("dy", "dx", "flip")}
-        for v in range(num_views):
-            view = transform.sample(n, gen)
-            for k in params:
-                params[k].append(view[k])
-            for start in range(0, n, batch_size):
-                sl = slice(start, start + batch_size)
-                images, _ = dataset.__getitems__(range(start, min(start + batch_size, n)))
-                x = transform(images.to(device), augment=True,
-                              params={k: t[sl] for k, t in view.items()})
-                for k, z in enumerate(ensemble(x)):
-                    logits[k][v, sl] = z.to("cpu", torch.float16)
+        teachers = len(ensemble.teachers)
+        console.print(f"[bold]Teacher cache[/]: computing {num_views} views x {n:,} images x {teachers} teachers "
+                      f"= {num_views * n * teachers:,} teacher forward passes", soft_wrap=True)
+        with step_progress("teacher cache", num_views * n, "images") as advance:
+            for v in range(num_views):
+                view = transform.sample(n, gen)
+                for k in params:
+                    params[k].append(view[k])
+                for start in range(0, n, batch_size):
+                    sl = slice(start, start + batch_size)
+                    images, _ = dataset.__getitems__(range(start, min(start + batch_size, n)))
+                    x = transform(images.to(device), augment=True,
+                                  params={k: t[sl] for k, t in view.items()})
+                    for k, z in enumerate(ensemble(x)):
+                        logits[k][v, sl] = z.to("cpu", torch.float16)
+                    advance(len(images))
         return cls(key, logits,
                    torch.stack(params["dy"]).to(torch.int16), torch.stack(params["dx"]).to(torch.int16),
                    torch.stack(params["flip"]))

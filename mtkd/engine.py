@@ -172,11 +172,12 @@ def train_one_epoch(step: nn.Module, loader: DataLoader, optimizer: torch.optim.
 
 @torch.inference_mode()
 def predict(model: nn.Module, loader: DataLoader, transform: BatchTransform,
-            device: torch.device, precision: Precision = FP32) -> tuple[Tensor, Tensor]:
+            device: torch.device, precision: Precision = FP32, advance=None) -> tuple[Tensor, Tensor]:
     """All logits (float32) and labels of ``loader``, on the CPU, in loader order.
 
     ``precision``: the autocast and input layout ``model`` runs in. An empty
-    loader (an empty validation shard) gives empty tensors.
+    loader (an empty validation shard) gives empty tensors. ``advance(n)``, if
+    given, is called after each batch of ``n`` images (a progress bar).
     """
     model.eval()
     logits, labels = [], []
@@ -184,15 +185,17 @@ def predict(model: nn.Module, loader: DataLoader, transform: BatchTransform,
         with precision.autocast(device):
             logits.append(model(precision.prepare_input(transform(images.to(device)))).float().cpu())
         labels.append(y)
+        if advance is not None:
+            advance(len(y))
     if not logits:
         return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
     return torch.cat(logits), torch.cat(labels)
 
 
 def evaluate(model: nn.Module, loader: DataLoader, transform: BatchTransform,
-             device: torch.device, reduce=_identity, precision: Precision = FP32) -> dict[str, float]:
+             device: torch.device, reduce=_identity, precision: Precision = FP32, advance=None) -> dict[str, float]:
     """Top-1 and top-3 accuracy and mean cross-entropy over ``loader`` (and, with ``reduce``, other ranks')."""
-    logits, labels = predict(model, loader, transform, device, precision)
+    logits, labels = predict(model, loader, transform, device, precision, advance)
     if len(labels):
         local = {"n": len(labels), "top1": topk_correct(logits, labels, 1), "top3": topk_correct(logits, labels, 3),
                  "loss": F.cross_entropy(logits, labels, reduction="sum").item()}

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 from rich.table import Table
+from rich.text import Text
 
 # Rich assumes 80 columns when output is not a terminal; logs and CI read better wider.
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
@@ -31,6 +34,30 @@ def create_progress(disable: bool = False) -> Progress:
         transient=True,
         disable=disable,
     )
+
+
+class RateColumn(ProgressColumn):
+    """Items per second, e.g. ``312.5 images/s``."""
+
+    def __init__(self, unit: str):
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("" if speed is None else f"{speed:,.1f} {self.unit}/s")
+
+
+@contextmanager
+def step_progress(description: str, total: int, unit: str = "images"):
+    """A bar with a rate and an estimated end for a long step that is not an epoch (the teacher cache, measuring
+    teachers); yields ``advance(n)``. Kept on screen when done (in a log: one line with the rate and time)."""
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(unit),
+                        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
+                        disable=console.quiet)
+    with progress:
+        task = progress.add_task(description, total=total)
+        yield lambda n=1: progress.update(task, advance=n)
 
 
 def percent(x: float | None) -> str:

@@ -18,7 +18,7 @@ from .loop import LoopConfig, RunRng, fit, seed_everything
 from .optim import EpochScheduler, create_optimizer
 from .models import SMALL_INPUT, count_parameters, create_teacher, load_fitting_state, stem_in_weights
 from .precision import NOT_SAVED, Precision, SavedPrecisions, device_model, keep_saved, resolve_precision
-from .report import console
+from .report import console, step_progress
 from .spec import TaskSpec
 from .teachers import TeacherEnsemble, TeacherInput
 
@@ -245,9 +245,10 @@ def measure_teacher(spec, task: TaskSpec, model: nn.Module, data: TaskData, devi
     """Validation and test accuracy of a teacher trained elsewhere, on its own classes of this task."""
     ids, net = task.class_indices(spec.classes), _with_input(model, spec, task).to(device)
     transform = BatchTransform.for_task(task).to(device)
-    acc = {split: evaluate(net, create_loader(data.split(split).select_classes(ids), 512, train=False), transform,
-                           device)["acc"]
-           for split in ("val", "test")}
+    own = {split: data.split(split).select_classes(ids) for split in ("val", "test")}
+    with step_progress(f"measuring teacher {spec.name}", sum(len(d) for d in own.values())) as advance:
+        acc = {split: evaluate(net, create_loader(d, 512, train=False), transform, device, advance=advance)["acc"]
+               for split, d in own.items()}
     model.cpu()
     return {"val_acc": acc["val"], "test_acc": acc["test"]}
 

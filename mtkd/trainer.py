@@ -13,6 +13,7 @@ import os
 import signal
 import time
 from argparse import Namespace
+from datetime import datetime, timezone
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -32,8 +33,9 @@ from .loop import GracefulStop, LoopConfig, RunRng, fit, resolve_device, seed_ev
 from .metrics import restricted_accuracy
 from .models import check_architecture, count_parameters, create_student
 from .optim import EpochScheduler, create_optimizer, optimizer_kwargs, scheduler_kwargs
-from .report import console, run_summary_table, teachers_table
-from .runs import (append_metrics, create_run_dir, log_hparams, open_resume, truncate_metrics,
+from .report import console, run_summary_table, step_progress, teachers_table
+from .results import git_commit, images_per_second, machine
+from .runs import (append_metrics, create_run_dir, log_hparams, open_resume, read_metrics, truncate_metrics,
                    write_run_curves)
 from .precision import Precision, SavedPrecisions, keep_saved
 from .specialists import TeacherRecipe, choose_precision, example_batch, prepare_teachers, teacher_path
@@ -111,11 +113,13 @@ class StudentRun:
     counts: tuple[int, int] = (0, 0)  # labelled, unlabelled training images
     cache_status: str | None = None
     started: float = 0.0
+    commit: str = "unknown"  # the code this run loaded, read when it started
     best: dict = field(default_factory=lambda: {"val_acc": -1.0, "epoch": 0})
 
 
 def _run(args: Namespace, explicit: set[str], dist: DistInfo, device_name: str) -> dict:
     started = time.perf_counter()
+    commit = git_commit()
     args, task, run_dir, last = _resolve(args, explicit)
     kd = check_kd_args(args, task)
     device = resolve_device(device_name)
@@ -128,7 +132,7 @@ def _run(args: Namespace, explicit: set[str], dist: DistInfo, device_name: str) 
     if last is None:
         run_dir = Path(broadcast(dist, str(create_run_dir(args, task)) if dist.is_main else None))
     run = StudentRun(args, task, kd, dist, device, data, ensemble, teacher_rows, run_dir,
-                     BatchTransform.for_task(task).to(device), started=started)
+                     BatchTransform.for_task(task).to(device), started=started, commit=commit)
     _write_run_files(run)
     run.student, run.precision = student, _student_precision(run, student, saved)
     train_set = keep_labels(data.train, args.label_fraction, args.seed)
@@ -353,6 +357,9 @@ def finish_run(run: StudentRun, writer) -> dict:
         "ensemble_params": count_parameters(ensemble), "ensemble_val_acc": ensemble_rows["combination"]["val_acc"],
         "ensemble_test_acc": ensemble_rows["combination"]["test_acc"], "ensemble": ensemble_rows,
         "device": str(device), "skipped_files": len(data.skipped), "wall_time_s": time.perf_counter() - run.started,
+        "train_images_per_s": images_per_second(read_metrics(run.run_dir), sum(run.counts)), "machine": machine(),
+        "commit": run.commit,
+        "finished": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
     log_hparams(writer, vars(args), {"hparam/best_val_acc": summary["best_val_acc"],
                                      "hparam/test_acc": summary["test_acc"]})
@@ -368,12 +375,15 @@ def ensemble_accuracy(ensemble: TeacherEnsemble, splits: dict, transform: BatchT
     """``{method: {"<split>_acc": ...}}`` for each of ``ENSEMBLE_METHODS``; the teachers run once per split and
     each way of combining them reads the same logits."""
     rows = {method: {} for method in ENSEMBLE_METHODS}
-    for split, dataset in splits.items():
-        teacher_logits, labels = [], []
-        with torch.inference_mode():
+    logits_of = {}
+    with step_progress("teacher ensemble", sum(len(d) for d in splits.values())) as advance, torch.inference_mode():
+        for split, dataset in splits.items():
+            logits_of[split] = [], []
             for images, y in create_loader(dataset, 512, train=False):
-                teacher_logits.append(ensemble(transform(images.to(device))))
-                labels.append(y.to(device))
+                logits_of[split][0].append(ensemble(transform(images.to(device))))
+                logits_of[split][1].append(y.to(device))
+                advance(len(y))
+    for split, (teacher_logits, labels) in logits_of.items():
         for method in ENSEMBLE_METHODS:
             if not teacher_logits:  # an empty split
                 rows[method][f"{split}_acc"] = float("nan")

@@ -1,4 +1,5 @@
 """The benchmark scripts run and report what the README quotes (tiny sizes: behaviour, not speed)."""
+import argparse
 import importlib.util
 import json
 
@@ -29,14 +30,20 @@ def test_bench_distill_reports_every_rate_as_json(capsys):
     json.dumps(out)  # one JSON object
 
 
-def test_sweep_table_summarises_seeds(tmp_path):
+def test_sweep_grid_covers_every_method_alpha_temperature_and_seed():
+    from mtkd.config import get_args_parser
+
     sweep = load("sweep_methods")
-    rows = [{"method": "consensus:fixed", "seed": s, "test_acc": a, "best_val_acc": 0.9, "ensemble_test_acc": 0.7}
-            for s, a in ((0, 0.97), (1, 0.99))]
-    table = sweep.table(rows)
-    assert "| 1 | consensus:fixed | ? / ? | 2 | 98.00 ± 1.41 | 90.00 |" in table and "| 70.00 |" in table
-    rows = [{**r, "label_fraction": 0.1, "labelled_images": 117, "unlabelled_images": 1050} for r in rows]
-    assert "| 0.1 | consensus:fixed | 117 / 1050 | 2 | 98.00 ± 1.41 | 90.00 |" in sweep.table(rows)
+    own = argparse.Namespace(methods=["baseline", "consensus:fixed", "mixture:entropy+online"], seeds=[0, 1],
+                             label_fractions=[1.0, 0.1], alphas=[0.5, 0.9], temperatures=[2.0, 4.0])
+    runs = sweep.configurations(get_args_parser().parse_args(["--teacher_cache", "c"]), own)
+    # baseline: 1 per seed; each distilled method: 2 alphas x 2 temperatures per seed; at 2 fractions.
+    assert len(runs) == 2 * (2 + 2 * 2 * 2 * 2)
+    baseline = [r for r in runs if r.alpha == 0]
+    assert len(baseline) == 4 and {r.temperature for r in baseline} == {2.0}
+    online = [r for r in runs if r.teacher_weighting == "entropy"]
+    assert len(online) == 16 and all(r.teacher_cache is None and r.aggregation == "mixture" for r in online)
+    assert {(r.alpha, r.temperature) for r in online} == {(0.5, 2.0), (0.5, 4.0), (0.9, 2.0), (0.9, 4.0)}
     assert sweep.method_flags("amalgamate:entropy+online") == {
         "aggregation": "amalgamate", "teacher_weighting": "entropy", "teacher_cache": None}
 

@@ -114,3 +114,11 @@ def test_the_key_records_each_teachers_precision():
     z32 = ens(x)[1]
     ens.set_precisions([FP32, Precision("bf16", True)])
     assert not torch.equal(ens(x)[1], z32)
+
+
+def test_building_the_cache_says_what_it_computes_and_shows_its_rate(tmp_path, capsys):
+    ens, data, transform = make_setup()
+    open_teacher_cache(tmp_path, "T", ens, data, transform, 3, torch.device("cpu"))
+    out = " ".join(capsys.readouterr().out.split())
+    assert "computing 3 views x 50 images x 2 teachers = 300 teacher forward passes" in out
+    assert "teacher cache" in out and "150/150" in out and "images/s" in out

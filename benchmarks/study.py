@@ -1,0 +1,113 @@
+"""Study records: add finished runs to a study file, print its tables, render them into the README.
+
+    python benchmarks/study.py record RUN_DIR [RUN_DIR ...] --to results/task_a.csv [--selection]
+    python benchmarks/study.py table results/task_a.csv
+    python benchmarks/study.py readme [--check]
+
+``record`` appends one row per run folder (its ``summary.json`` and
+``args.json``; a run already recorded is skipped). ``readme`` replaces the text
+between ``<!-- results: NAME.csv -->`` and ``<!-- end results -->`` in
+``README.md`` (and the pages under ``docs/``) by the tables of
+``results/NAME.csv``; with ``--check`` it changes nothing and exits 1 if a page
+and its data disagree.
+"""
+import argparse
+import json
+from datetime import datetime, timezone
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from mtkd.results import (append_record, config_of, images_per_second, is_recorded, load_records,  # noqa: E402
+                          machine, record, results_table, selection_table)
+from mtkd.runs import read_metrics  # noqa: E402
+
+BLOCK = re.compile(r"(<!-- results: (?P<name>[\w.-]+\.csv) -->\n)(?P<body>.*?)(<!-- end results -->)", re.S)
+
+
+def tables(rows: list[dict]) -> str:
+    text = "Main runs (test accuracy, mean ± std over seeds; accuracies on each teacher's classes are the " \
+           "student's, the teacher's own in brackets):\n\n" + results_table(rows) + "\n"
+    if any(r["selection"] == "True" for r in rows):
+        text += "\nSelection runs (seed 0, chosen on best validation accuracy only):\n\n" + selection_table(rows) + "\n"
+    return text
+
+
+def render(text: str, results_dir: Path) -> str:
+    def block(m):
+        rows = load_records(results_dir / m["name"])
+        return m.group(1) + "\n" + tables(rows) + "\n" + m.group(4)
+
+    return BLOCK.sub(block, text)
+
+
+def pages(root: Path) -> list[Path]:
+    return [root / "README.md"] + sorted((root / "docs").glob("*.md"))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    rec = sub.add_parser("record", help="append finished runs to a study file")
+    rec.add_argument("run_dirs", nargs="+", type=Path)
+    rec.add_argument("--to", required=True, type=Path, metavar="FILE.csv")
+    rec.add_argument("--selection", action="store_true", help="hyper-parameter selection runs")
+    rec.add_argument("--commit", help="for runs whose summary.json does not record it: the commit they ran")
+    rec.add_argument("--same_machine", action="store_true",
+                     help="for runs whose summary.json does not record their machine: they ran on this one")
+    rec.add_argument("--threads", type=int, help="with --same_machine: the threads each run used")
+    tab = sub.add_parser("table", help="print a study file's tables")
+    tab.add_argument("file", type=Path)
+    rd = sub.add_parser("readme", help="render results/*.csv into README.md and docs/*.md")
+    rd.add_argument("--check", action="store_true", help="change nothing; exit 1 if a page disagrees with its data")
+    rd.add_argument("--root", type=Path, default=ROOT)
+    args = p.parse_args(argv)
+    if args.command == "record":
+        for run_dir in args.run_dirs:
+            summary_path, args_path = run_dir / "summary.json", run_dir / "args.json"
+            if not summary_path.is_file() or not args_path.is_file():
+                print(f"error: {run_dir} is not a finished run folder (it needs summary.json and args.json). "
+                      "Fix: pass the folder of a run that ran to its end.", file=sys.stderr)
+                return 2
+            saved = json.loads(args_path.read_text())
+            if is_recorded(load_records(args.to), config_of(saved, args.selection)):
+                print(f"{run_dir}: already recorded in {args.to}")
+                continue
+            summary = json.loads(summary_path.read_text())
+            if args.commit and "commit" not in summary:
+                summary["commit"] = args.commit
+            if "train_images_per_s" not in summary:  # runs from before it was recorded: from their metrics
+                summary["train_images_per_s"] = images_per_second(
+                    read_metrics(run_dir), summary["labelled_images"] + summary["unlabelled_images"])
+            if "finished" not in summary:
+                summary["finished"] = datetime.fromtimestamp(summary_path.stat().st_mtime, timezone.utc).strftime(
+                    "%Y-%m-%dT%H:%M:%SZ")
+            if args.same_machine and "machine" not in summary:
+                summary["machine"] = {**machine(), **({"threads": args.threads} if args.threads else {})}
+            append_record(args.to, record(summary, saved, args.selection))
+            print(f"{run_dir}: recorded in {args.to}")
+        return 0
+    if args.command == "table":
+        print(tables(load_records(args.file)))
+        return 0
+    stale = []
+    for page in pages(args.root):
+        if not page.exists():
+            continue
+        text = page.read_text()
+        new = render(text, args.root / "results")
+        if new != text:
+            stale.append(page)
+            if not args.check:
+                page.write_text(new)
+    if args.check and stale:
+        print("out of date with results/: " + ", ".join(str(p) for p in stale) +
+              ". Fix: python benchmarks/study.py readme", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

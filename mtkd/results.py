@@ -1,0 +1,217 @@
+"""Study records: one CSV row per finished run, appended as each run ends, and tables rendered from them.
+
+A study (``results/task_a.csv``, say) is a list of runs. Each row holds what
+is needed to trust and reproduce that run: the task, student and method with
+every setting that differs between runs, the outcome (best epoch, best
+validation and test accuracy, the student on each teacher's classes, the
+teachers' own accuracies), the cost (wall time, images/s) and where it ran
+(precision, machine, threads, torch, commit). Accuracies are fractions.
+``selection`` marks runs that chose hyper-parameters (on validation only);
+their test accuracy is recorded but never used to choose.
+
+The README's result tables are rendered from these files
+(``benchmarks/results_table.py``), so the two cannot disagree.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+import subprocess
+from pathlib import Path
+
+from .precision import cpu_bf16_units, cpu_model
+
+# The columns of a study file, in order (see README, Results).
+COLUMNS = (
+    "task", "student", "method", "aggregation", "weighting", "kd_loss", "alpha", "temperature",
+    "label_fraction", "labelled_images", "unlabelled_images", "epochs", "lr", "optimizer", "scheduler",
+    "scheduler_step", "scheduler_gamma", "warmup_epochs", "batch_size", "weight_decay", "cache_views", "seed",
+    "selection", "best_epoch", "best_val_acc", "test_acc", "student_on_teachers", "teachers_test_acc",
+    "ensemble_test_acc", "wall_time_s", "train_images_per_s", "precision", "teacher_precisions", "device",
+    "cpu", "bf16_units", "threads", "torch", "commit", "run_dir", "finished",
+)
+# What makes two records the same run (a sweep skips a configuration already recorded).
+KEY = ("task", "student", "method", "alpha", "temperature", "label_fraction", "epochs", "lr", "optimizer",
+       "scheduler", "scheduler_step", "scheduler_gamma", "warmup_epochs", "batch_size", "weight_decay",
+       "cache_views", "seed", "selection")
+
+
+def method_name(args) -> str:
+    """``labels`` (alpha 0, no feature matching) or ``aggregation/weighting/kd_loss`` (``+feat`` with features)."""
+    if args.alpha == 0 and not getattr(args, "feature_weight", 0):
+        return "labels"
+    name = f"{args.aggregation}/{args.teacher_weighting}/{args.kd_loss}"
+    return name + ("+feat" if getattr(args, "feature_weight", 0) else "")
+
+
+def git_commit(root: Path | None = None) -> str:
+    """The checkout's commit (``+dirty`` when tracked files differ from it); ``unknown`` outside git."""
+    root = root or Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
+def machine() -> dict:
+    """Where a run ran: the CPU model, its bf16 units, torch's thread count and version."""
+    import torch
+
+    return {"cpu": cpu_model(), "bf16_units": cpu_bf16_units() or "none", "threads": torch.get_num_threads(),
+            "torch": torch.__version__}
+
+
+def images_per_second(metrics: list[dict], images: int) -> float:
+    """Training images per second of epoch wall time (training and validation), from ``metrics.csv`` rows."""
+    seconds = sum(float(r["time_s"]) for r in metrics)
+    return images * len(metrics) / seconds if seconds else math.nan
+
+
+def _pairs(values: dict) -> str:
+    return ";".join(f"{k}={v:.4f}" for k, v in values.items())
+
+
+def parse_pairs(text: str) -> dict[str, float]:
+    """``'a=0.5;b=0.25'`` -> ``{'a': 0.5, 'b': 0.25}`` (the per-teacher columns)."""
+    return {k: float(v) for k, v in (p.split("=") for p in text.split(";") if p)}
+
+
+def config_of(args: dict, selection: bool = False) -> dict:
+    """The ``KEY`` columns (and the method's parts) of a run, from its resolved arguments alone: what a sweep
+    compares before it runs a configuration."""
+    from argparse import Namespace
+
+    method = method_name(Namespace(**args))
+    task = args["task"]
+    return {
+        "task": Path(task).stem if str(task).endswith(".toml") else task, "student": args["student_model"],
+        "method": method, "aggregation": args["aggregation"], "weighting": args["teacher_weighting"],
+        "kd_loss": args["kd_loss"], "alpha": args["alpha"], "temperature": args["temperature"],
+        "label_fraction": args["label_fraction"], "epochs": args["num_epochs"], "lr": args["lr"],
+        "optimizer": args["optimizer"], "scheduler": args["scheduler"], "scheduler_step": args["scheduler_step"],
+        "scheduler_gamma": args["scheduler_gamma"], "warmup_epochs": args["warmup_epochs"],
+        "batch_size": args["batch_size"], "weight_decay": args["weight_decay"],
+        "cache_views": args["cache_views"] if args.get("teacher_cache") and method != "labels" else 0,
+        "seed": args["seed"], "selection": bool(selection),
+    }
+
+
+def record(summary: dict, args: dict, selection: bool = False) -> dict:
+    """One study row from a finished run's ``summary.json`` and resolved arguments (``args.json``)."""
+    teachers = summary["teachers"]
+    where = summary.get("machine", {})
+    row = {
+        **config_of(args, selection), "task": summary["task"],
+        "labelled_images": summary["labelled_images"], "unlabelled_images": summary["unlabelled_images"],
+        "best_epoch": summary["best_epoch"], "best_val_acc": summary["best_val_acc"], "test_acc": summary["test_acc"],
+        "student_on_teachers": _pairs({t["name"]: t["student_test_acc"] for t in teachers}),
+        "teachers_test_acc": _pairs({t["name"]: t["test_acc"] for t in teachers}),
+        "ensemble_test_acc": summary["ensemble_test_acc"], "wall_time_s": round(summary["wall_time_s"], 1),
+        "train_images_per_s": round(summary.get("train_images_per_s", math.nan), 1),
+        "precision": summary["precision"], "teacher_precisions": ";".join(t.get("precision", "?") for t in teachers),
+        "device": summary["device"], "cpu": where.get("cpu", "?"), "bf16_units": where.get("bf16_units", "?"),
+        "threads": where.get("threads", "?"), "torch": where.get("torch", "?"),
+        "commit": summary.get("commit", "unknown"), "run_dir": summary["run_dir"],
+        "finished": summary.get("finished", ""),
+    }
+    return {k: row[k] for k in COLUMNS}
+
+
+def _same(a, b) -> bool:
+    try:
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+    except (TypeError, ValueError):
+        return str(a) == str(b)
+
+
+def key_of(row: dict) -> tuple:
+    return tuple(str(row[k]) for k in KEY)
+
+
+def is_recorded(rows: list[dict], row: dict) -> bool:
+    """Whether ``rows`` already hold a run of ``row``'s configuration (``KEY``)."""
+    return any(all(_same(r.get(k), row.get(k)) for k in KEY) for r in rows)
+
+
+def load_records(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def append_record(path: str | Path, row: dict) -> None:
+    """Append one row (the header first when the file is new); a file with other columns is an error."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists() or path.stat().st_size == 0
+    if not new:
+        with path.open(newline="") as f:
+            header = next(csv.reader(f), [])
+        if tuple(header) != COLUMNS:
+            raise ValueError(f"{path} has other columns than a study file; write to a new file")
+    with path.open("a", newline="") as f:
+        out = csv.DictWriter(f, fieldnames=COLUMNS)
+        if new:
+            out.writeheader()
+        out.writerow(row)
+
+
+def _mean_std(values: list[float]) -> str:
+    pct = [100 * v for v in values]
+    std = statistics.stdev(pct) if len(pct) > 1 else 0.0
+    return f"{statistics.mean(pct):.2f} ± {std:.2f}"
+
+
+def _setting(r: dict) -> str:
+    sched = r["scheduler"] + (f" {r['scheduler_step']}/{r['scheduler_gamma']}" if r["scheduler"] == "step" else "")
+    parts = [f"lr {float(r['lr']):g}", sched]
+    if r["method"] != "labels":
+        parts += [f"alpha {float(r['alpha']):g}", f"T {float(r['temperature']):g}",
+                  f"cache {r['cache_views']} views" if int(r["cache_views"]) else "online"]
+    return ", ".join(parts)
+
+
+def selection_table(rows: list[dict]) -> str:
+    """The hyper-parameter selection runs: one row each, ranked by best validation accuracy within a student."""
+    rows = [r for r in rows if r["selection"] == "True"]
+    lines = ["| student | method | setting | epochs | seed | best val acc | best epoch |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (r["student"], r["method"] != "labels", r["method"],
+                                         -float(r["best_val_acc"]))):
+        lines.append(f"| {r['student']} | {r['method']} | {_setting(r)} | {r['epochs']} | {r['seed']} | "
+                     f"{100 * float(r['best_val_acc']):.2f} | {r['best_epoch']} |")
+    return "\n".join(lines)
+
+
+def results_table(rows: list[dict]) -> str:
+    """The main runs (not selection): test accuracy mean ± std over seeds per (student, method, setting), the
+    student on each teacher's classes (mean) next to the teachers' own, and the teacher ensemble."""
+    rows = [r for r in rows if r["selection"] != "True"]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["student"], float(r["label_fraction"]), r["method"], _setting(r), r["epochs"]),
+                          []).append(r)
+    lines = ["| student | labels | method | setting | epochs | seeds | test acc (mean ± std) | best val (mean) | "
+             "student on each teacher's classes (teacher) |",
+             "|---|---:|---|---|---:|---|---:|---:|---|"]
+    for (student, fraction, method, setting, epochs), rs in sorted(groups.items(), key=lambda kv: (
+            kv[0][0], -kv[0][1], kv[0][2] != "labels", kv[0][2], kv[0][3])):
+        own = {}
+        for r in rs:
+            for name, acc in parse_pairs(r["student_on_teachers"]).items():
+                own.setdefault(name, []).append(acc)
+        teachers = parse_pairs(rs[0]["teachers_test_acc"])
+        per_teacher = ", ".join(f"{n} {100 * statistics.mean(v):.1f} ({100 * teachers.get(n, math.nan):.1f})"
+                                for n, v in own.items())
+        seeds = " ".join(sorted((r["seed"] for r in rs), key=int))
+        lines.append(f"| {student} | {fraction:g} | {method} | {setting} | {epochs} | {seeds} | "
+                     f"{_mean_std([float(r['test_acc']) for r in rs])} | "
+                     f"{statistics.mean(100 * float(r['best_val_acc']) for r in rs):.2f} | {per_teacher} |")
+    return "\n".join(lines)

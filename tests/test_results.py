@@ -1,0 +1,99 @@
+"""Study records (``mtkd.results``) and the script that records runs and renders the README's tables."""
+import json
+
+import pytest
+
+from conftest import ROOT, run_script
+from mtkd.config import get_args_parser
+from mtkd.results import (COLUMNS, append_record, config_of, is_recorded, load_records, method_name, parse_pairs,
+                          record, results_table, selection_table)
+
+
+def _args(**flags) -> dict:
+    argv = [f"--{k}={v}" for k, v in flags.items()]
+    return vars(get_args_parser().parse_args(["--task", "A", "--student_model", "MobileNetV3", *argv]))
+
+
+def _summary(test_acc: float, seed: int) -> dict:
+    return {"task": "A", "student_model": "MobileNetV3", "labelled_images": 6750, "unlabelled_images": 0,
+            "best_epoch": 17, "best_val_acc": test_acc + 0.01, "test_acc": test_acc, "ensemble_test_acc": 0.3467,
+            "teachers": [{"name": "trees", "test_acc": 0.662, "student_test_acc": 0.5, "precision": "bf16/NHWC"},
+                         {"name": "flowers", "test_acc": 0.698, "student_test_acc": 0.6 + seed / 100,
+                          "precision": "bf16/NHWC"}],
+            "wall_time_s": 1234.56, "train_images_per_s": 98.7, "precision": "fp32/NHWC", "device": "cpu",
+            "machine": {"cpu": "Some CPU", "bf16_units": "amx_bf16", "threads": 1, "torch": "2.x"},
+            "commit": "abc1234", "run_dir": f"runs/TaskA/run{seed}", "finished": "2026-12-02T18:00:00Z"}
+
+
+def test_a_record_holds_every_column_and_the_method_in_words():
+    args = _args(alpha=0.5, temperature=4, aggregation="amalgamate", teacher_cache="cache", cache_views=8, seed=1)
+    row = record(_summary(0.45, 1), args, selection=True)
+    assert tuple(row) == COLUMNS
+    assert row["method"] == "amalgamate/fixed/kl" and row["cache_views"] == 8 and row["selection"] is True
+    assert parse_pairs(row["student_on_teachers"]) == {"trees": 0.5, "flowers": 0.61}
+    assert row["cpu"] == "Some CPU" and row["commit"] == "abc1234" and row["threads"] == 1
+    labels = record(_summary(0.4, 0), _args(alpha=0, teacher_cache="cache"))
+    assert labels["method"] == "labels" and labels["cache_views"] == 0  # labels only never reads the cache
+    assert method_name(argparse_ns(alpha=0, feature_weight=0.1)) == "consensus/fixed/kl+feat"
+
+
+def argparse_ns(**flags):
+    import argparse
+
+    return argparse.Namespace(**_args(**flags))
+
+
+def test_records_are_appended_found_again_and_summarised_over_seeds(tmp_path):
+    path = tmp_path / "study.csv"
+    args = [_args(alpha=0, seed=s) for s in (0, 1, 2)]
+    for a, acc in zip(args, (0.40, 0.42, 0.44)):
+        append_record(path, record(_summary(acc, a["seed"]), a))
+    rows = load_records(path)
+    assert len(rows) == 3 and is_recorded(rows, config_of(args[1]))
+    assert not is_recorded(rows, config_of(_args(alpha=0, seed=3)))
+    assert not is_recorded(rows, config_of(_args(alpha=0, seed=1, lr=0.003)))
+    assert not is_recorded(rows, config_of(args[1], selection=True))
+    table = results_table(rows)
+    assert "| MobileNetV3 | 1 | labels | lr 0.001, step 30/0.5 | 100 | 0 1 2 | 42.00 ± 2.00 | 43.00 |" in table
+    assert "flowers 61.0 (69.8)" in table  # the student's mean on the teacher's classes, the teacher's own
+    # A file with other columns is never appended to.
+    other = tmp_path / "other.csv"
+    other.write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="other columns"):
+        append_record(other, record(_summary(0.4, 0), args[0]))
+
+
+def test_selection_runs_are_listed_apart_by_validation_accuracy(tmp_path):
+    path = tmp_path / "study.csv"
+    for lr, acc in ((0.001, 0.40), (0.003, 0.45)):
+        append_record(path, record(_summary(acc, 0), _args(alpha=0, lr=lr, scheduler="cosine"), selection=True))
+    rows = load_records(path)
+    assert results_table(rows).count("\n") == 1  # the header alone: selection runs are not main results
+    table = selection_table(rows).splitlines()
+    assert "lr 0.003, cosine" in table[2] and "46.00" in table[2] and "lr 0.001, cosine" in table[3]
+
+
+def test_study_script_records_runs_and_keeps_the_readme_in_step(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "summary.json").write_text(json.dumps(_summary(0.45, 0)))
+    (run_dir / "args.json").write_text(json.dumps(_args(alpha=0.9, teacher_cache="c")))
+    study = tmp_path / "results" / "demo.csv"
+    assert run_script("benchmarks/study.py", "record", run_dir, "--to", study).returncode == 0
+    proc = run_script("benchmarks/study.py", "record", run_dir, "--to", study)
+    assert "already recorded" in proc.stdout and len(load_records(study)) == 1
+    bad = run_script("benchmarks/study.py", "record", tmp_path, "--to", study)
+    assert bad.returncode == 2 and "not a finished run folder" in bad.stderr and "Traceback" not in bad.stderr
+    (tmp_path / "README.md").write_text("# x\n<!-- results: demo.csv -->\nold\n<!-- end results -->\nafter\n")
+    check = run_script("benchmarks/study.py", "readme", "--check", "--root", tmp_path)
+    assert check.returncode == 1 and "out of date" in check.stderr
+    assert run_script("benchmarks/study.py", "readme", "--root", tmp_path).returncode == 0
+    text = (tmp_path / "README.md").read_text()
+    assert "consensus/fixed/kl" in text and "45.00 ± 0.00" in text and "old" not in text and text.endswith("after\n")
+    assert run_script("benchmarks/study.py", "readme", "--check", "--root", tmp_path).returncode == 0
+
+
+def test_the_readme_agrees_with_the_recorded_results():
+    proc = run_script("benchmarks/study.py", "readme", "--check")
+    assert proc.returncode == 0, proc.stderr
+    assert (ROOT / "results" / "README.md").is_file()  # the study files' columns, documented
