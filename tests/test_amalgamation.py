@@ -119,8 +119,8 @@ def test_a_teacher_trained_elsewhere_is_distilled_from_at_its_own_input(amalgama
     assert [t["status"] for t in summary["teachers"]] == ["external", "external"]
     assert all(0 <= t["val_acc"] <= 1 for t in summary["teachers"]) and summary["aggregation"] == "combination"
     assert seen and set(seen) == {(24, 24)}  # only the teacher that declared 24 px gets an input of its own
-    out = " ".join(capsys.readouterr().out.split())
-    assert "measuring teacher cats" in out and "measuring teacher stripes" in out and "images/s" in out
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "measuring teacher cats" in printed and "measuring teacher stripes" in printed and "images/s" in printed
     # Nothing trained, the external files untouched; the teacher folder holds the machine's precision record only.
     assert [p.name for p in (out / "Taskanimals" / "teachers").iterdir()] == ["precisions.json"]
     # --retrain_teachers never overwrites a teacher trained elsewhere.
