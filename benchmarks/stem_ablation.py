@@ -34,7 +34,7 @@ VARIANTS = ("mtkd", "timm_head", "stride16", "imagenet")
 
 
 def create_variant(name: str, task, variant: str) -> nn.Module:
-    model = timm.create_model(STUDENTS[name], pretrained=False, num_classes=task.num_classes, in_chans=task.channels)
+    model = timm.create_model(STUDENTS.get(name), pretrained=False, num_classes=task.num_classes, in_chans=task.channels)
     if variant != "timm_head":
         reset_classifier_init(model)
     if variant != "imagenet":

@@ -1,12 +1,29 @@
-"""The training step as a module: ``forward(x, y) -> {'loss', 'logits', parts}``.
+"""The training step as a module: ``forward(x, y) -> {'loss', 'logits', parts}``, a weighted sum of loss terms.
 
-``Distiller`` turns the teachers' outputs into a loss for the student: it
-picks per-sample teacher weights, aggregates the teachers (see ``losses``),
-optionally matches features through learned 1x1 adapters, and optionally adds
-an exponential moving average of the student as one more teacher.
+``Distiller`` runs the student once (with the features some term needs), the
+teachers once (or reads their cached logits), and sums the terms the
+configuration names (``create_terms``), each ``weight * value``:
+
+* ``ce``: the cross-entropy over the labelled images, weight ``1 - alpha``;
+* ``kd``: the logit KD term, weight ``alpha``: an aggregation
+  (``AGGREGATIONS``: how teachers with different class sets make one soft
+  loss) of the teachers weighted per sample (``losses.WEIGHTINGS``), matched by
+  a KD loss (``KD_LOSSES``: KL, or DKD with its warm-up);
+* ``features``: feature matching through learned 1x1 adapters (FitNets),
+  weight ``--feature_weight``;
+* ``ema``: no loss of its own; an exponential moving average of the student
+  joins the teachers (self-distillation), updated after every optimiser step.
+
+A term is a small ``nn.Module`` that owns its settings and state (adapters,
+EMA weights, warm-up) and says what it needs (student features, teacher
+logits, teacher features). Adding one is one class and one ``TERMS`` entry;
+``Distiller.forward`` does not change. Terms see the step through a
+``StepContext``: the student's logits and features, the teachers' logits and
+features, the labels, and what is computed on demand and shared (the teachers'
+labels with pseudo-labels, the per-sample teacher weights).
 
 Images without a label (``y = -1``, ``--label_fraction`` / a task's
-unlabelled folder) get the soft loss only. Wherever a method needs a label
+unlabelled folder) get the soft losses only. Wherever a method needs a label
 (``consensus``'s choice of teachers, ``confidence`` weighting, DKD's target
 class) an unlabelled image uses its *pseudo-label*: the class the teachers'
 specialist combination (``losses.specialist_combination`` at T = 1, the
@@ -26,71 +43,8 @@ from torch import Tensor, nn
 from . import losses
 from .models import feature_stages, forward_with_features, resolve_stages
 from .precision import FP32
+from .registry import Registry
 from .teachers import TeacherEnsemble
-
-
-def _kl_term(logits: Tensor, q: Tensor, labels: Tensor, T: float, config: "KDConfig") -> Tensor:
-    return losses.kd_kl_loss(logits, q, T)
-
-
-def _dkd_term(logits: Tensor, q: Tensor, labels: Tensor, T: float, config: "KDConfig") -> Tensor:
-    return losses.dkd_per_sample(logits, q, labels, config.dkd_alpha, config.dkd_beta, T).mean()
-
-
-@dataclass(frozen=True)
-class KDTerm:
-    """How a student is matched to one soft target: ``loss(logits, q, labels, T, config) -> scalar``."""
-
-    loss: Callable
-    warmup: bool = False  # the soft term ramps up over config.dkd_warmup epochs
-    per_teacher_dkd: bool = False  # amalgamate applies DKD per teacher over its classes
-    uses_label: bool = False  # needs each sample's class (a pseudo-label for an unlabelled one)
-
-
-# --kd_loss: adding a term is adding an entry.
-KD_TERMS = {"kl": KDTerm(_kl_term),
-            "dkd": KDTerm(_dkd_term, warmup=True, per_teacher_dkd=True, uses_label=True)}
-KD_LOSSES = tuple(KD_TERMS)
-
-
-def _through_targets(targets: Callable) -> Callable:
-    """An aggregation that builds one soft target over all classes, matched by the run's KD term."""
-
-    def soft(logits, teacher_logits, class_ids, w, T, labels, config):
-        q = targets(teacher_logits, class_ids, w, labels, logits.shape[1], T)
-        return KD_TERMS[config.kd_loss].loss(logits, q, labels, T, config)
-
-    return soft
-
-
-def _amalgamate(logits, teacher_logits, class_ids, w, T, labels, config):
-    dkd = (config.dkd_alpha, config.dkd_beta) if KD_TERMS[config.kd_loss].per_teacher_dkd else None
-    return losses.amalgamation_loss(logits, teacher_logits, class_ids, w, T, labels, dkd)
-
-
-@dataclass(frozen=True)
-class Aggregation:
-    """How teachers with different class sets combine into one soft loss (see ``losses``).
-
-    ``soft(logits, teacher_logits, class_ids, weights, T, labels, config) -> scalar``;
-    ``label_aware``: only the teachers whose classes contain the label take part.
-    """
-
-    soft: Callable
-    label_aware: bool = False
-
-
-# --aggregation: adding a method is adding an entry.
-AGGREGATION_METHODS = {
-    "mixture": Aggregation(_through_targets(
-        lambda z, ids, w, labels, n, T: losses.mixture_targets(z, ids, w, n, T))),
-    "consensus": Aggregation(_through_targets(losses.consensus_targets), label_aware=True),
-    "amalgamate": Aggregation(_amalgamate),
-    # Hinton et al. 2015, section 5: the one distribution that agrees best with every specialist; label-free.
-    "combination": Aggregation(_through_targets(
-        lambda z, ids, w, labels, n, T: losses.specialist_combination(z, ids, w, n, T).exp())),
-}
-AGGREGATIONS = tuple(AGGREGATION_METHODS)
 
 
 @dataclass
@@ -126,9 +80,316 @@ class KDConfig:
                    feature_layers=[s.strip() for s in str(args.feature_layers).split(",") if s.strip()],
                    ema_decay=args.ema_teacher)
 
+    @property
+    def uses_teachers(self) -> bool:
+        """Whether the teachers teach at all (alpha 0 without feature matching is training on labels only)."""
+        return self.alpha > 0 or self.feature_weight > 0
+
+
+class StepContext:
+    """What one step's terms read: the batch, the student's outputs, the teachers' outputs, and values computed
+    on demand once and shared between terms (``teacher_labels``, ``teacher_weights``)."""
+
+    def __init__(self, distiller: "Distiller", x: Tensor, labels: Tensor, logits: Tensor,
+                 student_features: list[Tensor] | None, teacher_logits: list[Tensor] | None,
+                 teacher_features: list[list[Tensor]] | None):
+        self.distiller, self.x, self.labels, self.logits = distiller, x, labels, logits
+        self.student_features, self.teacher_features = student_features, teacher_features
+        ensemble = distiller.ensemble
+        self.teacher_logits = teacher_logits  # the task's teachers, fp32 (None: no teacher runs)
+        self.names = list(ensemble.names) if ensemble is not None else []
+        self.class_ids = list(ensemble.class_ids) if ensemble is not None else []
+        self.fixed = getattr(distiller, "fixed_weights", None)
+        self.extra: list[tuple[str, Tensor, Tensor]] = []  # teachers that terms add (name, logits, class ids)
+        self._labels = self._weights = None
+
+    @property
+    def epoch(self) -> int:
+        return self.distiller.epoch
+
+    def add_teacher(self, name: str, logits: Tensor, class_ids: Tensor) -> None:
+        """One more teacher for the soft losses (the EMA of the student); its fixed weight is the mean of the
+        task's teachers'."""
+        self.extra.append((name, logits, class_ids))
+
+    def all_teachers(self) -> tuple[list[str], list[Tensor], list[Tensor], Tensor]:
+        """Names, logits, class ids and normalised fixed weights of the task's teachers and those terms added."""
+        fixed = self.fixed
+        for _ in self.extra:
+            fixed = torch.cat([fixed, fixed.mean().view(1)])
+            fixed = fixed / fixed.sum()
+        return (self.names + [e[0] for e in self.extra], self.teacher_logits + [e[1] for e in self.extra],
+                self.class_ids + [e[2] for e in self.extra], fixed)
+
+    def teacher_labels(self) -> Tensor:
+        """The labels where a method needs one: an unlabelled image's is its pseudo-label (the task's teachers'
+        specialist combination at T = 1)."""
+        if self._labels is None:
+            y = self.labels
+            if self.distiller.config.unlabelled:
+                pseudo = self.distiller.pseudo_labels(self.teacher_logits)
+                y = torch.where(y >= 0, y, pseudo)
+            self._labels = y
+        return self._labels
+
+    def teacher_weights(self) -> Tensor:
+        """``(B, K)`` per-sample weights of every teacher (``losses.teacher_weights``), each row over the teachers
+        eligible for the sample (for a label-aware aggregation, those that cover its label)."""
+        if self._weights is None:
+            c = self.distiller.config
+            _, logits, class_ids, fixed = self.all_teachers()
+            label_aware = AGGREGATIONS.get(c.aggregation).label_aware
+            needs = label_aware or c.weighting == "confidence"
+            y = self.teacher_labels() if needs else self.labels
+            if label_aware:
+                eligible = losses.coverage(class_ids, y)
+            else:
+                eligible = torch.ones(len(y), len(class_ids), dtype=torch.bool, device=y.device)
+            self._weights = losses.teacher_weights(c.weighting, logits, class_ids, y, fixed.to(y.device), eligible)
+        return self._weights
+
+
+# ---- KD losses (--kd_loss): how a student is matched to a soft target ----
+
+@dataclass(frozen=True)
+class KDLoss:
+    """``loss(logits, q, labels, T, config) -> scalar``; ``per_sample(...)``, where the loss can be taken per
+    teacher over its own classes (``amalgamate``), ``(B,)``; ``uses_label``: needs each sample's class;
+    ``warmup``: its term ramps up linearly over ``config.dkd_warmup`` epochs."""
+
+    loss: Callable
+    per_sample: Callable | None = None
+    uses_label: bool = False
+    warmup: bool = False
+
+
+KD_LOSSES: Registry[KDLoss] = Registry("KD loss")
+KD_LOSSES.register("kl", KDLoss(lambda logits, q, labels, T, c: losses.kd_kl_loss(logits, q, T)))
+KD_LOSSES.register("dkd", KDLoss(
+    lambda logits, q, labels, T, c: losses.dkd_per_sample(logits, q, labels, c.dkd_alpha, c.dkd_beta, T).mean(),
+    per_sample=lambda logits, q, local, T, c: losses.dkd_per_sample(logits, q, local, c.dkd_alpha, c.dkd_beta, T),
+    uses_label=True, warmup=True))
+
+
+# ---- aggregations (--aggregation): how teachers with different class sets make one soft loss ----
+
+@dataclass(frozen=True)
+class Aggregation:
+    """``soft(ctx, w, T) -> scalar``: the soft loss of the step's teachers under per-sample weights ``w``;
+    ``label_aware``: only the teachers whose classes contain the label take part."""
+
+    soft: Callable
+    label_aware: bool = False
+
+
+def _through_targets(targets: Callable, uses_label: bool = False) -> Callable:
+    """An aggregation that builds one soft target over all classes, matched by the run's KD loss.
+    ``targets(teacher_logits, class_ids, w, labels, num_classes, T)``."""
+
+    def soft(ctx: StepContext, w: Tensor, T: float) -> Tensor:
+        c = ctx.distiller.config
+        kd = KD_LOSSES.get(c.kd_loss)
+        _, logits, class_ids, _ = ctx.all_teachers()
+        labels = ctx.teacher_labels() if uses_label or kd.uses_label else ctx.labels
+        q = targets(logits, class_ids, w, labels, ctx.logits.shape[1], T)
+        return kd.loss(ctx.logits, q, labels, T, c)
+
+    return soft
+
+
+def _amalgamate(ctx: StepContext, w: Tensor, T: float) -> Tensor:
+    c = ctx.distiller.config
+    kd = KD_LOSSES.get(c.kd_loss)
+    _, logits, class_ids, _ = ctx.all_teachers()
+    dkd = (c.dkd_alpha, c.dkd_beta) if kd.per_sample is not None else None
+    labels = ctx.teacher_labels() if kd.uses_label else ctx.labels
+    return losses.amalgamation_loss(ctx.logits, logits, class_ids, w, T, labels, dkd)
+
+
+AGGREGATIONS: Registry[Aggregation] = Registry("aggregation")
+AGGREGATIONS.register("mixture", Aggregation(_through_targets(
+    lambda z, ids, w, labels, n, T: losses.mixture_targets(z, ids, w, n, T))))
+AGGREGATIONS.register("consensus", Aggregation(_through_targets(losses.consensus_targets, uses_label=True),
+                                               label_aware=True))
+AGGREGATIONS.register("amalgamate", Aggregation(_amalgamate))
+# Hinton et al. 2015, section 5: the one distribution that agrees best with every specialist; label-free.
+AGGREGATIONS.register("combination", Aggregation(_through_targets(
+    lambda z, ids, w, labels, n, T: losses.specialist_combination(z, ids, w, n, T).exp())))
+
+
+# ---- loss terms ----
+
+class Term(nn.Module):
+    """One part of the step. ``prepare(ctx)`` runs under the caller's precision (models that belong to the
+    student side: adapters, the EMA copy); ``forward(ctx) -> {name: value}`` runs in fp32 and returns the term's
+    scalar ``value`` under ``name`` (the logged part) and any other parts to log. ``weight`` multiplies
+    ``value`` in the loss; ``None``: the term adds no loss of its own."""
+
+    name: str = ""
+    needs_teachers = False
+    student_stages: list[int] | None = None  # student features this term needs (None: none)
+    teacher_stages: list[list[int]] | None = None  # each teacher's features it needs
+
+    def weight(self, epoch: int) -> float | None:
+        return None
+
+    def prepare(self, ctx: StepContext) -> None:
+        pass
+
+    def after_optimizer_step(self, student: nn.Module) -> None:
+        pass
+
+
+TERMS: Registry[Callable[..., Term]] = Registry("loss term")
+
+
+@TERMS.register("ce")
+class LabelledCE(Term):
+    """``losses.labelled_cross_entropy``: the mean over the batch's labelled images (logged as a mean over
+    the epoch's labelled images)."""
+
+    name = "loss_hard"
+
+    def __init__(self, weight: float):
+        super().__init__()
+        self.w = weight
+
+    def weight(self, epoch: int) -> float:
+        return self.w
+
+    def forward(self, ctx: StepContext) -> dict[str, Tensor]:
+        return {"loss_hard": losses.labelled_cross_entropy(ctx.logits, ctx.labels)}
+
+
+@TERMS.register("kd")
+class LogitKD(Term):
+    """The soft loss: ``AGGREGATIONS[aggregation]`` of the teachers under their per-sample weights, at the
+    temperature of the epoch (``--temperature`` to ``--temperature_final``), matched by ``KD_LOSSES[kd_loss]``
+    (whose warm-up, for DKD, ramps the weight ``alpha`` up over ``dkd_warmup`` epochs)."""
+
+    name = "loss_soft"
+    needs_teachers = True
+
+    def __init__(self, config: KDConfig):
+        super().__init__()
+        self.config = config
+        self.aggregation = AGGREGATIONS.get(config.aggregation)
+        self.kd = KD_LOSSES.get(config.kd_loss)
+
+    def temperature(self, epoch: int) -> float:
+        c = self.config
+        if c.temperature_final is None or c.epochs <= 1:
+            return c.temperature
+        frac = min(max((epoch - 1) / (c.epochs - 1), 0.0), 1.0)
+        return c.temperature + frac * (c.temperature_final - c.temperature)
+
+    def weight(self, epoch: int) -> float:
+        c = self.config
+        ramp = min(epoch / c.dkd_warmup, 1.0) if self.kd.warmup and c.dkd_warmup > 0 else 1.0
+        return c.alpha * ramp
+
+    def forward(self, ctx: StepContext) -> dict[str, Tensor]:
+        T = self.temperature(ctx.epoch)
+        w = ctx.teacher_weights()
+        out = {"loss_soft": self.aggregation.soft(ctx, w, T), "temperature": torch.tensor(T)}
+        names, *_ = ctx.all_teachers()
+        for name, mean in zip(names, w.detach().mean(0)):
+            out[f"weight_{name}"] = mean
+        return out
+
+
+@TERMS.register("features")
+class FeatureMatch(Term):
+    """FitNets (Romero et al., 2015): each chosen student stage through a 1x1 conv adapter per (teacher,
+    stage) against the teacher's map (resized to the student's), weighted by the task's teachers' per-sample
+    weights (``losses.feature_loss``)."""
+
+    name = "loss_feat"
+    needs_teachers = True
+
+    def __init__(self, student: nn.Module, ensemble: TeacherEnsemble, layers: list[str], weight: float):
+        super().__init__()
+        self.w = weight
+        self.student_stages = resolve_stages(student, layers, "student")
+        self.teacher_stages = [resolve_stages(t, layers, f"teacher {n}")
+                               for t, n in zip(ensemble.teachers, ensemble.names)]
+        s_chs = [feature_stages(student)[i]["num_chs"] for i in self.student_stages]
+        adapters = []
+        for teacher, stages in zip(ensemble.teachers, self.teacher_stages):
+            t_chs = [feature_stages(teacher)[i]["num_chs"] for i in stages]
+            adapters.append(nn.ModuleList(nn.Conv2d(c_in, c_out, 1, bias=False) for c_in, c_out in zip(s_chs, t_chs)))
+        self.adapters = nn.ModuleList(adapters)
+        self.adapted = None
+
+    def weight(self, epoch: int) -> float:
+        return self.w
+
+    def prepare(self, ctx: StepContext) -> None:
+        # The adapters are the student's: they run in its precision.
+        self.adapted = [[a(f) for a, f in zip(adapters, ctx.student_features)] for adapters in self.adapters]
+
+    def forward(self, ctx: StepContext) -> dict[str, Tensor]:
+        k = len(ctx.names)
+        w = ctx.teacher_weights()
+        wf = w[:, :k] / w[:, :k].sum(1, keepdim=True).clamp_min(1e-12)
+        adapted, self.adapted = self.adapted, None
+        # The teacher's map is resized to the student's: it has no gradient, so no resampling kernel
+        # (non-deterministic backward on CUDA) enters the backward pass.
+        resized = [[_match_size(ft, fs) for ft, fs in zip(tf, fa)] for tf, fa in zip(ctx.teacher_features, adapted)]
+        return {"loss_feat": losses.feature_loss([[f.float() for f in fa] for fa in adapted], resized, wf)}
+
+
+@TERMS.register("ema")
+class EMATeacher(Term):
+    """Self-distillation: a frozen exponential moving average of the student (timm's ``ModelEmaV3``) joins the
+    teachers over all classes, updated after every optimiser step. No loss of its own."""
+
+    name = "ema"
+    needs_teachers = True
+
+    def __init__(self, student: nn.Module, decay: float):
+        super().__init__()
+        self.ema = ModelEmaV3(student, decay=decay)
+        self.ema.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "EMATeacher":
+        super().train(mode)
+        self.ema.eval()
+        return self
+
+    def prepare(self, ctx: StepContext) -> None:
+        with torch.inference_mode():
+            logits = self.ema.module(ctx.x).float().clone()
+        ctx.add_teacher("ema", logits, torch.arange(logits.shape[1], device=logits.device))
+
+    def forward(self, ctx: StepContext) -> dict[str, Tensor]:
+        return {}
+
+    def after_optimizer_step(self, student: nn.Module) -> None:
+        self.ema.update(student)
+
+
+def create_terms(config: KDConfig, student: nn.Module, ensemble: TeacherEnsemble | None) -> dict[str, Term]:
+    """The terms a configuration names (``TERMS`` names: instances), in the order they are computed and summed
+    (the order the step had before it was made of terms, so that its gradients are the same to the last bit)."""
+    if ensemble is None or not config.uses_teachers:
+        return {"ce": TERMS.get("ce")(1.0)}
+    terms = {}
+    if config.ema_decay > 0:
+        terms["ema"] = TERMS.get("ema")(student, config.ema_decay)
+    terms["kd"] = TERMS.get("kd")(config)
+    terms["ce"] = TERMS.get("ce")(1.0 - config.alpha)
+    if config.feature_weight > 0:
+        terms["features"] = TERMS.get("features")(student, ensemble, config.feature_layers, config.feature_weight)
+    return terms
+
+
+# Where the state of the terms lived in checkpoints written before the step was made of terms.
+_OLD_PREFIXES = {"adapters.": "terms.features.adapters.", "ema.": "terms.ema.ema."}
+
 
 class Distiller(nn.Module):
-    """A student trained on labels and, with weight ``alpha``, on the teachers.
+    """A student trained on the sum of its loss terms (``create_terms``).
 
     With no ensemble (or ``alpha = 0`` and no feature matching) this is plain
     supervised training, and the teachers are never run. ``forward`` accepts
@@ -144,141 +405,88 @@ class Distiller(nn.Module):
         # that state_dict keys stay the student's own.
         self.__dict__["student_forward"] = torch.compile(student) if compile else student
         self.config = config = config or KDConfig()
-        uses_teachers = ensemble is not None and (config.alpha > 0 or config.feature_weight > 0)
-        self.ensemble = ensemble if uses_teachers else None
+        self.ensemble = ensemble if ensemble is not None and config.uses_teachers else None
         self.epoch = 1
-        if self.ensemble is None:
-            return
-        if config.aggregation not in AGGREGATION_METHODS:
-            raise ValueError(f"unknown aggregation {config.aggregation!r}")
-        if config.kd_loss not in KD_TERMS:
-            raise ValueError(f"unknown KD loss {config.kd_loss!r}")
-        fixed = config.teacher_weights or self.ensemble.weights.tolist()
-        if len(fixed) != len(self.ensemble.teachers):
-            raise ValueError(f"{len(fixed)} teacher weights for {len(self.ensemble.teachers)} teachers")
-        self.register_buffer("fixed_weights", torch.tensor(fixed, dtype=torch.float32) / sum(fixed),
-                             persistent=False)
-        self.adapters = None
-        if config.feature_weight > 0:
-            self._build_adapters()
-        self.ema = None
-        if config.ema_decay > 0:
-            # A frozen copy of the student, updated after every optimiser step (after_optimizer_step).
-            self.ema = ModelEmaV3(student, decay=config.ema_decay)
-            self.ema.requires_grad_(False)
+        if self.ensemble is not None:
+            fixed = config.teacher_weights or self.ensemble.weights.tolist()
+            if len(fixed) != len(self.ensemble.teachers):
+                raise ValueError(f"{len(fixed)} teacher weights for {len(self.ensemble.teachers)} teachers")
+            self.register_buffer("fixed_weights", torch.tensor(fixed, dtype=torch.float32) / sum(fixed),
+                                 persistent=False)
+        self.terms = nn.ModuleDict(create_terms(config, student, self.ensemble))
 
-    def _build_adapters(self) -> None:
-        """One 1x1 conv per (teacher, stage) from the student's channels to the teacher's."""
-        layers = self.config.feature_layers
-        self.student_stages = resolve_stages(self.student, layers, "student")
-        self.teacher_stages = [resolve_stages(t, layers, f"teacher {n}")
-                               for t, n in zip(self.ensemble.teachers, self.ensemble.names)]
-        s_chs = [feature_stages(self.student)[i]["num_chs"] for i in self.student_stages]
-        adapters = []
-        for teacher, stages in zip(self.ensemble.teachers, self.teacher_stages):
-            t_chs = [feature_stages(teacher)[i]["num_chs"] for i in stages]
-            adapters.append(nn.ModuleList(nn.Conv2d(c_in, c_out, 1, bias=False) for c_in, c_out in zip(s_chs, t_chs)))
-        self.adapters = nn.ModuleList(adapters)
+    def term(self, name: str) -> Term | None:
+        """This step's term registered as ``name`` (``TERMS``), or None."""
+        return self.terms[name] if name in self.terms else None
+
+    def extra_state(self) -> dict:
+        """What the step trains or tracks besides the student (feature adapters, the EMA): for checkpoints."""
+        return {k: v for k, v in self.state_dict().items() if k.startswith("terms.")}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Restore ``extra_state`` (also from checkpoints written before the step was made of terms)."""
+        state = {next((new + k[len(old):] for old, new in _OLD_PREFIXES.items() if k.startswith(old)), k): v
+                 for k, v in state.items()}
+        self.load_state_dict(state, strict=False)
 
     def after_optimizer_step(self) -> None:
-        """Called by the training loop after every optimiser step (not every micro-batch): the EMA follows
-        the weights that step produced, as in timm's training script."""
-        if getattr(self, "ema", None) is not None:
-            self.ema.update(self.student)
+        """Called by the training loop after every optimiser step (not every micro-batch): state that follows
+        the weights (the EMA) follows the weights that step produced, as in timm's training script."""
+        for term in self.terms.values():
+            term.after_optimizer_step(self.student)
 
     def pseudo_labels(self, teacher_logits: list[Tensor]) -> Tensor:
         """The class the task's teachers' specialist combination predicts (T = 1), per sample."""
-        k = len(self.ensemble.teachers)  # the EMA teacher, appended later, takes no part
-        return self.ensemble.combine(teacher_logits[:k], "combination", self.fixed_weights).argmax(1)
+        return self.ensemble.combine(teacher_logits, "combination", self.fixed_weights).argmax(1)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def temperature(self) -> float:
-        """``--temperature`` at epoch 1, linearly to ``--temperature_final`` at the last epoch."""
-        c = self.config
-        if c.temperature_final is None or c.epochs <= 1:
-            return c.temperature
-        frac = min(max((self.epoch - 1) / (c.epochs - 1), 0.0), 1.0)
-        return c.temperature + frac * (c.temperature_final - c.temperature)
-
-    def train(self, mode: bool = True) -> "Distiller":
-        super().train(mode)
-        if getattr(self, "ema", None) is not None:
-            self.ema.eval()
-        return self
-
     def forward(self, x: Tensor, y: Tensor, teacher_logits: list[Tensor] | None = None) -> dict[str, Tensor]:
-        """The student (and its feature adapters, and the EMA copy) run in the caller's precision, each teacher
-        in its own; soft targets and every loss are computed in fp32 from the logits, whatever the student's
-        precision (as timm and torchdistill do)."""
-        if self.ensemble is None:
-            logits = self.student_forward(x)
-            with FP32.autocast(x.device):
-                hard = losses.labelled_cross_entropy(logits.float(), y)
-            return {"loss": hard, "loss_hard": hard.detach(), "loss_soft": hard.new_zeros(()), "logits": logits,
-                    "counts": {"loss_hard": (y >= 0).sum()}}
-
-        adapted = t_feats = None
-        if self.adapters is not None:
-            logits, s_feats = forward_with_features(self.student, x, self.student_stages)
-            adapted = [[a(f) for a, f in zip(adapters, s_feats)] for adapters in self.adapters]
+        """The student (and the terms' student-side models) run in the caller's precision, each teacher in its
+        own; soft targets and every loss are computed in fp32 from the logits, whatever the student's precision
+        (as timm and torchdistill do)."""
+        terms = list(self.terms.values())
+        s_stages = next((t.student_stages for t in terms if t.student_stages is not None), None)
+        t_stages = next((t.teacher_stages for t in terms if t.teacher_stages is not None), None)
+        if s_stages is not None:
+            logits, s_feats = forward_with_features(self.student, x, s_stages)
         else:
-            logits = self.student_forward(x)
-        if teacher_logits is None and adapted is not None:
-            teacher_logits, t_feats = self.ensemble(x, self.teacher_stages)
-        elif teacher_logits is None:
-            teacher_logits = self.ensemble(x)
-        elif adapted is not None:
-            _, t_feats = self.ensemble(x, self.teacher_stages)
-        ema_logits = None
-        if self.ema is not None:
-            with torch.inference_mode():
-                ema_logits = self.ema.module(x).float().clone()
+            logits, s_feats = self.student_forward(x), None
+        t_feats = None
+        if self.ensemble is not None:
+            if teacher_logits is None and t_stages is not None:
+                teacher_logits, t_feats = self.ensemble(x, t_stages)
+            elif teacher_logits is None:
+                teacher_logits = self.ensemble(x)
+            elif t_stages is not None:
+                _, t_feats = self.ensemble(x, t_stages)
+            teacher_logits = [z.float() for z in teacher_logits]
+        else:
+            teacher_logits = None
+        ctx = StepContext(self, x, y, logits, s_feats, teacher_logits, t_feats)
+        for term in terms:
+            term.prepare(ctx)
         with FP32.autocast(x.device):
-            return self._losses(logits.float(), y, [z.float() for z in teacher_logits], ema_logits, adapted, t_feats)
+            ctx.logits = logits.float()
+            return self._sum(ctx, logits)
 
-    def _losses(self, logits: Tensor, y: Tensor, teacher_logits: list[Tensor], ema_logits: Tensor | None,
-                adapted, t_feats) -> dict[str, Tensor]:
-        c = self.config
-        class_ids = list(self.ensemble.class_ids)
-        fixed = self.fixed_weights
-        method = AGGREGATION_METHODS[c.aggregation]
-        y_teach = y
-        if c.unlabelled and (method.label_aware or c.weighting == "confidence" or KD_TERMS[c.kd_loss].uses_label):
-            y_teach = torch.where(y >= 0, y, self.pseudo_labels(teacher_logits))
-        if ema_logits is not None:
-            teacher_logits = teacher_logits + [ema_logits]
-            class_ids.append(torch.arange(logits.shape[1], device=logits.device))
-            fixed = torch.cat([fixed, fixed.mean().view(1)])
-            fixed = fixed / fixed.sum()
-
-        T = self.temperature()
-        if method.label_aware:
-            eligible = losses.coverage(class_ids, y_teach)
-        else:
-            eligible = torch.ones(len(y), len(class_ids), dtype=torch.bool, device=y.device)
-        w = losses.teacher_weights(c.weighting, teacher_logits, class_ids, y_teach, fixed.to(y.device), eligible)
-        soft = method.soft(logits, teacher_logits, class_ids, w, T, y_teach, c)
-        warmup = KD_TERMS[c.kd_loss].warmup and c.dkd_warmup > 0
-        ramp = min(self.epoch / c.dkd_warmup, 1.0) if warmup else 1.0
-        hard = losses.labelled_cross_entropy(logits, y)
-        loss = (1.0 - c.alpha) * hard + c.alpha * ramp * soft
-        out = {"loss_hard": hard.detach(), "loss_soft": soft.detach(), "logits": logits,
-               "temperature": torch.tensor(T), "counts": {"loss_hard": (y >= 0).sum()}}  # a mean over the labelled
-        if adapted is not None:
-            k = len(self.ensemble.teachers)
-            wf = w[:, :k] / w[:, :k].sum(1, keepdim=True).clamp_min(1e-12)
-            # The teacher's map is resized to the student's: it has no gradient, so no resampling kernel
-            # (non-deterministic backward on CUDA) enters the backward pass.
-            resized = [[_match_size(ft, fs) for ft, fs in zip(tf, fa)] for tf, fa in zip(t_feats, adapted)]
-            feat = losses.feature_loss([[f.float() for f in fa] for fa in adapted], resized, wf)
-            loss = loss + c.feature_weight * feat
-            out["loss_feat"] = feat.detach()
+    def _sum(self, ctx: StepContext, logits: Tensor) -> dict[str, Tensor]:
+        out, loss = {}, None
+        for term in self.terms.values():
+            parts = term(ctx)
+            out.update({k: (v.detach() if k == term.name else v) for k, v in parts.items()})
+            weight = term.weight(self.epoch)
+            if weight is not None:
+                part = weight * parts[term.name]
+                loss = part if loss is None else loss + part
         out["loss"] = loss
-        names = self.ensemble.names + (["ema"] if ema_logits is not None else [])
-        for name, mean in zip(names, w.detach().mean(0)):
-            out[f"weight_{name}"] = mean
+        if self.ensemble is None:  # labels only: the same parts as a distilled step logs
+            out["loss_soft"] = loss.new_zeros(())
+            out["logits"] = logits
+        else:
+            out["logits"] = ctx.logits
+        out["counts"] = {"loss_hard": (ctx.labels >= 0).sum()}  # loss_hard is a mean over the labelled images
         return out
 
 

@@ -199,7 +199,7 @@ def _arch(model) -> str:
 def student_name(model) -> str:
     """The command-line student name of a timm model (its architecture if not a student)."""
     arch = _arch(model)
-    return next((k for k, v in STUDENTS.items() if v == arch), arch)
+    return next((k for k in STUDENTS if STUDENTS.get(k) == arch), arch)
 
 
 def size_speed_markdown(rows: list[dict]) -> str:

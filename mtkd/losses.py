@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .registry import Registry
+
 
 def labelled_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     """``(1/|L|) sum_{b in L} CE(s_b, y_b)`` over the labelled samples ``L = {b: y_b >= 0}``; 0 when none.
@@ -125,22 +127,22 @@ def entropy_weights(teacher_logits, class_ids, labels, fixed, eligible: Tensor) 
     return F.softmax(logits, dim=1).nan_to_num(0.0)
 
 
-# --teacher_weighting: adding a weighting is adding an entry.
-WEIGHTING_FUNCTIONS = {"fixed": fixed_weights, "confidence": confidence_weights, "entropy": entropy_weights}
-WEIGHTINGS = tuple(WEIGHTING_FUNCTIONS)
+# --teacher_weighting: adding a weighting is registering a function of this signature.
+WEIGHTINGS: Registry = Registry("teacher weighting")
+WEIGHTINGS.register("fixed", fixed_weights)
+WEIGHTINGS.register("confidence", confidence_weights)
+WEIGHTINGS.register("entropy", entropy_weights)
 
 
 def teacher_weights(mode: str, teacher_logits: list[Tensor], class_ids: list[Tensor], labels: Tensor,
                     fixed: Tensor, eligible: Tensor) -> Tensor:
     """Per-sample teacher weights ``(B, K)``, each row summing to 1 over its eligible teachers
-    (``WEIGHTING_FUNCTIONS[mode]``; see each function).
+    (``WEIGHTINGS.get(mode)``; see each function).
 
     ``eligible`` ``(B, K)`` bool marks the teachers that may contribute;
     a sample with none gets a row of zeros.
     """
-    if mode not in WEIGHTING_FUNCTIONS:
-        raise ValueError(f"unknown teacher weighting {mode!r}; choose from {WEIGHTINGS}")
-    return WEIGHTING_FUNCTIONS[mode](teacher_logits, class_ids, labels, fixed, eligible)
+    return WEIGHTINGS.get(mode)(teacher_logits, class_ids, labels, fixed, eligible)
 
 
 def _placed(teacher_logits: list[Tensor], class_ids: list[Tensor], num_classes: int, temperature: float):

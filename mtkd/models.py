@@ -23,19 +23,19 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .registry import Registry
 from .spec import TaskSpec, TeacherSpec
 
 # The student names of the command line and the timm models behind them.
-STUDENTS = {
-    "MobileNetV3": "mobilenetv3_large_100",
-    "EfficientNet": "efficientnet_b0",
-    "ResNet18": "resnet18",
-}
+STUDENTS: Registry[str] = Registry("student")
+STUDENTS.register("MobileNetV3", "mobilenetv3_large_100")
+STUDENTS.register("EfficientNet", "efficientnet_b0")
+STUDENTS.register("ResNet18", "resnet18")
 SMALL_INPUT = 64
 
 
 def list_students() -> list[str]:
-    return list(STUDENTS)
+    return STUDENTS.list()
 
 
 def adapt_to_small_inputs(model: nn.Module, first_block: bool = True) -> bool:
@@ -105,7 +105,7 @@ def reset_classifier_init(model: nn.Module) -> bool:
 def create_student(name: str, task: TaskSpec, adapt: bool | None = None) -> nn.Module:
     if name not in STUDENTS:
         raise UserError(f"unknown student {name!r}; choose one of {', '.join(STUDENTS)}")
-    return create_model(STUDENTS[name], task.num_classes, task.channels, task.image_size, adapt)
+    return create_model(STUDENTS.get(name), task.num_classes, task.channels, task.image_size, adapt)
 
 
 def create_teacher(teacher: TeacherSpec, task: TaskSpec) -> nn.Module:

@@ -4,8 +4,25 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULERS = ("step", "cosine", "plateau")
+from .registry import Registry
+
+# --optimizer: a name -> a function of (parameters, lr, weight_decay).
+OPTIMIZERS: Registry = Registry("optimizer")
+OPTIMIZERS.register("adam", lambda params, lr, wd: torch.optim.Adam(params, lr=lr, weight_decay=wd))
+OPTIMIZERS.register("adamw", lambda params, lr, wd: torch.optim.AdamW(params, lr=lr, weight_decay=wd))
+# SGD with Nesterov momentum 0.9, the usual choice.
+OPTIMIZERS.register("sgd", lambda params, lr, wd: torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True,
+                                                                   weight_decay=wd))
+
+# --scheduler: a name -> a function of (optimizer, epochs after the warm-up, step_size, gamma).
+SCHEDULERS: Registry = Registry("scheduler")
+SCHEDULERS.register("step", lambda opt, epochs, step_size, gamma: torch.optim.lr_scheduler.StepLR(
+    opt, step_size=step_size, gamma=gamma))
+SCHEDULERS.register("cosine", lambda opt, epochs, step_size, gamma: torch.optim.lr_scheduler.CosineAnnealingLR(
+    opt, T_max=max(epochs, 1)))
+# Patience --scheduler_step epochs without a better validation accuracy, then lr *= gamma.
+SCHEDULERS.register("plateau", lambda opt, epochs, step_size, gamma: torch.optim.lr_scheduler.ReduceLROnPlateau(
+    opt, mode="max", factor=gamma, patience=step_size))
 
 
 def optimizer_kwargs(args) -> dict:
@@ -15,15 +32,8 @@ def optimizer_kwargs(args) -> dict:
 
 def create_optimizer(model: nn.Module, kind: str = "adam", lr: float = 1e-3,
                      weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    """Adam, AdamW or SGD over the trainable parameters. SGD uses Nesterov momentum 0.9, the usual choice."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if kind == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    if kind == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    if kind == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {kind!r}")
+    """``OPTIMIZERS[kind]`` over the trainable parameters."""
+    return OPTIMIZERS.get(kind)([p for p in model.parameters() if p.requires_grad], lr, weight_decay)
 
 
 class EpochScheduler:
@@ -39,22 +49,13 @@ class EpochScheduler:
         self.kind, self.warmup_epochs, self.epoch = kind, warmup_epochs, 0
         self.warmup = (torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / (warmup_epochs + 1),
                                                          total_iters=warmup_epochs) if warmup_epochs else None)
-        if kind == "step":
-            self.main = torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma)
-        elif kind == "cosine":
-            self.main = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs - warmup_epochs, 1))
-        elif kind == "plateau":
-            # Patience --scheduler_step epochs without a better validation accuracy, then lr *= gamma.
-            self.main = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=gamma,
-                                                                   patience=step_size)
-        else:
-            raise ValueError(f"unknown scheduler {kind!r}")
+        self.main = SCHEDULERS.get(kind)(optimizer, epochs - warmup_epochs, step_size, gamma)
 
     def step(self, metric: float | None = None) -> None:
         self.epoch += 1
         if self.warmup is not None and self.epoch <= self.warmup_epochs:
             self.warmup.step()
-        elif self.kind == "plateau":
+        elif isinstance(self.main, torch.optim.lr_scheduler.ReduceLROnPlateau):  # it needs the metric
             self.main.step(metric)
         else:
             self.main.step()

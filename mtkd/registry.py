@@ -17,7 +17,10 @@ class Registry(Generic[T]):
         self.kind = kind
         self._items: dict[str, T] = {}
 
-    def register(self, name: str, obj: T) -> T:
+    def register(self, name: str, obj: T | None = None):
+        """Register ``obj`` under ``name`` and return it; without ``obj``, a decorator that does so."""
+        if obj is None:
+            return lambda o: self.register(name, o)
         if name in self._items:
             raise ValueError(f"{self.kind} {name!r} is already registered")
         self._items[name] = obj
@@ -31,7 +34,8 @@ class Registry(Generic[T]):
             raise KeyError(f"unknown {self.kind} {name!r}; known: {known}") from None
 
     def list(self) -> list[str]:
-        return sorted(self._items)
+        """The names, in the order they were registered (the order ``--help`` lists them in)."""
+        return list(self._items)
 
     def __contains__(self, name: object) -> bool:
         return name in self._items

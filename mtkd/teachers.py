@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from .losses import mixture_targets, specialist_combination
 from .models import forward_with_features
 from .precision import FP32, Precision
+from .registry import Registry
 
 
 class TeacherInput(nn.Module):
@@ -116,14 +117,14 @@ class TeacherEnsemble(nn.Module):
         the teachers' (default: the task's).
         """
         weights = self.weights if weights is None else weights
-        if method == "combination":
-            return specialist_combination(logits, self.class_ids, weights, self.num_classes)
-        if method == "mixture":
-            return mixture_targets(logits, self.class_ids, weights, self.num_classes, 1.0).clamp_min(1e-12).log()
-        raise ValueError(f"unknown ensemble method {method!r}; choose from {', '.join(ENSEMBLE_METHODS)}")
+        return ENSEMBLE_METHODS.get(method)(logits, self.class_ids, weights, self.num_classes)
 
 
-ENSEMBLE_METHODS = ("combination", "mixture")
+# The ways of reading the ensemble as one classifier: (logits, class_ids, weights, num_classes) -> log q.
+ENSEMBLE_METHODS: Registry = Registry("ensemble method")
+ENSEMBLE_METHODS.register("combination", specialist_combination)
+ENSEMBLE_METHODS.register("mixture", lambda logits, ids, w, n: mixture_targets(logits, ids, w, n, 1.0)
+                          .clamp_min(1e-12).log())
 
 
 class EnsembleClassifier(nn.Module):

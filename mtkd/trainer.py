@@ -65,11 +65,6 @@ def check_kd_args(args: Namespace, task: TaskSpec) -> KDConfig:
     return kd
 
 
-def distiller_state(step: Distiller) -> dict:
-    """What the step trains or tracks besides the student: feature adapters, the EMA teacher."""
-    return {k: v for k, v in step.state_dict().items() if not k.startswith(("student.", "ensemble."))}
-
-
 def set_deterministic(on: bool) -> None:
     """``--deterministic``: only deterministic kernels (an error names any op without one)."""
     if on:
@@ -139,8 +134,8 @@ def _run(args: Namespace, explicit: set[str], dist: DistInfo, device_name: str) 
     run.kd = replace(kd, unlabelled=count_labelled(train_set)[1] > 0)
     seed_everything(args.seed)
     step = Distiller(student, ensemble, run.kd, compile=args.compile).to(device)
-    if getattr(step, "adapters", None) is not None:
-        run.precision.prepare_model(step.adapters)
+    if step.term("features") is not None:
+        run.precision.prepare_model(step.term("features"))
     train_data = _training_data(run, step, train_set)
     optimizer = create_optimizer(step, **optimizer_kwargs(args))
     scheduler = EpochScheduler(optimizer, epochs=args.num_epochs, **scheduler_kwargs(args))
@@ -154,7 +149,7 @@ def _run(args: Namespace, explicit: set[str], dist: DistInfo, device_name: str) 
               if dist.is_main else None)
     recorder = EpochRecorder(run, writer, CheckpointSaver(run_dir, args.save_top_k),
                              lambda epoch, val: dict(
-                                 model=student.state_dict(), distiller=distiller_state(step),
+                                 model=student.state_dict(), distiller=step.extra_state(),
                                  optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                                  scaler=scaler.state_dict() if scaler is not None else {},
                                  rng=rng.state_dict(dist)))
@@ -261,7 +256,7 @@ def _training_data(run: StudentRun, step: Distiller, train_set) -> TaskData:
 def _restore(run: StudentRun, last: dict, step, optimizer, scheduler, rng, scaler) -> int:
     """Load a resumed run's state from its ``last.pt``; returns the epoch to start from."""
     run.student.load_state_dict(last["model"])
-    step.load_state_dict(last.get("distiller", {}), strict=False)
+    step.load_extra_state(last.get("distiller", {}))
     optimizer.load_state_dict(last["optimizer"])
     scheduler.load_state_dict(last["scheduler"])
     rng.load_state_dict(last["rng"])

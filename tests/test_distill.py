@@ -82,7 +82,7 @@ def test_temperature_schedule_and_dkd_warmup():
     temps = []
     for epoch in (1, 3, 5):
         step.set_epoch(epoch)
-        temps.append(step.temperature())
+        temps.append(step.term("kd").temperature(step.epoch))
     assert temps == [4.0, 2.5, 1.0]
     step.set_epoch(1)
     out = step(X, Y)
@@ -98,19 +98,19 @@ def test_ema_teacher_joins_the_ensemble_and_follows_the_student():
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == 20  # the student's 16 + 4 only
     for _ in range(3):
         before = student.weight.detach().clone()
-        ema_before = step.ema.module.weight.clone()
+        ema_before = step.term("ema").ema.module.weight.clone()
         for _ in range(2):  # two micro-batches (gradient accumulation), one optimiser step
             out = step(X, Y)
             out["loss"].backward()
-            assert torch.equal(step.ema.module.weight, ema_before)  # a forward pass never moves the EMA
+            assert torch.equal(step.term("ema").ema.module.weight, ema_before)  # a forward pass never moves the EMA
         opt.step()
         opt.zero_grad()
         step.after_optimizer_step()
         # Once per optimiser step, with the weights that step produced: decay * old + (1 - decay) * new.
-        assert torch.allclose(step.ema.module.weight, 0.5 * ema_before + 0.5 * student.weight.detach())
+        assert torch.allclose(step.term("ema").ema.module.weight, 0.5 * ema_before + 0.5 * student.weight.detach())
         assert not torch.equal(before, student.weight)
     assert out["weight_ema"] > 0
-    ema_w = step.ema.module.weight
+    ema_w = step.term("ema").ema.module.weight
     assert not ema_w.requires_grad
     assert not torch.equal(ema_w, student.weight) and (ema_w - student.weight).abs().max() < 1.0
 
@@ -125,13 +125,13 @@ def test_feature_matching_trains_adapters_and_student_only():
     student = timm.create_model("mobilenetv3_small_100", num_classes=4, in_chans=1)
     step = Distiller(student, ens, KDConfig(alpha=0.5, temperature=2.0, feature_weight=1.0,
                                             feature_layers=["-1", "2"], aggregation="consensus"))
-    assert len(step.adapters) == 2 and len(step.adapters[0]) == 2
-    assert step.adapters[0][1].out_channels == 512  # resnet18's last stage
+    assert len(step.term("features").adapters) == 2 and len(step.term("features").adapters[0]) == 2
+    assert step.term("features").adapters[0][1].out_channels == 512  # resnet18's last stage
     step.train()
     out = step(torch.randn(4, 1, 32, 32), Y[:4])
     out["loss"].backward()
     assert out["loss_feat"] > 0
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in step.adapters.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in step.term("features").adapters.parameters())
     assert all(p.grad is None for p in ens.parameters())
     # Stage names are resolved per model; a name the student lacks is a clear error.
     with pytest.raises(UserError, match="no stage 'layer3'"):
@@ -167,7 +167,7 @@ def test_feature_maps_of_other_sizes_resize_the_teachers_side_only(monkeypatch):
     out = step(torch.randn(2, 1, 32, 32), torch.tensor([0, 1]))
     out["loss"].backward()
     assert seen and not any(seen)
-    assert all(p.grad is not None for p in step.adapters.parameters())
+    assert all(p.grad is not None for p in step.term("features").adapters.parameters())
 
 
 def test_compiled_student_matches_and_keeps_its_state_dict_keys():

@@ -8,9 +8,19 @@ def test_register_get_list():
     reg.register("b", 2)
     reg.register("a", 1)
     assert reg.get("a") == 1
-    assert reg.list() == ["a", "b"]
+    assert reg.list() == ["b", "a"]  # in the order registered (the order --help lists the choices in)
     assert "a" in reg and "c" not in reg
-    assert len(reg) == 2
+    assert len(reg) == 2 and list(reg) == ["b", "a"]
+
+
+def test_register_as_a_decorator():
+    reg = Registry("method")
+
+    @reg.register("double")
+    def double(x):
+        return 2 * x
+
+    assert reg.get("double") is double and double(2) == 4
 
 
 def test_duplicate_name_raises():
