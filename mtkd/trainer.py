@@ -89,79 +89,145 @@ def run(args: Namespace, explicit: set[str] = frozenset()) -> dict:
         console.quiet = False
 
 
+@dataclass(frozen=True)
+class RunConfig:
+    """A student run's settings as typed values, built once from the parsed arguments (``from_args``): the
+    parsed ``Namespace`` stops here (it is still saved with the run, for ``--resume`` and ``--config``)."""
+
+    kd: KDConfig
+    teachers: TeacherRecipe
+    loop: LoopConfig
+    optimizer: dict  # create_optimizer's keywords
+    scheduler: dict  # EpochScheduler's keywords
+    student_model: str
+    epochs: int
+    seed: int
+    label_fraction: float
+    amp: str
+    deterministic: bool
+    compile: bool
+    teacher_cache: str | None
+    cache_views: int
+    output_dir: str
+    data_root: str
+    retrain_teachers: bool
+    early_stopping: int
+    save_top_k: int
+
+    @classmethod
+    def from_args(cls, args: Namespace, task: TaskSpec) -> "RunConfig":
+        return cls(check_kd_args(args, task), TeacherRecipe.from_args(args), LoopConfig.from_args(args),
+                   optimizer_kwargs(args), scheduler_kwargs(args), args.student_model, args.num_epochs, args.seed,
+                   args.label_fraction, args.amp, args.deterministic, args.compile, args.teacher_cache,
+                   args.cache_views, args.output_dir, args.data_root, args.retrain_teachers, args.early_stopping,
+                   args.save_top_k)
+
+
 @dataclass
 class StudentRun:
-    """What a student run holds from its set-up to its final report (rank 0 reports)."""
+    """One student run, complete when constructed: its configuration, data, teachers, student, training step,
+    optimiser, schedule and random state. ``state_dict`` / ``load_state_dict`` hold everything a resume needs;
+    ``checkpoint`` is a student checkpoint of it (``checkpoint.student_checkpoint``)."""
 
-    args: Namespace
+    args: Namespace  # the resolved arguments, saved with the run
+    config: RunConfig
     task: TaskSpec
-    kd: KDConfig
     dist: DistInfo
     device: torch.device
-    data: TaskData
+    data: TaskData  # the student's training images (with the teacher cache's views), validation, test
     ensemble: TeacherEnsemble
     teacher_rows: list[dict]
     run_dir: Path
     transform: BatchTransform
-    student: nn.Module = None
-    precision: Precision = None
-    counts: tuple[int, int] = (0, 0)  # labelled, unlabelled training images
-    cache_status: str | None = None
-    started: float = 0.0
-    commit: str = "unknown"  # the code this run loaded, read when it started
+    student: nn.Module
+    precision: Precision
+    step: Distiller
+    optimizer: torch.optim.Optimizer
+    scheduler: EpochScheduler
+    scaler: torch.amp.GradScaler | None
+    rng: RunRng
+    counts: tuple[int, int]  # labelled, unlabelled training images
+    cache_status: str | None
+    started: float
+    commit: str  # the code this run loaded, read when it started
     best: dict = field(default_factory=lambda: {"val_acc": -1.0, "epoch": 0})
+
+    @property
+    def kd(self) -> KDConfig:
+        return self.step.config
+
+    def state_dict(self) -> dict:
+        """The training state (every rank's random state: a collective under DDP, so every rank calls it)."""
+        return {"model": self.student.state_dict(), "distiller": self.step.extra_state(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+                "rng": self.rng.state_dict(self.dist), "best_val_acc": self.best["val_acc"],
+                "best_epoch": self.best["epoch"]}
+
+    def load_state_dict(self, state: dict) -> int:
+        """Restore a ``state_dict`` (a resumed run's ``last.pt``); returns the epoch to continue from."""
+        self.student.load_state_dict(state["model"])
+        self.step.load_extra_state(state.get("distiller", {}))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.rng.load_state_dict(state["rng"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.best = {"val_acc": state["best_val_acc"], "epoch": state["best_epoch"]}
+        return state["epoch"] + 1
+
+    def checkpoint(self, epoch: int, val_acc: float) -> dict:
+        """A student checkpoint of the run after ``epoch`` (a collective under DDP: see ``state_dict``)."""
+        return student_checkpoint(
+            **self.state_dict(), epoch=epoch, val_acc=val_acc, args=vars(self.args), task=self.task.name,
+            student_model=self.config.student_model, class_names=list(self.task.class_names),
+            precision=str(self.precision), teacher_precisions=[str(p) for p in self.ensemble.precisions],
+            precision_device=self.device.type)
 
 
 def _run(args: Namespace, explicit: set[str], dist: DistInfo, device_name: str) -> dict:
-    started = time.perf_counter()
-    commit = git_commit()
+    started, commit = time.perf_counter(), git_commit()
     args, task, run_dir, last = _resolve(args, explicit)
-    kd = check_kd_args(args, task)
+    config = RunConfig.from_args(args, task)
     device = resolve_device(device_name)
-    set_deterministic(args.deterministic)
-    data = _load_data(task, args.data_root)
+    set_deterministic(config.deterministic)
+    data = _load_data(task, config.data_root)
     saved = SavedPrecisions.from_checkpoint(last, amp_given="amp" in explicit)
-    seed_everything(args.seed)
-    student = create_student(args.student_model, task).to(device)  # drawn before the teachers train (seeded)
-    ensemble, teacher_rows = _teachers(args, task, data, device, dist, saved)
+    transform = BatchTransform.for_task(task).to(device)
+    seed_everything(config.seed)
+    student = create_student(config.student_model, task).to(device)  # drawn before the teachers train (seeded)
+    ensemble, teacher_rows = _teachers(config, task, data, device, dist, saved)
     if last is None:
         run_dir = Path(broadcast(dist, str(create_run_dir(args, task)) if dist.is_main else None))
-    run = StudentRun(args, task, kd, dist, device, data, ensemble, teacher_rows, run_dir,
-                     BatchTransform.for_task(task).to(device), started=started, commit=commit)
-    _write_run_files(run)
-    run.student, run.precision = student, _student_precision(run, student, saved)
-    train_set = keep_labels(data.train, args.label_fraction, args.seed)
-    run.kd = replace(kd, unlabelled=count_labelled(train_set)[1] > 0)
-    seed_everything(args.seed)
-    step = Distiller(student, ensemble, run.kd, compile=args.compile).to(device)
+    _write_run_files(run_dir, args, data, device, dist)
+    precision = _student_precision(config, student, data, transform, device, dist, saved)
+    train_set = keep_labels(data.train, config.label_fraction, config.seed)
+    kd = replace(config.kd, unlabelled=count_labelled(train_set)[1] > 0)
+    seed_everything(config.seed)
+    step = Distiller(student, ensemble, kd, compile=config.compile).to(device)
     if step.term("features") is not None:
-        run.precision.prepare_model(step.term("features"))
-    train_data = _training_data(run, step, train_set)
-    optimizer = create_optimizer(step, **optimizer_kwargs(args))
-    scheduler = EpochScheduler(optimizer, epochs=args.num_epochs, **scheduler_kwargs(args))
-    scaler = torch.amp.GradScaler(device.type) if run.precision.dtype == "fp16" else None
-    rng = RunRng(args.seed, dist.rank)
-    start_epoch = 1
-    if last is not None:
-        start_epoch = _restore(run, last, step, optimizer, scheduler, rng, scaler)
+        precision.prepare_model(step.term("features"))
+    train_set, counts, cache_status = _training_images(config, task, step, train_set, transform, device, dist)
+    optimizer = create_optimizer(step, **config.optimizer)
+    run = StudentRun(args, config, task, dist, device, TaskData(train_set, data.val, data.test, data.skipped), ensemble,
+                     teacher_rows, run_dir, transform, student, precision, step, optimizer,
+                     EpochScheduler(optimizer, epochs=config.epochs, **config.scheduler),
+                     torch.amp.GradScaler(device.type) if precision.dtype == "fp16" else None,
+                     RunRng(config.seed, dist.rank), counts, cache_status, started, commit)
+    start_epoch = _restore(run, last) if last is not None else 1
     # purge_step drops events a killed run logged after its last checkpoint.
     writer = (SummaryWriter(str(run_dir), purge_step=start_epoch if last is not None else None)
               if dist.is_main else None)
-    recorder = EpochRecorder(run, writer, CheckpointSaver(run_dir, args.save_top_k),
-                             lambda epoch, val: dict(
-                                 model=student.state_dict(), distiller=step.extra_state(),
-                                 optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                                 scaler=scaler.state_dict() if scaler is not None else {},
-                                 rng=rng.state_dict(dist)))
     # No buffer broadcast on every forward: the Distiller also holds the frozen teachers and the EMA copy,
     # and the student's BatchNorm statistics are synchronised before each validation (loop.fit).
     train_step = DistributedDataParallel(step, broadcast_buffers=False) if dist.enabled else step
     with GracefulStop() as stop:
         try:
-            fit(train_step, train_data, epochs=args.num_epochs, optimizer=optimizer, scheduler=scheduler,
-                loop=LoopConfig.from_args(args), device=device, transform=run.transform, on_epoch=recorder,
-                val_model=student, title="student", rng=rng, start_epoch=start_epoch, stop=stop, dist=dist,
-                precision=run.precision, scaler=scaler)
+            fit(train_step, run.data, epochs=config.epochs, optimizer=optimizer, scheduler=run.scheduler,
+                loop=config.loop, device=device, transform=transform,
+                on_epoch=EpochRecorder(run, writer, CheckpointSaver(run_dir, config.save_top_k)), val_model=student,
+                title="student", rng=run.rng, start_epoch=start_epoch, stop=stop, dist=dist, precision=precision,
+                scaler=run.scaler)
         except TrainingInterrupted as e:
             if writer is not None:
                 writer.close()
@@ -191,101 +257,89 @@ def _load_data(task: TaskSpec, data_root: str) -> TaskData:
     return data
 
 
-def _teachers(args: Namespace, task: TaskSpec, data: TaskData, device: torch.device, dist: DistInfo,
+def _teachers(config: RunConfig, task: TaskSpec, data: TaskData, device: torch.device, dist: DistInfo,
               saved: SavedPrecisions):
     """The ensemble and its table rows. Missing teachers are trained by rank 0 alone; the other ranks wait,
     then load what rank 0 trained, whatever --retrain_teachers says."""
-    recipe = TeacherRecipe.from_args(args)
+    out, recipe = config.output_dir, config.teachers
     ensemble, rows = main_first(
-        dist, lambda: prepare_teachers(task, data, args.output_dir, recipe, device, args.retrain_teachers, saved),
-        lambda: prepare_teachers(task, data, args.output_dir, recipe, device, False, saved))
+        dist, lambda: prepare_teachers(task, data, out, recipe, device, config.retrain_teachers, saved),
+        lambda: prepare_teachers(task, data, out, recipe, device, False, saved))
     # Every rank runs the teachers as rank 0 measured (the cache key records it).
     ensemble.set_precisions(broadcast(dist, ensemble.precisions))
     console.print(teachers_table(rows))
-    console.print("Teacher checkpoints: " + ", ".join(sorted({str(teacher_path(args.output_dir, task, t).parent)
+    console.print("Teacher checkpoints: " + ", ".join(sorted({str(teacher_path(out, task, t).parent)
                                                               for t in task.teachers})), soft_wrap=True)
     return ensemble, rows
 
 
-def _write_run_files(run: StudentRun) -> None:
-    if run.dist.is_main:
-        write_run_args(run.run_dir, run.args)
-        if run.data.skipped:
-            (run.run_dir / "skipped_files.txt").write_text("\n".join(run.data.skipped) + "\n")
-    data, dist = run.data, run.dist
-    console.print(f"[bold]Run folder[/] {run.run_dir}  (device {run.device}"
+def _write_run_files(run_dir: Path, args: Namespace, data: TaskData, device: torch.device, dist: DistInfo) -> None:
+    if dist.is_main:
+        write_run_args(run_dir, args)
+        if data.skipped:
+            (run_dir / "skipped_files.txt").write_text("\n".join(data.skipped) + "\n")
+    console.print(f"[bold]Run folder[/] {run_dir}  (device {device}"
                   f"{f' x {dist.world_size} processes' if dist.enabled else ''}, {len(data.train)} train / "
                   f"{len(data.val)} val / {len(data.test)} test images)", soft_wrap=True)
 
 
-def _student_precision(run: StudentRun, student: nn.Module, saved: SavedPrecisions) -> Precision:
+def _student_precision(config: RunConfig, student: nn.Module, data: TaskData, transform: BatchTransform,
+                       device: torch.device, dist: DistInfo, saved: SavedPrecisions) -> Precision:
     """As the resumed run had it (``precision.keep_saved``) or by the ``--amp`` rule, the same on every rank,
     and applied to ``student`` before the Distiller copies it (EMA), so that every copy has its layout."""
-    who = f"student {run.args.student_model}"
-    precision, why = keep_saved(saved.student, saved, run.device, who)
+    who = f"student {config.student_model}"
+    precision, why = keep_saved(saved.student, saved, device, who)
     if why:
         console.print(f"[yellow]{why}[/]", soft_wrap=True)
     if precision is None:
-        args = run.args
-        precision = choose_precision(args.amp, student, example_batch(run.data.train, run.transform, run.device,
-                                                                       args.batch_size),
-                                     True, args.deterministic, f"student {args.student_model}")
-    precision = broadcast(run.dist, precision)  # DDP needs the same layout on every rank
+        example = example_batch(data.train, transform, device, config.loop.batch_size)
+        precision = choose_precision(config.amp, student, example, True, config.deterministic, who)
+    precision = broadcast(dist, precision)  # DDP needs the same layout on every rank
     precision.prepare_model(student)
     return precision
 
 
-def _training_data(run: StudentRun, step: Distiller, train_set) -> TaskData:
-    """The images the student trains on (labels only: the labelled ones), with the teacher cache's views."""
+def _training_images(config: RunConfig, task: TaskSpec, step: Distiller, train_set, transform: BatchTransform,
+                     device: torch.device, dist: DistInfo):
+    """The images the student trains on (labels only: the labelled ones), with the teacher cache's views;
+    their (labelled, unlabelled) counts; the cache's status (None without a cache)."""
     if step.ensemble is None:  # labels only: an image without a label would teach nothing
         train_set = labelled_only(train_set)
-    run.counts = count_labelled(train_set)
-    console.print(f"[bold]Training images[/] {run.counts[0]} labelled, {run.counts[1]} unlabelled", soft_wrap=True)
-    args = run.args
-    if not (args.teacher_cache and step.ensemble is not None):
-        return TaskData(train_set, run.data.val, run.data.test)
+    counts = count_labelled(train_set)
+    console.print(f"[bold]Training images[/] {counts[0]} labelled, {counts[1]} unlabelled", soft_wrap=True)
+    if not (config.teacher_cache and step.ensemble is not None):
+        return train_set, counts, None
     started = time.perf_counter()
     # Rank 0 builds a missing cache; the others then find it.
-    cache, path, run.cache_status = main_first(run.dist, lambda: open_teacher_cache(
-        args.teacher_cache, run.task.name, run.ensemble, train_set, run.transform, args.cache_views, run.device))
-    console.print(f"[bold]Teacher cache[/] {path}: {run.cache_status}, {cache.num_views} views "
+    cache, path, status = main_first(dist, lambda: open_teacher_cache(
+        config.teacher_cache, task.name, step.ensemble, train_set, transform, config.cache_views, device))
+    console.print(f"[bold]Teacher cache[/] {path}: {status}, {cache.num_views} views "
                   f"({time.perf_counter() - started:.1f}s)", soft_wrap=True)
-    return TaskData(CachedViews(train_set, cache), run.data.val, run.data.test)
+    return CachedViews(train_set, cache), counts, status
 
 
-def _restore(run: StudentRun, last: dict, step, optimizer, scheduler, rng, scaler) -> int:
+def _restore(run: StudentRun, last: dict) -> int:
     """Load a resumed run's state from its ``last.pt``; returns the epoch to start from."""
-    run.student.load_state_dict(last["model"])
-    step.load_extra_state(last.get("distiller", {}))
-    optimizer.load_state_dict(last["optimizer"])
-    scheduler.load_state_dict(last["scheduler"])
-    rng.load_state_dict(last["rng"])
-    if scaler is not None and last.get("scaler"):
-        scaler.load_state_dict(last["scaler"])
-    run.best = {"val_acc": last["best_val_acc"], "epoch": last["best_epoch"]}
-    start_epoch = last["epoch"] + 1
+    start_epoch = run.load_state_dict(last)
     if run.dist.is_main:
         truncate_metrics(run.run_dir / "metrics.csv", start_epoch)
-    console.print(f"[bold]Resuming[/] at epoch {start_epoch} of {run.args.num_epochs}", soft_wrap=True)
+    console.print(f"[bold]Resuming[/] at epoch {start_epoch} of {run.config.epochs}", soft_wrap=True)
     return start_epoch
 
 
 class EpochRecorder:
     """``fit``'s ``on_epoch``: after each epoch, the best epoch so far, TensorBoard scalars, a metrics.csv row,
-    the checkpoints (best / top-k / last) and the early-stopping decision (True stops the run).
+    the checkpoints (best / top-k / last) and the early-stopping decision (True stops the run). Every rank calls
+    it (the checkpoint gathers every rank's random state); rank 0 writes."""
 
-    ``training_state(epoch, val)`` gives what the checkpoint needs besides the run's own facts (model,
-    optimiser, ... and every rank's RNG state: a collective, so all ranks call the recorder).
-    """
-
-    def __init__(self, run: StudentRun, writer, saver: CheckpointSaver, training_state):
-        self.run, self.writer, self.saver, self.training_state = run, writer, saver, training_state
+    def __init__(self, run: StudentRun, writer, saver: CheckpointSaver):
+        self.run, self.writer, self.saver = run, writer, saver
 
     def __call__(self, epoch: int, train: dict, val: dict, lr: float, seconds: float) -> bool:
         run, best = self.run, self.run.best
         if val["acc"] > best["val_acc"]:
             best.update(val_acc=val["acc"], epoch=epoch)
-        state = self.training_state(epoch, val)
+        state = run.checkpoint(epoch, val["acc"])
         if run.dist.is_main:
             row = {"epoch": epoch, **{f"train_{k}": v for k, v in train.items()}, "val_loss": val["loss"],
                    "val_acc": val["acc"], "val_top3": val["top3"], "lr": lr, "time_s": seconds}
@@ -294,14 +348,8 @@ class EpochRecorder:
                     tag = key.replace("_", "/", 1) if key.startswith(("train_", "val_")) else key
                     self.writer.add_scalar(tag, value, epoch)
             append_metrics(run.run_dir / "metrics.csv", row)
-            args = run.args
-            self.saver.save(student_checkpoint(
-                **state, epoch=epoch, val_acc=val["acc"], best_val_acc=best["val_acc"], best_epoch=best["epoch"],
-                args=vars(args), task=run.task.name, student_model=args.student_model,
-                class_names=list(run.task.class_names), precision=str(run.precision),
-                teacher_precisions=[str(p) for p in run.ensemble.precisions], precision_device=run.device.type),
-                is_best=best["epoch"] == epoch)
-        patience = run.args.early_stopping
+            self.saver.save(state, is_best=best["epoch"] == epoch)
+        patience = run.config.early_stopping
         if patience and epoch - best["epoch"] >= patience:
             console.print(f"[bold]Early stopping[/]: no better validation accuracy for {patience} "
                           f"epochs (best {best['val_acc']:.4f} at epoch {best['epoch']})")
@@ -331,7 +379,7 @@ def write_run_args(run_dir: Path, args: Namespace) -> None:
 
 def finish_run(run: StudentRun, writer) -> dict:
     """Test the best checkpoint and the teacher ensemble; write summary.json, curves and the hparams."""
-    args, data, device, student, ensemble = run.args, run.data, run.device, run.student, run.ensemble
+    config, data, device, student, ensemble = run.config, run.data, run.device, run.student, run.ensemble
     student.load_state_dict(load_checkpoint(run.run_dir / "best.pt")["model"])
     test_loader = create_loader(data.test, 512, train=False)
     test = evaluate(student, test_loader, run.transform, device, precision=run.precision)
@@ -342,10 +390,10 @@ def finish_run(run: StudentRun, writer) -> dict:
     ensemble_rows = ensemble_accuracy(ensemble, {"val": data.val, "test": data.test}, run.transform, device)
     kd = run.kd
     summary = {
-        "task": run.task.name, "student_model": args.student_model, "run_dir": str(run.run_dir),
-        "alpha": args.alpha, "temperature": args.temperature, "epochs": args.num_epochs, "seed": args.seed,
+        "task": run.task.name, "student_model": config.student_model, "run_dir": str(run.run_dir),
+        "alpha": kd.alpha, "temperature": kd.temperature, "epochs": config.epochs, "seed": config.seed,
         "aggregation": kd.aggregation, "teacher_weighting": kd.weighting, "kd_loss": kd.kd_loss,
-        "teacher_cache": run.cache_status, "precision": str(run.precision), "label_fraction": args.label_fraction,
+        "teacher_cache": run.cache_status, "precision": str(run.precision), "label_fraction": config.label_fraction,
         "labelled_images": run.counts[0], "unlabelled_images": run.counts[1],
         "best_epoch": run.best["epoch"], "best_val_acc": run.best["val_acc"], "test_acc": test["acc"],
         "student_params": count_parameters(student), "teachers": run.teacher_rows,
@@ -356,7 +404,7 @@ def finish_run(run: StudentRun, writer) -> dict:
         "commit": run.commit,
         "finished": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
-    log_hparams(writer, vars(args), {"hparam/best_val_acc": summary["best_val_acc"],
+    log_hparams(writer, vars(run.args), {"hparam/best_val_acc": summary["best_val_acc"],
                                      "hparam/test_acc": summary["test_acc"]})
     writer.close()
     (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -113,3 +113,24 @@ def test_the_step_built_of_terms_is_the_step_it_replaced(batch, combo):
                     p_b -= 0.1 * p_b.grad
         legacy.after_optimizer_step()
         step.after_optimizer_step()
+
+
+def test_a_checkpoint_written_before_the_terms_restores_their_state(batch):
+    """Adapters and EMA weights saved under their old names (``adapters.*``, ``ema.*``) load into the terms."""
+    task, x, labels, ensemble = batch
+    combo = dict(aggregation="consensus", teacher_weighting="fixed", kd_loss="kl", feature_weight=0.3,
+                 ema_teacher=0.9)
+    legacy, step = _steps(task, ensemble, combo)
+    old = {k: v for k, v in legacy.state_dict().items() if k.startswith(("adapters.", "ema."))}
+    assert old and any(k.startswith("ema.module.") for k in old)
+    with torch.no_grad():
+        for v in old.values():
+            if v.is_floating_point():
+                v.add_(1.0)  # distinguishable from the fresh step's own state
+    step.load_extra_state(old)
+    new = step.extra_state()
+    assert len(new) == len(old)
+    for key, value in old.items():
+        renamed = key.replace("adapters.", "terms.features.adapters.", 1) if key.startswith("adapters.") \
+            else key.replace("ema.", "terms.ema.ema.", 1)
+        assert torch.equal(new[renamed], value)

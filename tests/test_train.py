@@ -46,8 +46,11 @@ def test_smoke_run_summary_is_consistent(smoke_run):
     from mtkd.teachers import EnsembleClassifier
     from tasks import get_task
 
+    from mtkd.precision import Precision
+
     task = get_task("B")
     ensemble, _ = load_ensemble(task, smoke_run["output_dir"])
+    ensemble.set_precisions([Precision.parse(t["precision"]) for t in s["teachers"]])  # as the run had them
     test = create_loader(load_task_data(task).test, 512, train=False)
     for method in ("combination", "mixture"):
         acc = evaluate(EnsembleClassifier(ensemble, method), test, BatchTransform.for_task(task), torch.device("cpu"))
@@ -320,8 +323,8 @@ def test_single_teacher_task_with_every_distillation_signal(tmp_path, monkeypatc
     assert {"train/weight_all", "train/weight_ema", "train/loss_feat"} <= set(acc.Tags()["scalars"])
     # Adapters and the EMA model are saved with the student.
     best = load_checkpoint(run_dir / "best.pt")
-    assert any(k.startswith("adapters.0.1.") for k in best["distiller"])
-    assert any(k.startswith("ema.module.") for k in best["distiller"])
+    assert any(k.startswith("terms.features.adapters.0.1.") for k in best["distiller"])
+    assert any(k.startswith("terms.ema.ema.module.") for k in best["distiller"])
     assert json.loads((run_dir / "summary.json").read_text())["aggregation"] == "amalgamate"
     # Warm-up: lr 0.025 in epoch 1, then 0.05.
     assert [float(r["lr"]) for r in rows[:2]] == pytest.approx([0.025, 0.05][: len(rows[:2])])
