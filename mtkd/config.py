@@ -110,6 +110,8 @@ def get_args_parser(task_names: list[str] | None = None) -> argparse.ArgumentPar
                     help="DKD: epochs over which the soft term ramps up linearly (0 = none)")
     kd.add_argument("--feature_weight", type=nonneg_float, default=0.0,
                     help="weight of feature matching (MSE through 1x1 adapters); 0 = off")
+    kd.add_argument("--attention_weight", type=nonneg_float, default=0.0,
+                    help="weight of attention transfer (Zagoruyko & Komodakis) at --feature_layers; 0 = off")
     kd.add_argument("--feature_layers", default="-1", metavar="STAGES",
                     help="stages to match: comma-separated indices (-1 = last) or timm module names (layer3)")
     kd.add_argument("--temperature_final", type=positive_float, default=None,

@@ -11,6 +11,8 @@ configuration names (``create_terms``), each ``weight * value``:
   a KD loss (``KD_LOSSES``: KL, or DKD with its warm-up);
 * ``features``: feature matching through learned 1x1 adapters (FitNets),
   weight ``--feature_weight``;
+* ``attention``: attention transfer (Zagoruyko & Komodakis), weight
+  ``--attention_weight``, at the same ``--feature_layers``;
 * ``ema``: no loss of its own; an exponential moving average of the student
   joins the teachers (self-distillation), updated after every optimiser step.
 
@@ -64,6 +66,7 @@ class KDConfig:
     dkd_warmup: int = 0  # epochs over which the soft term ramps up linearly (DKD)
     feature_weight: float = 0.0
     feature_layers: list[str] = field(default_factory=lambda: ["-1"])
+    attention_weight: float = 0.0
     ema_decay: float = 0.0  # > 0: the student's EMA joins the teachers
     unlabelled: bool = False  # the training set holds unlabelled images (label -1): pseudo-labels are needed
 
@@ -78,12 +81,12 @@ class KDConfig:
                    teacher_weights=weights, kd_loss=args.kd_loss, dkd_alpha=args.dkd_alpha, dkd_beta=args.dkd_beta,
                    dkd_warmup=args.dkd_warmup, feature_weight=args.feature_weight,
                    feature_layers=[s.strip() for s in str(args.feature_layers).split(",") if s.strip()],
-                   ema_decay=args.ema_teacher)
+                   attention_weight=getattr(args, "attention_weight", 0.0), ema_decay=args.ema_teacher)
 
     @property
     def uses_teachers(self) -> bool:
-        """Whether the teachers teach at all (alpha 0 without feature matching is training on labels only)."""
-        return self.alpha > 0 or self.feature_weight > 0
+        """Whether the teachers teach at all (alpha 0 without feature terms is training on labels only)."""
+        return self.alpha > 0 or self.feature_weight > 0 or self.attention_weight > 0
 
 
 class StepContext:
@@ -339,6 +342,34 @@ class FeatureMatch(Term):
         return {"loss_feat": losses.feature_loss([[f.float() for f in fa] for fa in adapted], resized, wf)}
 
 
+@TERMS.register("attention")
+class AttentionTransfer(Term):
+    """Attention transfer (Zagoruyko & Komodakis, ICLR 2017): the student's spatial attention at each chosen
+    stage against each teacher's (``losses.attention_loss``; the teacher's map resized to the student's),
+    weighted by the task's teachers' per-sample weights. No adapter: channel counts need not match."""
+
+    name = "loss_attention"
+    needs_teachers = True
+
+    def __init__(self, student: nn.Module, ensemble: TeacherEnsemble, layers: list[str], weight: float):
+        super().__init__()
+        self.w = weight
+        self.student_stages = resolve_stages(student, layers, "student")
+        self.teacher_stages = [resolve_stages(t, layers, f"teacher {n}")
+                               for t, n in zip(ensemble.teachers, ensemble.names)]
+
+    def weight(self, epoch: int) -> float:
+        return self.w
+
+    def forward(self, ctx: StepContext) -> dict[str, Tensor]:
+        k = len(ctx.names)
+        w = ctx.teacher_weights()[:, :k]
+        student = [losses.attention_map(f) for f in ctx.student_features]
+        teachers = [[_match_size(losses.attention_map(ft), a_s) for ft, a_s in zip(tf, student)]
+                    for tf in ctx.teacher_features]
+        return {"loss_attention": losses.attention_loss(student, teachers, w / w.sum(1, keepdim=True).clamp_min(1e-12))}
+
+
 @TERMS.register("ema")
 class EMATeacher(Term):
     """Self-distillation: a frozen exponential moving average of the student (timm's ``ModelEmaV3``) joins the
@@ -381,6 +412,8 @@ def create_terms(config: KDConfig, student: nn.Module, ensemble: TeacherEnsemble
     terms["ce"] = TERMS.get("ce")(1.0 - config.alpha)
     if config.feature_weight > 0:
         terms["features"] = TERMS.get("features")(student, ensemble, config.feature_layers, config.feature_weight)
+    if config.attention_weight > 0:
+        terms["attention"] = TERMS.get("attention")(student, ensemble, config.feature_layers, config.attention_weight)
     return terms
 
 

@@ -236,6 +236,27 @@ def feature_loss(student_features: list[Tensor], teacher_features: list[list[Ten
     return total.mean()
 
 
+def attention_map(f: Tensor) -> Tensor:
+    """Spatial attention of a feature map ``(B, C, H, W)``: ``mean_c f^2``, ``(B, 1, H, W)`` (Zagoruyko &
+    Komodakis, ICLR 2017, with p = 2)."""
+    return f.float().pow(2).mean(1, keepdim=True)
+
+
+def attention_loss(student_maps: list[Tensor], teacher_maps: list[list[Tensor]], weights: Tensor) -> Tensor:
+    """Attention transfer (Zagoruyko & Komodakis, ICLR 2017)::
+
+        L = (1/B) sum_b sum_k w_bk sum_l mean_i (a^s_l(b)_i - a^k_l(b)_i)^2,   a = normalise(vec(attention_map))
+
+    ``student_maps[l]`` and ``teacher_maps[k][l]`` are ``attention_map`` s of the same spatial size;
+    ``normalise`` is the L2 norm over positions. Channel counts need not match: no adapter."""
+    total = weights.new_zeros(weights.shape[0])
+    for k, t_k in enumerate(teacher_maps):
+        for a_s, a_t in zip(student_maps, t_k):
+            s_vec, t_vec = F.normalize(a_s.flatten(1), dim=1), F.normalize(a_t.float().flatten(1), dim=1)
+            total = total + weights[:, k] * (s_vec - t_vec).pow(2).mean(1)
+    return total.mean()
+
+
 def specialist_combination(teacher_logits: list[Tensor], class_ids: list[Tensor], weights: Tensor,
                            num_classes: int, temperature: float = 1.0, steps: int = 50) -> Tensor:
     """The distribution over all classes that best agrees with every specialist on its own classes.

@@ -59,9 +59,10 @@ def check_kd_args(args: Namespace, task: TaskSpec) -> KDConfig:
         raise UserError(f"--teacher_weights has {len(kd.teacher_weights)} weights but task {task.name} has "
                         f"{len(task.teachers)} teachers ({', '.join(t.name for t in task.teachers)}). "
                         "Fix: give one weight per teacher, in that order.")
-    if args.teacher_cache and kd.feature_weight > 0:
-        raise UserError("--teacher_cache stores the teachers' logits only, but --feature_weight needs their "
-                        "features on every step. Fix: drop one of the two.")
+    for flag in ("feature_weight", "attention_weight"):
+        if args.teacher_cache and getattr(kd, flag) > 0:
+            raise UserError(f"--teacher_cache stores the teachers' logits only, but --{flag} needs their "
+                            "features on every step. Fix: drop one of the two.")
     return kd
 
 

@@ -329,3 +329,19 @@ def test_soft_targets_and_losses_are_fp32_under_the_students_autocast(aggregatio
     assert inside["loss"].dtype == torch.float32
     assert inside["loss"].item() == pytest.approx(reference["loss"].item(), rel=1e-6, abs=1e-7)
     assert inside["loss_soft"].item() == pytest.approx(reference["loss_soft"].item(), rel=1e-6, abs=1e-7)
+
+
+def test_attention_transfer_is_one_more_term_that_trains_the_student_only():
+    torch.manual_seed(0)
+    teachers = [timm.create_model("resnet10t", num_classes=2), timm.create_model("resnet18", num_classes=3)]
+    ens = TeacherEnsemble(teachers, [[0, 1], [1, 2, 3]], [1.0, 1.0], 4)
+    student = timm.create_model("mobilenetv3_small_050", num_classes=4)
+    step = Distiller(student, ens, KDConfig(alpha=0.0, attention_weight=2.0, feature_layers=["1", "-1"]))
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    out = step(x, y)
+    assert out["loss_attention"] > 0 and step.term("attention") is not None and step.term("features") is None
+    # alpha 0: the loss is the cross-entropy plus the weighted attention term alone.
+    assert out["loss"].item() == pytest.approx(out["loss_hard"].item() + 2.0 * out["loss_attention"].item(), rel=1e-6)
+    out["loss"].backward()
+    assert all(p.grad is None for p in ens.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())

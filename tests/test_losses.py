@@ -333,3 +333,16 @@ def test_specialist_combination_warns_with_the_count_of_rows_that_did_not_conver
         grad[:, i] += torch.softmax(z[:, i], 1) - torch.softmax(zk.double(), 1)
     far = int((grad.abs().amax(1) > 1e-3).sum())  # clearly not converged, whatever the float32 rounding
     assert 0 < far <= count <= 64
+
+
+def test_attention_transfer_golden():
+    from mtkd.losses import attention_loss, attention_map
+
+    # One sample, 2 channels, 1x2 positions: the student attends to position 0, the teacher to position 1.
+    fs = torch.tensor([[[[2.0, 0.0]], [[2.0, 0.0]]]])  # mean_c f^2 = [4, 0] -> normalised [1, 0]
+    ft = torch.tensor([[[[0.0, 3.0]], [[0.0, 1.0]], [[0.0, 1.0]]]])  # 3 channels: [0, 11/3] -> [0, 1]
+    a_s, a_t = attention_map(fs), attention_map(ft)
+    assert a_s.shape == (1, 1, 1, 2) and torch.allclose(a_t.flatten(), torch.tensor([0.0, 11 / 3]))
+    # mean over positions of ([1, 0] - [0, 1])^2 = 1, teacher weight 0.5
+    assert attention_loss([a_s], [[a_t]], torch.tensor([[0.5]])).item() == pytest.approx(0.5)
+    assert attention_loss([a_s], [[a_s]], torch.tensor([[1.0]])).item() == 0.0

@@ -102,6 +102,7 @@ def test_run_curves_are_written_next_to_the_checkpoints(smoke_run):
     (["--ema_teacher", "1"], "--ema_teacher: 1 is out of range: must be in [0, 1)"),
     (["--cache_views", "0"], "--cache_views: 0 is out of range"),
     (["--feature_weight", "-1"], "--feature_weight: -1 is out of range"),
+    (["--attention_weight", "-1"], "--attention_weight: -1 is out of range"),
     (["--label_fraction", "0"], "--label_fraction: 0 is out of range: must be in (0, 1]"),
     (["--label_fraction", "1.5"], "--label_fraction: 1.5 is out of range: must be in (0, 1]"),
 ])
@@ -134,6 +135,7 @@ def test_missing_cifar_exits_2_with_one_message(tmp_path, monkeypatch):
 @pytest.mark.parametrize("flags, message", [
     (["--teacher_weights", "1,2"], "--teacher_weights has 2 weights but task B has 3 teachers"),
     (["--teacher_cache", "c", "--feature_weight", "1"], "--teacher_cache stores the teachers' logits only"),
+    (["--teacher_cache", "c", "--attention_weight", "1"], "but --attention_weight needs their features"),
 ])
 def test_distillation_flags_that_do_not_fit_the_task_exit_2(flags, message, tmp_path, capsys):
     assert train.main(flags + ["--output_dir", str(tmp_path / "runs")]) == 2
