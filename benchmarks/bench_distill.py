@@ -46,7 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root
 import tasks  # noqa: E402,F401
 from mtkd.cache import CachedViews, open_teacher_cache  # noqa: E402
 from mtkd.data import BatchTransform, ImageTensorDataset, create_loader, load_task_data  # noqa: E402
-from mtkd.distill import Distiller, KDConfig  # noqa: E402
+from mtkd.distill import Distiller  # noqa: E402
+from mtkd.terms import KDConfig  # noqa: E402
 from mtkd.engine import train_one_epoch  # noqa: E402
 from mtkd.loop import resolve_device, seed_everything  # noqa: E402
 from mtkd.optim import create_optimizer  # noqa: E402

@@ -34,7 +34,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root, for tasks/
 import tasks  # noqa: E402,F401
 from mtkd.data import BatchTransform, load_task_data  # noqa: E402
-from mtkd.distill import AGGREGATIONS, Distiller, KDConfig  # noqa: E402
+from mtkd.distill import Distiller  # noqa: E402
+from mtkd.terms import AGGREGATIONS, KDConfig  # noqa: E402
 from mtkd.models import create_student, create_teacher, list_students  # noqa: E402
 from mtkd.precision import Precision, cpu_bf16_units  # noqa: E402
 from mtkd.spec import get_task, list_tasks  # noqa: E402

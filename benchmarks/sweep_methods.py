@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root, for tasks/
 import tasks  # noqa: E402,F401
 from mtkd.config import get_args_parser  # noqa: E402
-from mtkd.distill import AGGREGATIONS  # noqa: E402
+from mtkd.terms import AGGREGATIONS  # noqa: E402
 from mtkd.losses import WEIGHTINGS  # noqa: E402
 from mtkd.results import (append_record, config_of, is_recorded, load_records, record, results_table,  # noqa: E402
                           selection_table)

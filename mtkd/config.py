@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from .distill import AGGREGATIONS, KD_LOSSES
+from .terms import AGGREGATIONS, KD_LOSSES
 from .losses import WEIGHTINGS
 from .optim import OPTIMIZERS, SCHEDULERS
 from .precision import AMP_MODES

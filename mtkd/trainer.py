@@ -25,7 +25,8 @@ from torch.utils.tensorboard import SummaryWriter
 from .cache import CachedViews, open_teacher_cache
 from .checkpoint import CheckpointSaver, load_checkpoint, student_checkpoint
 from .data import BatchTransform, TaskData, count_labelled, create_loader, keep_labels, labelled_only, load_task_data
-from .distill import Distiller, KDConfig
+from .distill import Distiller
+from .terms import KDConfig
 from .distributed import DistInfo, barrier, broadcast, cleanup, init_distributed, main_first
 from .engine import TrainingInterrupted, evaluate, predict
 from .errors import UserError

@@ -48,7 +48,7 @@ def test_a_runs_saved_config_feeds_back_to_the_same_arguments(tmp_path):
 
 
 def test_training_and_dkd_flags_reach_their_settings():
-    from mtkd.distill import KDConfig
+    from mtkd.terms import KDConfig
 
     args = parse_args(["--amp", "bf16", "--compile", "--kd_loss", "dkd", "--dkd_alpha", "2", "--dkd_beta", "4",
                        "--weight_decay", "0", "--scheduler_step", "5", "--scheduler_gamma", "0.1", "--seed", "7",

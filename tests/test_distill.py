@@ -5,7 +5,8 @@ import timm
 import torch
 from torch import nn
 
-from mtkd.distill import AGGREGATIONS, KD_LOSSES, Distiller, KDConfig
+from mtkd.distill import Distiller
+from mtkd.terms import AGGREGATIONS, KD_LOSSES, KDConfig
 from mtkd.errors import UserError
 from mtkd.losses import WEIGHTINGS
 from mtkd.optim import create_optimizer
@@ -144,7 +145,7 @@ def test_feature_maps_of_other_sizes_resize_the_teachers_side_only(monkeypatch):
 
     import torch.nn.functional as F
 
-    from mtkd import distill
+    from mtkd import terms
 
     seen = []
 
@@ -154,10 +155,10 @@ def test_feature_maps_of_other_sizes_resize_the_teachers_side_only(monkeypatch):
             return original(x, *args, **kwargs)
         return spy
 
-    # mtkd.distill's own view of torch.nn.functional, with the two resampling functions spied on.
+    # mtkd.terms's own view of torch.nn.functional, with the two resampling functions spied on.
     proxy = types.SimpleNamespace(**{n: getattr(F, n) for n in dir(F) if not n.startswith("__")})
     proxy.adaptive_avg_pool2d, proxy.interpolate = spying(F.adaptive_avg_pool2d), spying(F.interpolate)
-    monkeypatch.setattr(distill, "F", proxy)
+    monkeypatch.setattr(terms, "F", proxy)
     torch.manual_seed(0)
     teacher = tiny_resnet(2)  # stage 1 (layer1) at full resolution after the stem: 8x8 on 32x32 inputs
     ens = TeacherEnsemble([teacher], [[0, 1]], [1.0], 2)

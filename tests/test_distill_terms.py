@@ -15,7 +15,8 @@ import torch
 import legacy_distill
 from mtkd.config import get_args_parser
 from mtkd.data import BatchTransform, load_task_data
-from mtkd.distill import AGGREGATIONS, KD_LOSSES, Distiller, KDConfig
+from mtkd.distill import Distiller
+from mtkd.terms import AGGREGATIONS, KD_LOSSES, KDConfig
 from mtkd.losses import WEIGHTINGS
 from mtkd.models import create_model
 from mtkd.spec import get_task
