@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from contextlib import contextmanager
 
 from rich.console import Console
@@ -48,16 +49,48 @@ class RateColumn(ProgressColumn):
         return Text("" if speed is None else f"{speed:,.1f} {self.unit}/s")
 
 
+LOG_EVERY_S = 30.0  # outside a terminal, a long step prints a progress line this often
+
+
 @contextmanager
 def step_progress(description: str, total: int, unit: str = "images"):
     """A bar with a rate and an estimated end for a long step that is not an epoch (the teacher cache, measuring
-    teachers); yields ``advance(n)``. Kept on screen when done (in a log: one line with the rate and time)."""
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(unit),
-                        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
-                        disable=console.quiet)
-    with progress:
-        task = progress.add_task(description, total=total)
-        yield lambda n=1: progress.update(task, advance=n)
+    teachers); yields ``advance(n)``. Kept on screen when done. Outside a terminal (a log file) a plain line
+    with the count, rate and estimated end every ``LOG_EVERY_S`` seconds, and one at the end."""
+    if console.is_terminal or console.quiet:
+        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            RateColumn(unit), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                            console=console, disable=console.quiet)
+        with progress:
+            task = progress.add_task(description, total=total)
+            yield lambda n=1: progress.update(task, advance=n)
+        return
+    start = last = time.perf_counter()
+    done = 0
+
+    def line(now: float) -> str:
+        rate = done / max(now - start, 1e-9)
+        eta = (total - done) / rate if rate > 0 else float("inf")
+        return (f"{description}: {done:,}/{total:,} {unit} ({rate:,.1f} {unit}/s, {_duration(now - start)} "
+                f"elapsed, eta {_duration(eta)})")
+
+    def advance(n: int = 1) -> None:
+        nonlocal done, last
+        done += n
+        now = time.perf_counter()
+        if now - last >= LOG_EVERY_S and done < total:
+            last = now
+            console.print(line(now), soft_wrap=True)
+
+    yield advance
+    console.print(line(time.perf_counter()), soft_wrap=True)
+
+
+def _duration(seconds: float) -> str:
+    if seconds == float("inf"):
+        return "?"
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}"
 
 
 def percent(x: float | None) -> str:

@@ -122,3 +122,15 @@ def test_building_the_cache_says_what_it_computes_and_shows_its_rate(tmp_path, c
     out = " ".join(capsys.readouterr().out.split())
     assert "computing 3 views x 50 images x 2 teachers = 300 teacher forward passes" in out
     assert "teacher cache" in out and "150/150" in out and "images/s" in out
+
+
+def test_in_a_log_a_long_step_prints_its_progress_as_it_goes(tmp_path, capsys, monkeypatch):
+    from mtkd import report
+
+    monkeypatch.setattr(report, "LOG_EVERY_S", 0.0)  # a line after every batch
+    ens, data, transform = make_setup()
+    TeacherCache.build("k", ens, data, transform, 3, torch.device("cpu"), batch_size=16)
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("teacher cache:")]
+    assert len(lines) == 3 * 4  # 4 batches a view; the last batch's line is the closing one
+    assert lines[0].startswith("teacher cache: 16/150 images (") and "eta" in lines[0]
+    assert lines[-1].startswith("teacher cache: 150/150 images")
