@@ -80,6 +80,10 @@ def get_args_parser(task_names: list[str] | None = None) -> argparse.ArgumentPar
                    default=0.5, help="StepLR decay factor")
     p.add_argument("--student_model", default="EfficientNet", choices=list_students(), help="student architecture")
     p.add_argument("--seed", type=int, default=42, help="random seed")
+    p.add_argument("--pretrained", nargs="?", const="hub", default=None, metavar="PATH",
+                   help="start the student from pretrained weights: timm's own for its architecture (downloaded "
+                        "from the Hugging Face hub) without PATH, or a local file in timm's format (.safetensors, "
+                        ".pth, .bin); the classifier is new, the first convolution adapted to the task's channels")
     p.add_argument("--run", "--run_name", dest="run", default="",
                    help="suffix appended to the run folder name (--run_name under torchrun, whose own parser "
                         "takes --run for its --run-path)")

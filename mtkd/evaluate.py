@@ -55,7 +55,8 @@ def load_student(path: Path, task: TaskSpec) -> tuple[nn.Module, dict]:
                         f"Fix: pass a checkpoint of task {task.name}.")
     if state["student_model"] not in STUDENTS:
         raise UserError(f"checkpoint {path} names an unknown student {state['student_model']!r}.")
-    model = create_student(state["student_model"], task)
+    # A student started from pretrained weights keeps their stem at small inputs (models.create_model).
+    model = create_student(state["student_model"], task, pretrained_layout=state.get("init", "random") != "random")
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:

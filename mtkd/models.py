@@ -38,15 +38,21 @@ def list_students() -> list[str]:
     return STUDENTS.list()
 
 
-def adapt_to_small_inputs(model: nn.Module, first_block: bool = True) -> bool:
+def adapt_to_small_inputs(model: nn.Module, first_block: bool = True, keep_weights: bool = False) -> bool:
     """Make a timm model keep the resolution of small images; True if it was changed.
 
     ``first_block=False`` leaves EfficientNet / MobileNetV3 at total stride 16
     (stem only; for the ablation in ``benchmarks/stem_ablation.py``).
+    ``keep_weights`` (a pretrained model): strides only, so that every
+    pretrained weight still fits; a ResNet keeps its 7x7 stem convolution at
+    stride 1 (and loses the max-pool) instead of getting a new 3x3 one.
     """
     conv1 = getattr(model, "conv1", None)
     if isinstance(conv1, nn.Conv2d) and hasattr(model, "maxpool"):  # timm ResNet
-        model.conv1 = nn.Conv2d(conv1.in_channels, conv1.out_channels, 3, 1, 1, bias=False)
+        if keep_weights:
+            conv1.stride = (1, 1)
+        else:
+            model.conv1 = nn.Conv2d(conv1.in_channels, conv1.out_channels, 3, 1, 1, bias=False)
         model.maxpool = nn.Identity()
         return True
     stem = getattr(model, "conv_stem", None)
@@ -69,19 +75,62 @@ def check_architecture(architecture: str) -> None:
         raise UserError(f"unknown timm architecture {architecture!r}.{hint}")
 
 
-def create_model(architecture: str, num_classes: int, in_chans: int, image_size: int,
-                 adapt: bool | None = None) -> nn.Module:
-    """A randomly initialised timm model for ``image_size`` inputs, adapted to small inputs: ``adapt=None``
-    when ``image_size`` is smaller than ``SMALL_INPUT``, ``True`` always, ``False`` never.
+HUB = "hub"  # --pretrained without a path: timm's own pretrained weights, downloaded
 
-    No pretrained weights are fetched: teachers and students are trained here.
+
+def create_model(architecture: str, num_classes: int, in_chans: int, image_size: int,
+                 adapt: bool | None = None, pretrained: str | None = None,
+                 pretrained_layout: bool | None = None) -> nn.Module:
+    """A timm model for ``image_size`` inputs, adapted to small inputs: ``adapt=None`` when ``image_size`` is
+    smaller than ``SMALL_INPUT``, ``True`` always, ``False`` never.
+
+    ``pretrained``: None (random weights), ``HUB`` (timm's default pretrained weights for the architecture,
+    downloaded) or the path of a local file of weights in timm's format (``.safetensors``, ``.pth`` /
+    ``.bin``, loaded with ``weights_only=True``). Then, as timm does, the classifier is new (for
+    ``num_classes``) and the first convolution adapted to ``in_chans``; a small input changes strides only
+    (``adapt_to_small_inputs(keep_weights=True)``), so every other pretrained weight is kept.
+    ``pretrained_layout``: build that layout without loading weights (a checkpoint of such a model is about to
+    be loaded); default: whether ``pretrained`` is given.
     """
     check_architecture(architecture)
-    model = timm.create_model(architecture, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+    model = _timm_model(architecture, num_classes, in_chans, pretrained)
     reset_classifier_init(model)
     if image_size < SMALL_INPUT if adapt is None else adapt:
-        adapt_to_small_inputs(model)
+        adapt_to_small_inputs(model, keep_weights=pretrained is not None if pretrained_layout is None
+                              else pretrained_layout)
     return model
+
+
+def _timm_model(architecture: str, num_classes: int, in_chans: int, pretrained: str | None) -> nn.Module:
+    if pretrained is None:
+        return timm.create_model(architecture, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+    if pretrained == HUB:
+        try:
+            return timm.create_model(architecture, pretrained=True, num_classes=num_classes, in_chans=in_chans)
+        except Exception as e:  # no network, no such weights on the hub, a broken download
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            raise UserError(f"could not get timm's pretrained weights for {architecture} from the Hugging Face hub "
+                            f"({type(e).__name__}: {first}). Nothing was trained on random weights instead. Fix: "
+                            f"download them where the hub is reachable and pass the file: --pretrained PATH (or "
+                            f"pretrained = \"PATH\" for a teacher), a .safetensors, .pth or .bin of {architecture} "
+                            "in timm's format.") from None
+    from .checkpoint import load_weights_file
+
+    state, _ = load_weights_file(pretrained, f"pretrained weights for {architecture}")
+    try:
+        return timm.create_model(architecture, pretrained=True, num_classes=num_classes, in_chans=in_chans,
+                                 pretrained_cfg_overlay={"state_dict": state})
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())[:300]
+        raise UserError(f"pretrained weights {pretrained} do not fit {architecture} ({detail}). Fix: pass the "
+                        f"weights of exactly this timm architecture, in timm's format.") from None
+
+
+def init_description(pretrained: str | None) -> str:
+    """Where a model's initial weights came from, as a run records it."""
+    if pretrained is None:
+        return "random"
+    return "timm pretrained (hub)" if pretrained == HUB else f"file {pretrained}"
 
 
 def reset_classifier_init(model: nn.Module) -> bool:
@@ -102,16 +151,22 @@ def reset_classifier_init(model: nn.Module) -> bool:
     return False
 
 
-def create_student(name: str, task: TaskSpec, adapt: bool | None = None) -> nn.Module:
+def create_student(name: str, task: TaskSpec, adapt: bool | None = None, pretrained: str | None = None,
+                   pretrained_layout: bool | None = None) -> nn.Module:
+    """The student ``name`` for the task's classes, channels and image size (``pretrained``,
+    ``pretrained_layout``: see ``create_model``)."""
     if name not in STUDENTS:
         raise UserError(f"unknown student {name!r}; choose one of {', '.join(STUDENTS)}")
-    return create_model(STUDENTS.get(name), task.num_classes, task.channels, task.image_size, adapt)
+    return create_model(STUDENTS.get(name), task.num_classes, task.channels, task.image_size, adapt, pretrained,
+                        pretrained_layout)
 
 
-def create_teacher(teacher: TeacherSpec, task: TaskSpec) -> nn.Module:
-    """The teacher's architecture for its own input size (default: the task's), adapted as it declares."""
+def create_teacher(teacher: TeacherSpec, task: TaskSpec, pretrained: bool = False) -> nn.Module:
+    """The teacher's architecture for its own input size (default: the task's), adapted as it declares;
+    with ``pretrained``, from the weights its spec names (to be fine-tuned on its classes)."""
     return create_model(teacher.architecture, len(teacher.classes), task.channels,
-                        teacher.image_size or task.image_size, teacher.adapt)
+                        teacher.image_size or task.image_size, teacher.adapt,
+                        teacher.pretrained if pretrained else None)
 
 
 def stem_in_weights(state: dict) -> tuple[bool, int] | None:

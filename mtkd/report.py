@@ -127,7 +127,9 @@ def run_summary_table(summary: dict) -> Table:
                   percent(summary["best_val_acc"]), f"[bold]{percent(summary['test_acc'])}")
     images = (f", {summary['labelled_images']} labelled + {summary['unlabelled_images']} unlabelled training images"
               if "labelled_images" in summary else "")
-    table.caption = f"alpha {summary['alpha']}, T {summary['temperature']}{images}, time {summary['wall_time_s']:.0f} s"
+    init = f", student from {summary['student_init']}" if summary.get("student_init", "random") != "random" else ""
+    table.caption = (f"alpha {summary['alpha']}, T {summary['temperature']}{images}{init}, "
+                     f"time {summary['wall_time_s']:.0f} s")
     return table
 
 

@@ -20,6 +20,7 @@ import statistics
 import subprocess
 from pathlib import Path
 
+from .models import init_description
 from .precision import cpu_bf16_units, cpu_model
 
 # The columns of a study file, in order (see README, Results).
@@ -27,14 +28,14 @@ COLUMNS = (
     "task", "student", "method", "aggregation", "weighting", "kd_loss", "alpha", "temperature",
     "label_fraction", "labelled_images", "unlabelled_images", "epochs", "lr", "optimizer", "scheduler",
     "scheduler_step", "scheduler_gamma", "warmup_epochs", "batch_size", "weight_decay", "cache_views", "seed",
-    "selection", "best_epoch", "best_val_acc", "test_acc", "student_on_teachers", "teachers_test_acc",
+    "init", "selection", "best_epoch", "best_val_acc", "test_acc", "student_on_teachers", "teachers_test_acc",
     "ensemble_test_acc", "wall_time_s", "train_images_per_s", "precision", "teacher_precisions", "device",
     "cpu", "bf16_units", "threads", "torch", "commit", "run_dir", "finished",
 )
 # What makes two records the same run (a sweep skips a configuration already recorded).
 KEY = ("task", "student", "method", "alpha", "temperature", "label_fraction", "epochs", "lr", "optimizer",
        "scheduler", "scheduler_step", "scheduler_gamma", "warmup_epochs", "batch_size", "weight_decay",
-       "cache_views", "seed", "selection")
+       "cache_views", "seed", "init", "selection")
 
 
 def method_name(args) -> str:
@@ -99,7 +100,7 @@ def config_of(args: dict, selection: bool = False) -> dict:
         "scheduler_gamma": args["scheduler_gamma"], "warmup_epochs": args["warmup_epochs"],
         "batch_size": args["batch_size"], "weight_decay": args["weight_decay"],
         "cache_views": args["cache_views"] if args.get("teacher_cache") and method != "labels" else 0,
-        "seed": args["seed"], "selection": bool(selection),
+        "seed": args["seed"], "init": init_description(args.get("pretrained")), "selection": bool(selection),
     }
 
 

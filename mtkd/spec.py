@@ -22,7 +22,9 @@ class TeacherSpec:
     A teacher may declare its own input: ``image_size``, ``mean``, ``std``
     (default: the task's) and ``adapt`` (the small-input stem adaptation of
     ``models``; default: when its input is smaller than 64 px). The ensemble
-    prepares each teacher's input from the student's batch.
+    prepares each teacher's input from the student's batch. A teacher that mtkd
+    trains starts from ``pretrained`` weights when it names them (``"hub"``:
+    timm's own, downloaded; or a file) and is fine-tuned on its classes.
     """
 
     name: str
@@ -34,6 +36,7 @@ class TeacherSpec:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     adapt: bool | None = None
+    pretrained: str | None = None  # a teacher mtkd trains starts from these weights ("hub" or a file; None: random)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ from .engine import evaluate
 from .errors import UserError
 from .loop import LoopConfig, RunRng, fit, seed_everything
 from .optim import EpochScheduler, create_optimizer
-from .models import SMALL_INPUT, count_parameters, create_teacher, load_fitting_state, stem_in_weights
+from .models import (SMALL_INPUT, count_parameters, create_teacher, init_description, load_fitting_state,
+                     stem_in_weights)
 from .precision import NOT_SAVED, Precision, SavedPrecisions, device_model, keep_saved, resolve_precision
 from .report import console, step_progress
 from .spec import TaskSpec
@@ -165,7 +166,9 @@ def train_teacher(spec, task: TaskSpec, data: TaskData, recipe: TeacherRecipe, d
                   path: Path) -> tuple[nn.Module, dict]:
     """Train one specialist on its classes by ``recipe``; keep the weights of its best validation epoch."""
     own = _own_classes(spec, task, data)
-    model = create_teacher(spec, task).to(device)
+    if spec.pretrained:
+        console.print(f"teacher {spec.name}: starting from {init_description(spec.pretrained)}", soft_wrap=True)
+    model = create_teacher(spec, task, pretrained=True).to(device)
     net = _with_input(model, spec, task).to(device)
     optimizer = create_optimizer(model, "adam", recipe.lr, recipe.weight_decay)
     scheduler = EpochScheduler(optimizer, "cosine", recipe.epochs)
@@ -197,7 +200,8 @@ def train_teacher(spec, task: TaskSpec, data: TaskData, recipe: TeacherRecipe, d
     metrics = {"val_acc": best["val_acc"], "test_acc": test["acc"], "best_epoch": best["epoch"]}
     save_checkpoint({"model": model.state_dict(), "architecture": spec.architecture,
                      "classes": list(spec.classes), "task": task.name, "metrics": metrics,
-                     "epochs": recipe.epochs, "input": input_record(spec, task), "version": CHECKPOINT_VERSION}, path)
+                     "epochs": recipe.epochs, "input": input_record(spec, task),
+                     "init": init_description(spec.pretrained), "version": CHECKPOINT_VERSION}, path)
     return model, metrics
 
 

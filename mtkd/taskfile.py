@@ -20,6 +20,8 @@ Example::
     # mean = [0.485, 0.456, 0.406]
     # std = [0.229, 0.224, 0.225]
     # adapt_small_input = false    # default: true below 64 px
+    # A teacher mtkd trains may start from pretrained weights, then be fine-tuned on its classes:
+    # pretrained = true            # timm's own (downloaded), or a file: pretrained = "weights/resnet34.safetensors"
 
 The task's classes are the class folders found under the dataset root.
 ``[dataset] unlabeled = "dir"`` adds every image file under ``dir`` (no class
@@ -33,12 +35,13 @@ from pathlib import Path
 from torchvision.datasets.folder import find_classes
 
 from .errors import UserError
+from .models import HUB
 from .spec import TaskSpec, TeacherSpec, get_task
 
 TOP_KEYS = {"name", "title", "image_size", "channels", "mean", "std", "crop_padding", "hflip", "dataset", "teachers"}
 DATASET_KEYS = {"type", "root", "val_fraction", "test_fraction", "split_seed", "in_memory", "unlabeled"}
 TEACHER_KEYS = {"name", "architecture", "classes", "weight", "checkpoint", "image_size", "mean", "std",
-                "adapt_small_input"}
+                "adapt_small_input", "pretrained"}
 SPLIT_FOLDERS = ("train", "val", "test")
 
 
@@ -97,7 +100,8 @@ def dataset_layout(root: Path) -> tuple[str, list[str]]:
 
 
 def _teacher_input(path: Path, t: dict, name: str) -> dict:
-    """A teacher's own input declaration (``image_size``, ``mean``, ``std``, ``adapt_small_input``), checked."""
+    """A teacher's own input declaration (``image_size``, ``mean``, ``std``, ``adapt_small_input``) and its
+    ``pretrained`` weights, checked."""
     where = f"teacher {name!r}"
     out = {}
     if "image_size" in t:
@@ -110,6 +114,15 @@ def _teacher_input(path: Path, t: dict, name: str) -> dict:
             out[key] = tuple(float(v) for v in values)
     if "adapt_small_input" in t:
         out["adapt"] = _need(path, t, "adapt_small_input", bool, where)
+    if "pretrained" in t:
+        value = t["pretrained"]
+        if isinstance(value, bool):
+            out["pretrained"] = HUB if value else None
+        elif isinstance(value, str):
+            out["pretrained"] = str((path.parent / value).resolve())
+        else:
+            raise UserError(f"{path}: {where} key 'pretrained' must be true, false or the path of a weights file, "
+                            f"got {value!r}.")
     return out
 
 

@@ -32,7 +32,7 @@ from .engine import TrainingInterrupted, evaluate, predict
 from .errors import UserError
 from .loop import GracefulStop, LoopConfig, RunRng, fit, resolve_device, seed_everything
 from .metrics import restricted_accuracy
-from .models import check_architecture, count_parameters, create_student
+from .models import check_architecture, count_parameters, create_student, init_description
 from .optim import EpochScheduler, create_optimizer, optimizer_kwargs, scheduler_kwargs
 from .report import console, run_summary_table, step_progress, teachers_table
 from .results import git_commit, images_per_second, machine
@@ -115,6 +115,7 @@ class RunConfig:
     retrain_teachers: bool
     early_stopping: int
     save_top_k: int
+    pretrained: str | None
 
     @classmethod
     def from_args(cls, args: Namespace, task: TaskSpec) -> "RunConfig":
@@ -122,7 +123,7 @@ class RunConfig:
                    optimizer_kwargs(args), scheduler_kwargs(args), args.student_model, args.num_epochs, args.seed,
                    args.label_fraction, args.amp, args.deterministic, args.compile, args.teacher_cache,
                    args.cache_views, args.output_dir, args.data_root, args.retrain_teachers, args.early_stopping,
-                   args.save_top_k)
+                   args.save_top_k, getattr(args, "pretrained", None))
 
 
 @dataclass
@@ -184,7 +185,7 @@ class StudentRun:
             **self.state_dict(), epoch=epoch, val_acc=val_acc, args=vars(self.args), task=self.task.name,
             student_model=self.config.student_model, class_names=list(self.task.class_names),
             precision=str(self.precision), teacher_precisions=[str(p) for p in self.ensemble.precisions],
-            precision_device=self.device.type)
+            precision_device=self.device.type, init=init_description(self.config.pretrained))
 
 
 def _run(args: Namespace, explicit: set[str], dist: DistInfo, device_name: str) -> dict:
@@ -197,7 +198,12 @@ def _run(args: Namespace, explicit: set[str], dist: DistInfo, device_name: str) 
     saved = SavedPrecisions.from_checkpoint(last, amp_given="amp" in explicit)
     transform = BatchTransform.for_task(task).to(device)
     seed_everything(config.seed)
-    student = create_student(config.student_model, task).to(device)  # drawn before the teachers train (seeded)
+    # Drawn before the teachers train (seeded); a resumed run's weights come from its checkpoint.
+    student = create_student(config.student_model, task, pretrained=config.pretrained if last is None else None,
+                             pretrained_layout=config.pretrained is not None).to(device)
+    if config.pretrained and last is None:
+        console.print(f"[bold]Student[/] {config.student_model} starts from {init_description(config.pretrained)}",
+                      soft_wrap=True)
     ensemble, teacher_rows = _teachers(config, task, data, device, dist, saved)
     if last is None:
         run_dir = Path(broadcast(dist, str(create_run_dir(args, task)) if dist.is_main else None))
@@ -398,7 +404,8 @@ def finish_run(run: StudentRun, writer) -> dict:
         "teacher_cache": run.cache_status, "precision": str(run.precision), "label_fraction": config.label_fraction,
         "labelled_images": run.counts[0], "unlabelled_images": run.counts[1],
         "best_epoch": run.best["epoch"], "best_val_acc": run.best["val_acc"], "test_acc": test["acc"],
-        "student_params": count_parameters(student), "teachers": run.teacher_rows,
+        "student_params": count_parameters(student), "student_init": init_description(config.pretrained),
+        "teachers": run.teacher_rows,
         "ensemble_params": count_parameters(ensemble), "ensemble_val_acc": ensemble_rows["combination"]["val_acc"],
         "ensemble_test_acc": ensemble_rows["combination"]["test_acc"], "ensemble": ensemble_rows,
         "device": str(device), "skipped_files": len(data.skipped), "wall_time_s": time.perf_counter() - run.started,

@@ -88,3 +88,16 @@ def test_shipped_config_files_are_valid():
     for path in files:
         args = parse_args(["--config", str(path)], TASKS)
         assert args.task in TASKS and args.num_epochs >= 1
+
+
+def test_every_flag_is_documented():
+    """Every option of train.py appears in the README's flag table (or a page under docs/)."""
+    from conftest import ROOT
+
+    from mtkd.config import get_args_parser
+
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    text = "\n".join(p.read_text() for p in pages)
+    flags = [o for a in get_args_parser(TASKS)._actions for o in a.option_strings if o.startswith("--")]
+    missing = [f for f in flags if f"`{f}`" not in text.split("## Flags")[-1] and f != "--help"]
+    assert not missing, f"not in a flag table: {missing}"

@@ -5,7 +5,7 @@ import torch
 
 import tasks
 from mtkd.errors import UserError
-from mtkd.models import STUDENTS, create_model, create_student
+from mtkd.models import STUDENTS, create_model, create_student, create_teacher
 
 
 @pytest.mark.parametrize("task_name", tasks.list_tasks())
@@ -47,3 +47,85 @@ def test_fresh_students_start_near_the_uniform_prediction(student):
     head = model.get_classifier().weight
     bound = 1 / math.sqrt(head.shape[1])  # PyTorch's fan-in initialisation
     assert head.abs().max() <= bound
+
+
+def _imagenet_weights(tmp_path, architecture="resnet18", suffix=".pth"):
+    """A timm model's state dict in ImageNet's shape (1000 classes, RGB), as weights are shared."""
+    import timm
+
+    torch.manual_seed(0)
+    state = timm.create_model(architecture, pretrained=False).state_dict()
+    path = tmp_path / f"{architecture}{suffix}"
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+    return state, path
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_a_student_starts_from_pretrained_weights_in_a_local_file(tmp_path, suffix):
+    """Task B (1 channel, 8 px): the weights load where they fit, the head is new, the first convolution is
+    adapted to one channel, and the small-input rule changes strides only (the 7x7 stem is kept)."""
+    task = tasks.get_task("B")
+    state, path = _imagenet_weights(tmp_path, suffix=suffix)
+    model = create_student("ResNet18", task, pretrained=str(path))
+    own = model.state_dict()
+    assert torch.equal(own["layer3.1.conv2.weight"], state["layer3.1.conv2.weight"])
+    assert torch.equal(own["layer1.0.bn1.running_mean"], state["layer1.0.bn1.running_mean"])
+    assert own["fc.weight"].shape == (10, 512) and not torch.equal(own["fc.weight"], state["fc.weight"][:10])
+    assert own["conv1.weight"].shape == (64, 1, 7, 7)  # RGB summed into one channel, as timm adapts it
+    assert torch.allclose(own["conv1.weight"][:, 0], state["conv1.weight"].sum(1))
+    assert model.conv1.stride == (1, 1) and isinstance(model.maxpool, torch.nn.Identity)
+    assert model.eval()(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+    # The same layout without weights (to load a checkpoint of it) has the same keys and shapes.
+    layout = create_student("ResNet18", task, pretrained_layout=True).state_dict()
+    assert {k: v.shape for k, v in layout.items()} == {k: v.shape for k, v in own.items()}
+
+
+def test_a_teacher_starts_from_pretrained_weights_named_in_its_spec(tmp_path):
+    from dataclasses import replace
+
+    task = tasks.get_task("A")
+    state, path = _imagenet_weights(tmp_path, "resnet34")
+    spec = replace(task.teachers[0], pretrained=str(path))
+    model = create_teacher(spec, task, pretrained=True)
+    assert torch.equal(model.state_dict()["layer4.2.conv2.weight"], state["layer4.2.conv2.weight"])
+    assert model.get_classifier().out_features == 5 and model.conv1.kernel_size == (7, 7)
+    assert not torch.equal(create_teacher(spec, task).state_dict()["layer4.2.conv2.weight"],
+                           state["layer4.2.conv2.weight"])  # loading a checkpoint later: no pretrained weights
+
+
+def test_pretrained_weights_that_do_not_fit_are_one_message(tmp_path):
+    from mtkd.errors import UserError
+
+    task = tasks.get_task("B")
+    _, path = _imagenet_weights(tmp_path, "resnet10t")
+    with pytest.raises(UserError, match="do not fit resnet18"):
+        create_student("ResNet18", task, pretrained=str(path))
+    (tmp_path / "notes.pth").write_text("not weights")
+    with pytest.raises(UserError, match="cannot load .*notes.pth"):
+        create_student("ResNet18", task, pretrained=str(tmp_path / "notes.pth"))
+    with pytest.raises(UserError, match="not found"):
+        create_student("ResNet18", task, pretrained=str(tmp_path / "missing.pth"))
+
+
+def test_pretrained_from_the_hub_without_a_network_is_one_message_and_exit_2(tmp_path):
+    """No silent fall back to random weights: exit 2, what was tried, how to pass a file; nothing written."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # as a machine without a network, at once
+    proc = subprocess.run([sys.executable, "train.py", "--pretrained", "--student_model", "ResNet18",
+                           "--output_dir", str(tmp_path / "runs")], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    err = " ".join(proc.stderr.split())
+    assert "could not get timm's pretrained weights for resnet18 from the Hugging Face hub" in err
+    assert "--pretrained PATH" in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()

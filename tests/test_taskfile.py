@@ -138,6 +138,8 @@ def test_unreadable_and_truncated_files_are_skipped_and_reported(task_file, tmp_
     (lambda t: t.replace('type = "imagefolder"', 'type = "lmdb"'), "type 'lmdb' is not supported"),
     (lambda t: t.replace('image_size = 16', 'image_size = "big"'), "'image_size' must be int"),
     (lambda t: t + "\n[[[", "is not valid TOML"),
+    (lambda t: t.replace('weight = 2.0', 'weight = 2.0\npretrained = 3'),
+     "teacher 'stripes' key 'pretrained' must be true, false or the path of a weights file"),
 ])
 def test_invalid_task_files_get_one_clear_message(task_file, edit, message):
     task_file.write_text(edit(TOML))
@@ -187,3 +189,12 @@ def test_custom_task_trains_and_evaluates_end_to_end(task_file, tmp_path, capsys
     assert "cats.pt was trained on another input" in err and "mean [0.5, 0.5, 0.5] -> [0.4, 0.4, 0.4]" in err
     assert "--retrain_teachers" in err and "Traceback" not in err
     assert train.main(flags + ["--retrain_teachers"]) == 0
+
+
+def test_a_teacher_declares_pretrained_weights(task_file, tmp_path):
+    from mtkd.models import HUB
+
+    task_file.write_text(TOML.replace('weight = 2.0', 'weight = 2.0\npretrained = "weights/r10.safetensors"')
+                         .replace('classes = ["lynx", "hyena"]', 'classes = ["lynx", "hyena"]\npretrained = true'))
+    cats, stripes = load_task_file(task_file).teachers
+    assert cats.pretrained == HUB and stripes.pretrained == str(tmp_path / "weights" / "r10.safetensors")

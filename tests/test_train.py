@@ -361,3 +361,23 @@ def test_fp16_runs_checkpoint_and_restore_their_grad_scaler(smoke_run, tmp_path,
     assert train.main(["--resume", str(run_dir), "--num_epochs", "2"]) == 0
     assert loaded and loaded[0]["scale"] == last["scaler"]["scale"]
     assert load_checkpoint(run_dir / "last.pt")["epoch"] == 2
+
+
+def test_a_pretrained_student_records_its_weights_and_evaluates_with_its_layout(smoke_run, tmp_path):
+    import timm
+
+    from mtkd.evaluate import load_student
+    from tasks import get_task
+
+    weights = tmp_path / "resnet18_imagenet.pth"
+    torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), weights)
+    out = _runs_with_teachers(smoke_run, tmp_path)
+    assert train.main(["--student_model", "ResNet18", "--pretrained", str(weights), "--alpha", "0",
+                       "--num_epochs", "1", "--output_dir", str(out), "--run", "pretrained"]) == 0
+    run_dir = next((out / "TaskB").glob("*_pretrained"))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["student_init"] == f"file {weights}"
+    best = load_checkpoint(run_dir / "best.pt")
+    assert best["init"] == f"file {weights}" and best["model"]["conv1.weight"].shape[-1] == 7
+    student, _ = load_student(run_dir / "best.pt", get_task("B"))  # the pretrained layout: the 7x7 stem
+    assert student.conv1.kernel_size == (7, 7) and student.conv1.stride == (1, 1)
