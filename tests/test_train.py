@@ -243,11 +243,15 @@ def test_torchrun_two_processes_match_a_single_process_evaluation(smoke_run, tmp
     from mtkd.models import create_student
     from tasks import get_task
 
+    from mtkd.precision import Precision
+
     task = get_task("B")
     student = create_student("ResNet18", task)
-    student.load_state_dict(load_checkpoint(runs[0] / "last.pt")["model"])
-    val = evaluate(student, create_loader(load_task_data(task).val, 512, train=False), BatchTransform.for_task(task),
-                   torch.device("cpu"))
+    last = load_checkpoint(runs[0] / "last.pt")
+    student.load_state_dict(last["model"])
+    precision = Precision.parse(last["precision"])  # as the run evaluated it (bf16 where the CPU has the units)
+    val = evaluate(precision.prepare_model(student), create_loader(load_task_data(task).val, 512, train=False),
+                   BatchTransform.for_task(task), torch.device("cpu"), precision=precision)
     assert reported == pytest.approx(val["acc"], abs=1e-9)
 
 
