@@ -55,6 +55,10 @@ def load_student(path: Path, task: TaskSpec) -> tuple[nn.Module, dict]:
                         f"Fix: pass a checkpoint of task {task.name}.")
     if state["student_model"] not in STUDENTS:
         raise UserError(f"checkpoint {path} names an unknown student {state['student_model']!r}.")
+    if state.get("image_size", task.image_size) != task.image_size:  # older checkpoints do not record it
+        raise UserError(f"checkpoint {path} is a student of {state['image_size']}-px inputs, but task {task.name} "
+                        f"now has {task.image_size}-px images. Fix: evaluate it with the task as it was trained, "
+                        "or train a student for the task as it is.")
     # A student started from pretrained weights keeps their stem at small inputs (models.create_model).
     model = create_student(state["student_model"], task, pretrained_layout=state.get("init", "random") != "random")
     try:

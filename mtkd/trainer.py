@@ -185,7 +185,8 @@ class StudentRun:
             **self.state_dict(), epoch=epoch, val_acc=val_acc, args=vars(self.args), task=self.task.name,
             student_model=self.config.student_model, class_names=list(self.task.class_names),
             precision=str(self.precision), teacher_precisions=[str(p) for p in self.ensemble.precisions],
-            precision_device=self.device.type, init=init_description(self.config.pretrained))
+            precision_device=self.device.type, init=init_description(self.config.pretrained),
+            image_size=self.task.image_size)
 
 
 def _run(args: Namespace, explicit: set[str], dist: DistInfo, device_name: str) -> dict:
@@ -405,6 +406,7 @@ def finish_run(run: StudentRun, writer) -> dict:
         "labelled_images": run.counts[0], "unlabelled_images": run.counts[1],
         "best_epoch": run.best["epoch"], "best_val_acc": run.best["val_acc"], "test_acc": test["acc"],
         "student_params": count_parameters(student), "student_init": init_description(config.pretrained),
+        "student_image_size": run.task.image_size,
         "teachers": run.teacher_rows,
         "ensemble_params": count_parameters(ensemble), "ensemble_val_acc": ensemble_rows["combination"]["val_acc"],
         "ensemble_test_acc": ensemble_rows["combination"]["test_acc"], "ensemble": ensemble_rows,

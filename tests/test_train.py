@@ -383,5 +383,22 @@ def test_a_pretrained_student_records_its_weights_and_evaluates_with_its_layout(
     assert summary["student_init"] == f"file {weights}"
     best = load_checkpoint(run_dir / "best.pt")
     assert best["init"] == f"file {weights}" and best["model"]["conv1.weight"].shape[-1] == 7
+    assert best["image_size"] == summary["student_image_size"] == 8
     student, _ = load_student(run_dir / "best.pt", get_task("B"))  # the pretrained layout: the 7x7 stem
     assert student.conv1.kernel_size == (7, 7) and student.conv1.stride == (1, 1)
+
+
+def test_a_student_of_other_inputs_is_refused_by_evaluation(smoke_run, tmp_path):
+    from dataclasses import replace
+
+    from mtkd.checkpoint import save_checkpoint
+    from mtkd.errors import UserError
+    from mtkd.evaluate import load_student
+    from tasks import get_task
+
+    state = load_checkpoint(smoke_run["run_dir"] / "best.pt")
+    assert state["image_size"] == 8
+    task = get_task("B")
+    assert load_student(smoke_run["run_dir"] / "best.pt", task)[1]["image_size"] == 8
+    with pytest.raises(UserError, match="a student of 8-px inputs, but task B now has 16-px images"):
+        load_student(save_checkpoint(state, tmp_path / "best.pt"), replace(task, image_size=16))
