@@ -295,13 +295,10 @@ class LogitKD(Term):
         return out
 
 
-@TERMS.register("features")
-class FeatureMatch(Term):
-    """FitNets (Romero et al., 2015): each chosen student stage through a 1x1 conv adapter per (teacher,
-    stage) against the teacher's map (resized to the student's), weighted by the task's teachers' per-sample
-    weights (``losses.feature_loss``)."""
+class StageTerm(Term):
+    """A term on the feature maps of the student and of each teacher at ``--feature_layers``, with a fixed
+    weight."""
 
-    name = "loss_feat"
     needs_teachers = True
 
     def __init__(self, student: nn.Module, ensemble: TeacherEnsemble, layers: list[str], weight: float):
@@ -310,6 +307,21 @@ class FeatureMatch(Term):
         self.student_stages = resolve_stages(student, layers, "student")
         self.teacher_stages = [resolve_stages(t, layers, f"teacher {n}")
                                for t, n in zip(ensemble.teachers, ensemble.names)]
+
+    def weight(self, epoch: int) -> float:
+        return self.w
+
+
+@TERMS.register("features")
+class FeatureMatch(StageTerm):
+    """FitNets (Romero et al., 2015): each chosen student stage through a 1x1 conv adapter per (teacher,
+    stage) against the teacher's map (resized to the student's), weighted by the task's teachers' per-sample
+    weights (``losses.feature_loss``)."""
+
+    name = "loss_feat"
+
+    def __init__(self, student: nn.Module, ensemble: TeacherEnsemble, layers: list[str], weight: float):
+        super().__init__(student, ensemble, layers, weight)
         s_chs = [feature_stages(student)[i]["num_chs"] for i in self.student_stages]
         adapters = []
         for teacher, stages in zip(ensemble.teachers, self.teacher_stages):
@@ -317,9 +329,6 @@ class FeatureMatch(Term):
             adapters.append(nn.ModuleList(nn.Conv2d(c_in, c_out, 1, bias=False) for c_in, c_out in zip(s_chs, t_chs)))
         self.adapters = nn.ModuleList(adapters)
         self.adapted = None
-
-    def weight(self, epoch: int) -> float:
-        return self.w
 
     def prepare(self, ctx: StepContext) -> None:
         # The adapters are the student's: they run in its precision.
@@ -337,23 +346,12 @@ class FeatureMatch(Term):
 
 
 @TERMS.register("attention")
-class AttentionTransfer(Term):
+class AttentionTransfer(StageTerm):
     """Attention transfer (Zagoruyko & Komodakis, ICLR 2017): the student's spatial attention at each chosen
     stage against each teacher's (``losses.attention_loss``; the teacher's map resized to the student's),
     weighted by the task's teachers' per-sample weights. No adapter: channel counts need not match."""
 
     name = "loss_attention"
-    needs_teachers = True
-
-    def __init__(self, student: nn.Module, ensemble: TeacherEnsemble, layers: list[str], weight: float):
-        super().__init__()
-        self.w = weight
-        self.student_stages = resolve_stages(student, layers, "student")
-        self.teacher_stages = [resolve_stages(t, layers, f"teacher {n}")
-                               for t, n in zip(ensemble.teachers, ensemble.names)]
-
-    def weight(self, epoch: int) -> float:
-        return self.w
 
     def forward(self, ctx: StepContext) -> dict[str, Tensor]:
         k = len(ctx.names)
