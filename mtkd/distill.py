@@ -110,9 +110,10 @@ class Distiller(nn.Module):
             return self._sum(ctx, logits)
 
     def _sum(self, ctx: StepContext, logits: Tensor) -> dict[str, Tensor]:
-        out, loss = {}, None
+        out, counts, loss = {}, {}, None
         for term in self.terms.values():
             parts = term(ctx)
+            counts.update(parts.pop("counts", {}))
             out.update({k: (v.detach() if k == term.name else v) for k, v in parts.items()})
             weight = term.weight(self.epoch)
             if weight is not None:
@@ -124,5 +125,5 @@ class Distiller(nn.Module):
             out["logits"] = logits
         else:
             out["logits"] = ctx.logits
-        out["counts"] = {"loss_hard": (ctx.labels >= 0).sum()}  # loss_hard is a mean over the labelled images
+        out["counts"] = counts  # over how many images a part is a mean, where not the batch (engine)
         return out

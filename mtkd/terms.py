@@ -219,11 +219,12 @@ AGGREGATIONS.register("combination", Aggregation(_through_targets(
 class Term(nn.Module):
     """One part of the step. ``prepare(ctx)`` runs under the caller's precision (models that belong to the
     student side: adapters, the EMA copy); ``forward(ctx) -> {name: value}`` runs in fp32 and returns the term's
-    scalar ``value`` under ``name`` (the logged part) and any other parts to log. ``weight`` multiplies
-    ``value`` in the loss; ``None``: the term adds no loss of its own."""
+    scalar ``value`` under ``name`` (the logged part), any other parts to log, and optionally ``counts``
+    (over how many images a part is a mean, where not the batch). ``weight`` multiplies ``value`` in the
+    loss; ``None``: the term adds no loss of its own. ``student_stages`` / ``teacher_stages``: the feature
+    maps it needs."""
 
     name: str = ""
-    needs_teachers = False
     student_stages: list[int] | None = None  # student features this term needs (None: none)
     teacher_stages: list[list[int]] | None = None  # each teacher's features it needs
 
@@ -255,7 +256,8 @@ class LabelledCE(Term):
         return self.w
 
     def forward(self, ctx: StepContext) -> dict[str, Tensor]:
-        return {"loss_hard": losses.labelled_cross_entropy(ctx.logits, ctx.labels)}
+        return {"loss_hard": losses.labelled_cross_entropy(ctx.logits, ctx.labels),
+                "counts": {"loss_hard": (ctx.labels >= 0).sum()}}
 
 
 @TERMS.register("kd")
@@ -265,8 +267,6 @@ class LogitKD(Term):
     (whose warm-up, for DKD, ramps the weight ``alpha`` up over ``dkd_warmup`` epochs)."""
 
     name = "loss_soft"
-    needs_teachers = True
-
     def __init__(self, config: KDConfig):
         super().__init__()
         self.config = config
@@ -298,8 +298,6 @@ class LogitKD(Term):
 class StageTerm(Term):
     """A term on the feature maps of the student and of each teacher at ``--feature_layers``, with a fixed
     weight."""
-
-    needs_teachers = True
 
     def __init__(self, student: nn.Module, ensemble: TeacherEnsemble, layers: list[str], weight: float):
         super().__init__()
@@ -368,8 +366,6 @@ class EMATeacher(Term):
     teachers over all classes, updated after every optimiser step. No loss of its own."""
 
     name = "ema"
-    needs_teachers = True
-
     def __init__(self, student: nn.Module, decay: float):
         super().__init__()
         self.ema = ModelEmaV3(student, decay=decay)
