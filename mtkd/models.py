@@ -161,12 +161,15 @@ def create_student(name: str, task: TaskSpec, adapt: bool | None = None, pretrai
                         pretrained_layout)
 
 
-def create_teacher(teacher: TeacherSpec, task: TaskSpec, pretrained: bool = False) -> nn.Module:
+def create_teacher(teacher: TeacherSpec, task: TaskSpec, pretrained: bool = False,
+                   layout_of_pretrained: bool = False) -> nn.Module:
     """The teacher's architecture for its own input size (default: the task's), adapted as it declares;
-    with ``pretrained``, from the weights its spec names (to be fine-tuned on its classes)."""
+    with ``pretrained``, from the weights its spec names (to be fine-tuned on its classes);
+    ``layout_of_pretrained``: the layout such a teacher has, without weights (its checkpoint is loaded next)."""
     return create_model(teacher.architecture, len(teacher.classes), task.channels,
                         teacher.image_size or task.image_size, teacher.adapt,
-                        teacher.pretrained if pretrained else None)
+                        teacher.pretrained if pretrained else None,
+                        True if pretrained and teacher.pretrained or layout_of_pretrained else None)
 
 
 def stem_in_weights(state: dict) -> tuple[bool, int] | None:

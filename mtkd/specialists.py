@@ -224,8 +224,11 @@ def load_teacher(spec, task: TaskSpec, path: Path) -> tuple[nn.Module, dict | No
         raise UserError(
             f"teacher checkpoint {path} was trained on another input than task {task.name} now declares for "
             f"teacher {spec.name!r} ({changed}). Fix: pass --retrain_teachers, or move the old checkpoint away.")
-    spec = follow_stem(spec, task, weights)
-    model = create_teacher(spec, task)
+    if state is None:  # weights from elsewhere say which stem they have
+        spec = follow_stem(spec, task, weights)
+    # A teacher mtkd fine-tuned from pretrained weights has their layout (models.create_model).
+    model = create_teacher(spec, task, layout_of_pretrained=state is not None and
+                           state.get("init", "random") != "random")
     load_fitting_state(model, weights, f"{who}, checkpoint {path}", len(spec.classes))
     return model, state
 

@@ -129,3 +129,25 @@ def test_pretrained_from_the_hub_without_a_network_is_one_message_and_exit_2(tmp
     assert "could not get timm's pretrained weights for resnet18 from the Hugging Face hub" in err
     assert "--pretrained PATH" in err and "Traceback" not in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_teacher_fine_tuned_from_pretrained_weights_is_reloaded_with_their_layout(tmp_path):
+    """Task A (32 px): the fine-tuned ResNet keeps the 7x7 stem at stride 1; its checkpoint reloads that way."""
+    from dataclasses import replace
+
+    from mtkd.checkpoint import CHECKPOINT_VERSION, save_checkpoint
+    from mtkd.specialists import init_description, input_record, load_teacher
+
+    task = tasks.get_task("A")
+    _, path = _imagenet_weights(tmp_path, "resnet34")
+    spec = replace(task.teachers[0], pretrained=str(path))
+    model = create_teacher(spec, task, pretrained=True)
+    assert model.conv1.kernel_size == (7, 7) and model.conv1.stride == (1, 1)
+    checkpoint = save_checkpoint({"model": model.state_dict(), "architecture": spec.architecture,
+                                  "classes": list(spec.classes), "task": "A", "metrics": {}, "epochs": 1,
+                                  "input": input_record(spec, task), "init": init_description(spec.pretrained),
+                                  "version": CHECKPOINT_VERSION}, tmp_path / "trees.pt")
+    loaded, state = load_teacher(spec, task, checkpoint)
+    assert state["init"] == f"file {path}"
+    assert loaded.conv1.stride == (1, 1) and isinstance(loaded.maxpool, torch.nn.Identity)
+    assert torch.equal(loaded.state_dict()["conv1.weight"], model.state_dict()["conv1.weight"])
