@@ -20,6 +20,7 @@ from .engine import predict
 from .errors import UserError
 from .metrics import classification_metrics, confusion, report_text
 from .models import STUDENTS, count_parameters, create_model, create_student
+from .precision import FP32, Precision, SavedPrecisions, keep_saved
 from .spec import TaskSpec
 from .speed import file_size_mb, latency_ms, peak_inference_memory_mb
 from .teachers import EnsembleClassifier, TeacherEnsemble
@@ -89,13 +90,24 @@ class Evaluator:
         self.task, self.data, self.device = task, data, device
         self.transform = BatchTransform.for_task(task).to(device)
 
-    def logits(self, model: nn.Module, dataset=None):
+    def logits(self, model: nn.Module, dataset=None, precision: Precision = FP32):
         loader = create_loader(dataset if dataset is not None else self.data.test, 256, train=False)
-        return predict(model.to(self.device), loader, self.transform, self.device)
+        return predict(precision.prepare_model(model.to(self.device)), loader, self.transform, self.device, precision)
 
-    def metrics(self, model: nn.Module, class_names=None, dataset=None) -> dict:
-        logits, labels = self.logits(model, dataset)
+    def metrics(self, model: nn.Module, class_names=None, dataset=None, precision: Precision = FP32) -> dict:
+        logits, labels = self.logits(model, dataset, precision)
         return classification_metrics(logits, labels, list(class_names or self.task.class_names))
+
+
+def run_precisions(state: dict, device: torch.device) -> tuple[Precision, list[Precision] | None]:
+    """The student's and the teachers' precisions as the run recorded them in ``state`` (its checkpoint), so
+    that evaluation reads the numbers the run reported; fp32 for any the device cannot run natively, or that
+    were chosen on another device type (``precision.keep_saved``), and for older checkpoints."""
+    saved = SavedPrecisions.from_checkpoint(state, amp_given=False)
+    student = keep_saved(saved.student, saved, device, "student")[0] or FP32
+    teachers = [keep_saved(t, saved, device, "teacher")[0] or FP32 for t in saved.teachers] \
+        if saved.teachers else None
+    return student, teachers
 
 
 def evaluate_task(task: TaskSpec, *, output_dir="runs", eval_dir="evaluation", data_root="data",
@@ -110,15 +122,19 @@ def evaluate_task(task: TaskSpec, *, output_dir="runs", eval_dir="evaluation", d
     out_dir.mkdir(parents=True, exist_ok=True)
     names = list(task.class_names)
 
-    logits, labels = ev.logits(student)
+    precision, teacher_precisions = run_precisions(state, device)
+    logits, labels = ev.logits(student, precision=precision)
     results = {"task": task.name, "model_path": str(path), "student_model": state["student_model"],
                "alpha": state.get("args", {}).get("alpha"), "epoch": state.get("epoch"),
-               "num_parameters": count_parameters(student), **classification_metrics(logits, labels, names)}
+               "precision": str(precision), "num_parameters": count_parameters(student),
+               **classification_metrics(logits, labels, names)}
 
     # Reference rows: teachers on their own classes, the ensemble on all classes, the baseline student.
     ensemble, teachers = load_ensemble(task, output_dir)
     results["teachers"], results["ensemble"] = [], None
     if ensemble is not None:
+        if teacher_precisions is not None and len(teacher_precisions) == len(teachers):
+            ensemble.set_precisions(teacher_precisions)  # as the run had them (the ensemble runs each its own)
         for k, (spec, model) in enumerate(zip(task.teachers, teachers)):
             own = data.test.select_classes(task.class_indices(spec.classes))
             m = ev.metrics(ensemble.teacher_model(k), spec.classes, own)
@@ -139,7 +155,8 @@ def evaluate_task(task: TaskSpec, *, output_dir="runs", eval_dir="evaluation", d
         base_model, base_state = load_student(baselines[-1] / "best.pt", task)
         results["baseline"] = {"model_path": str(baselines[-1] / "best.pt"),
                                "student_model": base_state["student_model"],
-                               "num_parameters": count_parameters(base_model), **ev.metrics(base_model)}
+                               "num_parameters": count_parameters(base_model),
+                               **ev.metrics(base_model, precision=run_precisions(base_state, device)[0])}
         write_comparison(out_dir, task, baselines[-1], this_run, results["baseline"], results)
 
     # Files.

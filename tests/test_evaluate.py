@@ -46,6 +46,8 @@ def test_results_schema(evaluated):
 
 
 def test_test_accuracy_matches_the_training_summary(evaluated, smoke_run):
+    """Evaluation runs the student in the precision the run recorded (bf16 on a CPU with bf16 units)."""
+    assert evaluated["results"]["precision"] == smoke_run["summary"]["precision"]
     assert evaluated["results"]["overall_accuracy"] == pytest.approx(smoke_run["summary"]["test_acc"], abs=1e-6)
 
 
