@@ -29,8 +29,8 @@ COLUMNS = (
     "label_fraction", "labelled_images", "unlabelled_images", "epochs", "lr", "optimizer", "scheduler",
     "scheduler_step", "scheduler_gamma", "warmup_epochs", "batch_size", "weight_decay", "cache_views", "seed",
     "init", "selection", "best_epoch", "best_val_acc", "test_acc", "student_on_teachers", "teachers_test_acc",
-    "ensemble_test_acc", "wall_time_s", "train_images_per_s", "precision", "teacher_precisions", "device",
-    "cpu", "bf16_units", "threads", "torch", "commit", "run_dir", "finished",
+    "ensemble_test_acc", "pseudo_label_acc", "wall_time_s", "train_images_per_s", "precision",
+    "teacher_precisions", "device", "cpu", "bf16_units", "threads", "torch", "commit", "run_dir", "finished",
 )
 # What makes two records the same run (a sweep skips a configuration already recorded).
 KEY = ("task", "student", "method", "alpha", "temperature", "label_fraction", "epochs", "lr", "optimizer",
@@ -114,7 +114,8 @@ def record(summary: dict, args: dict, selection: bool = False) -> dict:
         "best_epoch": summary["best_epoch"], "best_val_acc": summary["best_val_acc"], "test_acc": summary["test_acc"],
         "student_on_teachers": _pairs({t["name"]: t["student_test_acc"] for t in teachers}),
         "teachers_test_acc": _pairs({t["name"]: t["test_acc"] for t in teachers}),
-        "ensemble_test_acc": summary["ensemble_test_acc"], "wall_time_s": round(summary["wall_time_s"], 1),
+        "ensemble_test_acc": summary["ensemble_test_acc"], "pseudo_label_acc": summary.get("pseudo_label_acc") or "",
+        "wall_time_s": round(summary["wall_time_s"], 1),
         "train_images_per_s": round(summary.get("train_images_per_s", math.nan), 1),
         "precision": summary["precision"], "teacher_precisions": ";".join(t.get("precision", "?") for t in teachers),
         "device": summary["device"], "cpu": where.get("cpu", "?"), "bf16_units": where.get("bf16_units", "?"),

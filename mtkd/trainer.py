@@ -153,6 +153,7 @@ class StudentRun:
     cache_status: str | None
     started: float
     commit: str  # the code this run loaded, read when it started
+    unlabelled_truth: object = None  # the images trained on without their label, with it (--label_fraction)
     best: dict = field(default_factory=lambda: {"val_acc": -1.0, "epoch": 0})
 
     @property
@@ -211,6 +212,8 @@ def _run(args: Namespace, explicit: set[str], dist: DistInfo, device_name: str) 
     _write_run_files(run_dir, args, data, device, dist)
     precision = _student_precision(config, student, data, transform, device, dist, saved)
     train_set = keep_labels(data.train, config.label_fraction, config.seed)
+    hidden = torch.nonzero((train_set.labels < 0) & (data.train.labels >= 0)).squeeze(1)
+    unlabelled_truth = data.train.subset(hidden) if len(hidden) else None  # their labels, for the report only
     kd = replace(config.kd, unlabelled=count_labelled(train_set)[1] > 0)
     seed_everything(config.seed)
     step = Distiller(student, ensemble, kd, compile=config.compile).to(device)
@@ -222,7 +225,7 @@ def _run(args: Namespace, explicit: set[str], dist: DistInfo, device_name: str) 
                      teacher_rows, run_dir, transform, student, precision, step, optimizer,
                      EpochScheduler(optimizer, epochs=config.epochs, **config.scheduler),
                      torch.amp.GradScaler(device.type) if precision.dtype == "fp16" else None,
-                     RunRng(config.seed, dist.rank), counts, cache_status, started, commit)
+                     RunRng(config.seed, dist.rank), counts, cache_status, started, commit, unlabelled_truth)
     start_epoch = _restore(run, last) if last is not None else 1
     # purge_step drops events a killed run logged after its last checkpoint.
     writer = (SummaryWriter(str(run_dir), purge_step=start_epoch if last is not None else None)
@@ -396,7 +399,10 @@ def finish_run(run: StudentRun, writer) -> dict:
     for row, ids in zip(run.teacher_rows, ensemble.class_ids):
         # The student on the specialist's test images, choosing among the specialist's classes: its task.
         row["student_test_acc"] = restricted_accuracy(logits, labels, ids.cpu())
-    ensemble_rows = ensemble_accuracy(ensemble, {"val": data.val, "test": data.test}, run.transform, device)
+    splits = {"val": data.val, "test": data.test}
+    if run.unlabelled_truth is not None:  # how good the teachers' labels for the unlabelled images are
+        splits["unlabelled"] = run.unlabelled_truth
+    ensemble_rows = ensemble_accuracy(ensemble, splits, run.transform, device)
     kd = run.kd
     summary = {
         "task": run.task.name, "student_model": config.student_model, "run_dir": str(run.run_dir),
@@ -410,6 +416,8 @@ def finish_run(run: StudentRun, writer) -> dict:
         "teachers": run.teacher_rows,
         "ensemble_params": count_parameters(ensemble), "ensemble_val_acc": ensemble_rows["combination"]["val_acc"],
         "ensemble_test_acc": ensemble_rows["combination"]["test_acc"], "ensemble": ensemble_rows,
+        # The specialist combination's class (the pseudo-label) on the images used without their label.
+        "pseudo_label_acc": ensemble_rows["combination"].get("unlabelled_acc"),
         "device": str(device), "skipped_files": len(data.skipped), "wall_time_s": time.perf_counter() - run.started,
         "train_images_per_s": images_per_second(read_metrics(run.run_dir), sum(run.counts)), "machine": machine(),
         "commit": run.commit,

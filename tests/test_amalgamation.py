@@ -152,6 +152,9 @@ def test_unlabelled_images_never_reach_the_cross_entropy(amalgamation_task, tmp_
     summary = json.loads(next((out / "Taskanimals").glob("*/summary.json")).read_text())
     # Half of the 18 labelled training images keep their label; the other 9 and the folder's 5 have none.
     assert (summary["labelled_images"], summary["unlabelled_images"]) == (9, 14)
+    # The teachers' pseudo-labels are scored on the 9 images whose label was hidden (not the folder's 5).
+    assert 0 <= summary["pseudo_label_acc"] <= 1 and (9 * summary["pseudo_label_acc"]) == pytest.approx(
+        round(9 * summary["pseudo_label_acc"]), abs=1e-5)
     labels = torch.cat(calls)
     assert len(labels) == 2 * 23 and int((labels >= 0).sum()) == 2 * 9  # every image once per epoch
     # Labels only (alpha 0): the unlabelled images are left out altogether.
