@@ -45,12 +45,13 @@ class Distiller(nn.Module):
         self.config = config = config or KDConfig()
         self.ensemble = ensemble if ensemble is not None and config.uses_teachers else None
         self.epoch = 1
+        fixed = torch.empty(0)  # the teachers' fixed weights, normalised (none without teachers)
         if self.ensemble is not None:
-            fixed = config.teacher_weights or self.ensemble.weights.tolist()
-            if len(fixed) != len(self.ensemble.teachers):
-                raise ValueError(f"{len(fixed)} teacher weights for {len(self.ensemble.teachers)} teachers")
-            self.register_buffer("fixed_weights", torch.tensor(fixed, dtype=torch.float32) / sum(fixed),
-                                 persistent=False)
+            weights = config.teacher_weights or self.ensemble.weights.tolist()
+            if len(weights) != len(self.ensemble.teachers):
+                raise ValueError(f"{len(weights)} teacher weights for {len(self.ensemble.teachers)} teachers")
+            fixed = torch.tensor(weights, dtype=torch.float32) / sum(weights)
+        self.register_buffer("fixed_weights", fixed, persistent=False)
         self.terms = nn.ModuleDict(create_terms(config, student, self.ensemble))
 
     def term(self, name: str) -> Term | None:

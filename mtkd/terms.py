@@ -96,7 +96,7 @@ class StepContext:
         self.teacher_logits = teacher_logits  # the task's teachers, fp32 (None: no teacher runs)
         self.names = list(ensemble.names) if ensemble is not None else []
         self.class_ids = list(ensemble.class_ids) if ensemble is not None else []
-        self.fixed = getattr(distiller, "fixed_weights", None)
+        self.fixed = distiller.fixed_weights
         self.extra: list[tuple[str, Tensor, Tensor]] = []  # teachers that terms add (name, logits, class ids)
         self._labels = self._weights = None
 
