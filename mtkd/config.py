@@ -11,7 +11,7 @@ from .terms import AGGREGATIONS, KD_LOSSES
 from .losses import WEIGHTINGS
 from .optim import OPTIMIZERS, SCHEDULERS
 from .precision import AMP_MODES
-from .models import list_students
+from .models import HUB, list_students
 
 
 def _ranged(kind, low=None, high=None, low_open=False, what="", high_open=False):
@@ -80,7 +80,7 @@ def get_args_parser(task_names: list[str] | None = None) -> argparse.ArgumentPar
                    default=0.5, help="StepLR decay factor")
     p.add_argument("--student_model", default="EfficientNet", choices=list_students(), help="student architecture")
     p.add_argument("--seed", type=int, default=42, help="random seed")
-    p.add_argument("--pretrained", nargs="?", const="hub", default=None, metavar="PATH",
+    p.add_argument("--pretrained", nargs="?", const=HUB, default=None, metavar="PATH",
                    help="start the student from pretrained weights: timm's own for its architecture (downloaded "
                         "from the Hugging Face hub) without PATH, or a local file in timm's format (.safetensors, "
                         ".pth, .bin); the classifier is new, the first convolution adapted to the task's channels")

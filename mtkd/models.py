@@ -169,7 +169,7 @@ def create_teacher(teacher: TeacherSpec, task: TaskSpec, pretrained: bool = Fals
     return create_model(teacher.architecture, len(teacher.classes), task.channels,
                         teacher.image_size or task.image_size, teacher.adapt,
                         teacher.pretrained if pretrained else None,
-                        True if pretrained and teacher.pretrained or layout_of_pretrained else None)
+                        True if layout_of_pretrained else None)
 
 
 def stem_in_weights(state: dict) -> tuple[bool, int] | None:

@@ -114,7 +114,7 @@ def record(summary: dict, args: dict, selection: bool = False) -> dict:
         "best_epoch": summary["best_epoch"], "best_val_acc": summary["best_val_acc"], "test_acc": summary["test_acc"],
         "student_on_teachers": _pairs({t["name"]: t["student_test_acc"] for t in teachers}),
         "teachers_test_acc": _pairs({t["name"]: t["test_acc"] for t in teachers}),
-        "ensemble_test_acc": summary["ensemble_test_acc"], "pseudo_label_acc": summary.get("pseudo_label_acc") or "",
+        "ensemble_test_acc": summary["ensemble_test_acc"], "pseudo_label_acc": "" if summary.get("pseudo_label_acc") is None else summary["pseudo_label_acc"],
         "wall_time_s": round(summary["wall_time_s"], 1),
         "train_images_per_s": round(summary.get("train_images_per_s", math.nan), 1),
         "precision": summary["precision"], "teacher_precisions": ";".join(t.get("precision", "?") for t in teachers),

@@ -75,7 +75,7 @@ class KDConfig:
                    teacher_weights=weights, kd_loss=args.kd_loss, dkd_alpha=args.dkd_alpha, dkd_beta=args.dkd_beta,
                    dkd_warmup=args.dkd_warmup, feature_weight=args.feature_weight,
                    feature_layers=[s.strip() for s in str(args.feature_layers).split(",") if s.strip()],
-                   attention_weight=getattr(args, "attention_weight", 0.0), ema_decay=args.ema_teacher)
+                   attention_weight=args.attention_weight, ema_decay=args.ema_teacher)
 
     @property
     def uses_teachers(self) -> bool:

@@ -123,7 +123,7 @@ class RunConfig:
                    optimizer_kwargs(args), scheduler_kwargs(args), args.student_model, args.num_epochs, args.seed,
                    args.label_fraction, args.amp, args.deterministic, args.compile, args.teacher_cache,
                    args.cache_views, args.output_dir, args.data_root, args.retrain_teachers, args.early_stopping,
-                   args.save_top_k, getattr(args, "pretrained", None))
+                   args.save_top_k, args.pretrained)
 
 
 @dataclass

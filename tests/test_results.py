@@ -32,6 +32,8 @@ def test_a_record_holds_every_column_and_the_method_in_words():
     assert row["method"] == "amalgamate/fixed/kl" and row["cache_views"] == 8 and row["selection"] is True
     assert parse_pairs(row["student_on_teachers"]) == {"trees": 0.5, "flowers": 0.61}
     assert row["cpu"] == "Some CPU" and row["commit"] == "abc1234" and row["threads"] == 1
+    assert row["pseudo_label_acc"] == ""  # all labels kept: nothing to score
+    assert record({**_summary(0.45, 1), "pseudo_label_acc": 0.0}, args)["pseudo_label_acc"] == 0.0
     labels = record(_summary(0.4, 0), _args(alpha=0, teacher_cache="cache"))
     assert labels["method"] == "labels" and labels["cache_views"] == 0  # labels only never reads the cache
     assert method_name(argparse_ns(alpha=0, feature_weight=0.1)) == "consensus/fixed/kl+feat"
