@@ -64,3 +64,27 @@ def test_stem_ablation_variants_differ_only_where_they_say():
     fan_in = 1 / math.sqrt(1280)
     assert ablation.create_variant("EfficientNet", task, "mtkd").get_classifier().weight.abs().max() <= fan_in
     assert ablation.create_variant("EfficientNet", task, "timm_head").get_classifier().weight.abs().max() > 5 * fan_in
+
+
+def test_teacher_diagnostics_measure_the_trained_teachers(smoke_run):
+    diag = load("teacher_diagnostics")
+    args = diag.get_args_parser().parse_args(["--task", "B", "--output_dir", str(smoke_run["output_dir"]),
+                                              "--train_images", "64", "--temperatures", "1", "4"])
+    out = diag.main(args)
+    val = out["splits"]["val"]
+    assert set(val["own_classes"]) == {"digits_0123", "digits_3456", "digits_67890"}
+    for by_t in val["own_classes"].values():
+        assert by_t["T1"]["acc"] == by_t["T4"]["acc"] and by_t["T4"]["entropy"] > by_t["T1"]["entropy"]
+    assert set(val["home_ground"]) == {"max_prob", "max_logit", "energy", "neg_entropy"}
+    # Routing can never beat picking a right teacher: a wrong teacher cannot name the label.
+    assert all(0 <= m["acc"] <= m["group_acc"] <= 1 for m in val["home_ground"].values())
+    assert out["splits"]["train (64 images)"]["images"] == 64
+    diag.print_tables(out)
+
+
+def test_teacher_diagnostics_without_teachers_says_how_to_get_them(tmp_path):
+    from conftest import run_script
+
+    proc = run_script("benchmarks/teacher_diagnostics.py", "--task", "B", "--output_dir", tmp_path)
+    assert proc.returncode == 2
+    assert "teacher checkpoints not found" in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
