@@ -121,9 +121,14 @@ def main(args) -> dict:
 
 if __name__ == "__main__":
     args = get_args_parser().parse_args()
+    if args.json:  # stdout holds the JSON object alone; messages and progress go to stderr
+        console.file = sys.stderr
     try:
         result = main(args)
     except UserError as e:
         print_error(e)
         sys.exit(e.exit_code)
-    print(json.dumps(result, indent=1)) if args.json else print_tables(result)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print_tables(result)
