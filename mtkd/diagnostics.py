@@ -9,28 +9,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .metrics import expected_calibration_error
 from .registry import Registry
 
 
 def calibration(logits: Tensor, labels: Tensor, temperature: float = 1.0, bins: int = 15) -> dict[str, float]:
     """A classifier's accuracy and calibration on ``labels`` (indices into its own outputs), at ``temperature``.
 
-    ``nll``: mean ``-log p_y``; ``ece``: expected calibration error over ``bins`` equal-width confidence bins,
-    ``sum_b |B_b|/N * |acc(B_b) - conf(B_b)|`` (Guo et al., ICML 2017); ``confidence``: mean ``max_c p_c``;
-    ``entropy``: mean entropy divided by ``log C`` (0: one-hot, 1: uniform), i.e. how much a soft target
+    ``nll``: mean ``-log p_y``; ``ece``: ``metrics.expected_calibration_error`` over ``bins`` bins;
+    ``confidence``: mean ``max_c p_c``; ``entropy``: mean entropy divided by ``log C`` (0: one-hot, 1: uniform), i.e. how much a soft target
     says beyond its argmax.
     """
     logp = F.log_softmax(logits.float() / temperature, dim=1)
     p = logp.exp()
     conf, pred = p.max(1)
     correct = (pred == labels).float()
-    edges = torch.linspace(0, 1, bins + 1)
-    which = torch.bucketize(conf, edges[1:-1], right=True)  # bin b holds (edges[b], edges[b+1]]
-    ece = sum((which == b).float().sum() / len(labels) * (correct[which == b].mean() - conf[which == b].mean()).abs()
-              for b in range(bins) if (which == b).any())
     scale = math.log(logits.shape[1]) if logits.shape[1] > 1 else 1.0
     return {"acc": correct.mean().item(), "nll": -logp.gather(1, labels[:, None]).mean().item(),
-            "ece": float(ece), "confidence": conf.mean().item(),
+            "ece": expected_calibration_error(p, labels, bins), "confidence": conf.mean().item(),
             "entropy": (-(p * logp).sum(1) / scale).mean().item()}
 
 
