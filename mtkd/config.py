@@ -95,6 +95,12 @@ def get_args_parser(task_names: list[str] | None = None) -> argparse.ArgumentPar
                         "others are used without labels, by the teachers' losses only (not at all when alpha = 0 and "
                         "--feature_weight is 0)")
     p.add_argument("--teacher_epochs", type=positive_int, default=30, help="epochs for each teacher trained")
+    p.add_argument("--teacher_optimizer", default="adam", choices=OPTIMIZERS,
+                   help="optimiser of each teacher trained (adam, adamw, or sgd)")
+    p.add_argument("--teacher_lr", type=positive_float, default=None,
+                   help="learning rate of each teacher trained (default: --lr)")
+    p.add_argument("--teacher_weight_decay", type=nonneg_float, default=None,
+                   help="weight decay of each teacher trained (default: --weight_decay)")
     p.add_argument("--retrain_teachers", action="store_true", help="train the teachers even if checkpoints exist")
     p.add_argument("--num_workers", type=nonneg_int, default=0,
                    help="DataLoader worker processes (in-memory tasks are fastest with 0)")

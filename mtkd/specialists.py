@@ -26,8 +26,9 @@ from .teachers import TeacherEnsemble, TeacherInput
 
 @dataclass(frozen=True)
 class TeacherRecipe:
-    """How a missing teacher is trained: Adam with ``lr`` / ``weight_decay``, a cosine schedule over
-    ``epochs``, no accumulation or clipping, whatever the student's options; precision by the ``amp`` rule."""
+    """How a missing teacher is trained: ``optimizer`` (``optim.OPTIMIZERS``) with ``lr`` / ``weight_decay``, a
+    cosine schedule over ``epochs``, no accumulation or clipping, whatever the student's options; precision by
+    the ``amp`` rule."""
 
     epochs: int = 30
     lr: float = 1e-3
@@ -37,11 +38,19 @@ class TeacherRecipe:
     amp: str = "auto"
     deterministic: bool = False
     num_workers: int = 0
+    optimizer: str = "adam"
 
     @classmethod
     def from_args(cls, args) -> "TeacherRecipe":
-        return cls(args.teacher_epochs, args.lr, args.weight_decay, args.batch_size, args.seed, args.amp,
-                   args.deterministic, args.num_workers)
+        lr = args.lr if args.teacher_lr is None else args.teacher_lr
+        wd = args.weight_decay if args.teacher_weight_decay is None else args.teacher_weight_decay
+        return cls(args.teacher_epochs, lr, wd, args.batch_size, args.seed, args.amp, args.deterministic,
+                   args.num_workers, args.teacher_optimizer)
+
+    def record(self) -> dict:
+        """What a teacher checkpoint says of how it was trained."""
+        return {"optimizer": self.optimizer, "lr": self.lr, "weight_decay": self.weight_decay,
+                "batch_size": self.batch_size, "scheduler": "cosine", "seed": self.seed}
 
 
 def teacher_dir(output_dir: str | Path, task: TaskSpec) -> Path:
@@ -170,7 +179,7 @@ def train_teacher(spec, task: TaskSpec, data: TaskData, recipe: TeacherRecipe, d
         console.print(f"teacher {spec.name}: starting from {init_description(spec.pretrained)}", soft_wrap=True)
     model = create_teacher(spec, task, pretrained=True).to(device)
     net = _with_input(model, spec, task).to(device)
-    optimizer = create_optimizer(model, "adam", recipe.lr, recipe.weight_decay)
+    optimizer = create_optimizer(model, recipe.optimizer, recipe.lr, recipe.weight_decay)
     scheduler = EpochScheduler(optimizer, "cosine", recipe.epochs)
     transform = BatchTransform.for_task(task).to(device)
     precision = choose_precision(recipe.amp, net, example_batch(own.train, transform, device, recipe.batch_size),
@@ -200,7 +209,7 @@ def train_teacher(spec, task: TaskSpec, data: TaskData, recipe: TeacherRecipe, d
     metrics = {"val_acc": best["val_acc"], "test_acc": test["acc"], "best_epoch": best["epoch"]}
     save_checkpoint({"model": model.state_dict(), "architecture": spec.architecture,
                      "classes": list(spec.classes), "task": task.name, "metrics": metrics,
-                     "epochs": recipe.epochs, "input": input_record(spec, task),
+                     "epochs": recipe.epochs, "recipe": recipe.record(), "input": input_record(spec, task),
                      "init": init_description(spec.pretrained), "version": CHECKPOINT_VERSION}, path)
     return model, metrics
 

@@ -83,3 +83,36 @@ def test_teacher_precisions_are_recorded_per_machine_and_kept_on_resume(tmp_path
     specialists.teacher_precisions(ens, paths, x, "auto", False, record, SavedPrecisions(
         saved.student, saved.teachers, "cpu", amp_given=True))
     assert len(timed) == 7
+
+
+def test_teacher_recipe_flags_choose_how_missing_teachers_are_trained(tmp_path, monkeypatch):
+    import tasks
+    from mtkd import specialists
+    from mtkd.checkpoint import load_checkpoint
+    from mtkd.config import get_args_parser
+    from mtkd.data import load_task_data
+
+    parser = get_args_parser(tasks.list_tasks())
+    default = specialists.TeacherRecipe.from_args(parser.parse_args(["--lr", "0.002"]))
+    assert (default.optimizer, default.lr, default.weight_decay) == ("adam", 0.002, 0.0005)  # the student's
+    recipe = specialists.TeacherRecipe.from_args(parser.parse_args(
+        ["--lr", "0.002", "--teacher_optimizer", "sgd", "--teacher_lr", "0.05", "--teacher_weight_decay", "0.001",
+         "--teacher_epochs", "1"]))
+    made = []
+    real = specialists.create_optimizer
+
+    def spy(*args):
+        made.append(real(*args))
+        return made[-1]
+
+    monkeypatch.setattr(specialists, "create_optimizer", spy)
+    task = tasks.get_task("B")
+    path = tmp_path / "teacher.pt"
+    specialists.train_teacher(task.teachers[0], task, load_task_data(task, tmp_path), recipe, torch.device("cpu"),
+                              path)
+    assert type(made[0]) is torch.optim.SGD
+    assert made[0].defaults["lr"] == 0.05 and made[0].defaults["weight_decay"] == 0.001
+    saved = load_checkpoint(path)
+    assert saved["recipe"] == {"optimizer": "sgd", "lr": 0.05, "weight_decay": 0.001, "batch_size": 32,
+                               "scheduler": "cosine", "seed": 42}
+    assert saved["epochs"] == 1
