@@ -113,7 +113,9 @@ def get_args_parser(task_names: list[str] | None = None) -> argparse.ArgumentPar
                     help="fixed (task or --teacher_weights), confidence (CA-MKD), entropy (EBKD), per sample")
     kd.add_argument("--teacher_weights", type=weights_list, default=None, metavar="W1,W2,...",
                     help="fixed teacher weights, one per teacher, normalised (default: the task's)")
-    kd.add_argument("--kd_loss", default="kl", choices=KD_LOSSES, help="kl (Hinton) or dkd (Decoupled KD)")
+    kd.add_argument("--kd_loss", default="kl", choices=KD_LOSSES,
+                    help="kl (Hinton), shift (KL to the target with its top class moved to the label, Wen et al. "
+                         "2019) or dkd (Decoupled KD)")
     kd.add_argument("--dkd_alpha", type=nonneg_float, default=1.0, help="DKD target-class (TCKD) weight")
     kd.add_argument("--dkd_beta", type=nonneg_float, default=8.0, help="DKD non-target-class (NCKD) weight")
     kd.add_argument("--dkd_warmup", type=nonneg_int, default=5,

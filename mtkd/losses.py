@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +51,22 @@ def kd_kl_loss(student_logits: Tensor, target_probs: Tensor, temperature: float)
     Classes where ``q_bc = 0`` contribute nothing (``0 log 0 = 0``).
     """
     return kl_per_sample(student_logits, target_probs, temperature).mean()
+
+
+def shift_to_label(target_probs: Tensor, labels: Tensor) -> Tensor:
+    """Probability shift (Wen et al., "Preparing lessons", 2019): where a target's top class ``m`` is not the
+    label ``y``, swap ``q_m`` and ``q_y``, so that the label is the top class and every other probability is
+    kept. Rows whose label is ``-1`` (not among these classes, or no label) and rows of zeros stay as they are.
+
+    A teacher that is wrong on an image then still passes on how the other classes resemble it, instead of
+    teaching the wrong class (``--kd_loss shift``).
+    """
+    y = labels.clamp_min(0)[:, None]
+    top = target_probs.argmax(1, keepdim=True)
+    q_top, q_y = target_probs.gather(1, top), target_probs.gather(1, y)
+    swap = (labels[:, None] >= 0) & (q_top > q_y)
+    out = target_probs.scatter(1, top, torch.where(swap, q_y, q_top))
+    return out.scatter(1, y, torch.where(swap, q_top, q_y))
 
 
 def dkd_per_sample(student_logits: Tensor, target_probs: Tensor, target: Tensor, alpha: float, beta: float,
@@ -197,7 +214,7 @@ def consensus_targets(teacher_logits: list[Tensor], class_ids: list[Tensor], wei
 
 def amalgamation_loss(student_logits: Tensor, teacher_logits: list[Tensor], class_ids: list[Tensor],
                       weights: Tensor, temperature: float, labels: Tensor | None = None,
-                      dkd: tuple[float, float] | None = None) -> Tensor:
+                      per_sample: Callable | None = None) -> Tensor:
     """Every teacher against the student renormalised over that teacher's classes.
 
     (Hinton et al. 2015, section 5; Vongkulbhisal et al., CVPR 2019.) With
@@ -206,18 +223,18 @@ def amalgamation_loss(student_logits: Tensor, teacher_logits: list[Tensor], clas
 
         L = (1/B) sum_b sum_k w_bk * T^2 * KL(p_k || softmax(s[C_k] / T))
 
-    ``dkd = (alpha, beta)`` replaces each KL by ``dkd_per_sample`` with the
-    label's position in ``C_k`` as target (``labels`` needed).
+    ``per_sample(s[C_k], p_k, t_k) -> (B,)`` replaces each ``T^2 * KL`` (e.g. ``dkd_per_sample``), with
+    ``t_k`` the label's position in ``C_k`` (-1 where ``C_k`` lacks it; ``labels`` needed).
     """
     w = weights.float().expand(student_logits.shape[0], -1)
     total = student_logits.new_zeros(student_logits.shape[0])
     for k, (z, ids) in enumerate(zip(teacher_logits, class_ids)):
         s_k = student_logits[:, ids]
         p_k = F.softmax(z.float() / temperature, dim=1)
-        if dkd is None:
+        if per_sample is None:
             term = kl_per_sample(s_k, p_k, temperature)
         else:
-            term = dkd_per_sample(s_k, p_k, local_labels(ids, labels), *dkd, temperature)
+            term = per_sample(s_k, p_k, local_labels(ids, labels))
         total = total + w[:, k] * term
     return total.mean()
 

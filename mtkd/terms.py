@@ -150,8 +150,9 @@ class StepContext:
 
 @dataclass(frozen=True)
 class KDLoss:
-    """``loss(logits, q, labels, T, config) -> scalar``; ``per_sample(...)``, where the loss can be taken per
-    teacher over its own classes (``amalgamate``), ``(B,)``; ``uses_label``: needs each sample's class;
+    """``loss(logits, q, labels, T, config) -> scalar``; ``per_sample(logits_k, p_k, t_k, T, config) -> (B,)``,
+    the loss per sample against one teacher over its own classes (``amalgamate``; ``t_k``: the label's position
+    among them, -1 where it is not one; None: ``T^2 * KL``); ``uses_label``: needs each sample's class;
     ``warmup``: its term ramps up linearly over ``config.dkd_warmup`` epochs."""
 
     loss: Callable
@@ -162,6 +163,10 @@ class KDLoss:
 
 KD_LOSSES: Registry[KDLoss] = Registry("KD loss")
 KD_LOSSES.register("kl", KDLoss(lambda logits, q, labels, T, c: losses.kd_kl_loss(logits, q, T)))
+KD_LOSSES.register("shift", KDLoss(
+    lambda logits, q, labels, T, c: losses.kd_kl_loss(logits, losses.shift_to_label(q, labels), T),
+    per_sample=lambda logits, q, local, T, c: losses.kl_per_sample(logits, losses.shift_to_label(q, local), T),
+    uses_label=True))
 KD_LOSSES.register("dkd", KDLoss(
     lambda logits, q, labels, T, c: losses.dkd_per_sample(logits, q, labels, c.dkd_alpha, c.dkd_beta, T).mean(),
     per_sample=lambda logits, q, local, T, c: losses.dkd_per_sample(logits, q, local, c.dkd_alpha, c.dkd_beta, T),
@@ -198,9 +203,9 @@ def _amalgamate(ctx: StepContext, w: Tensor, T: float) -> Tensor:
     c = ctx.distiller.config
     kd = KD_LOSSES.get(c.kd_loss)
     _, logits, class_ids, _ = ctx.all_teachers()
-    dkd = (c.dkd_alpha, c.dkd_beta) if kd.per_sample is not None else None
+    per_sample = None if kd.per_sample is None else (lambda s, p, t: kd.per_sample(s, p, t, T, c))
     labels = ctx.teacher_labels() if kd.uses_label else ctx.labels
-    return losses.amalgamation_loss(ctx.logits, logits, class_ids, w, T, labels, dkd)
+    return losses.amalgamation_loss(ctx.logits, logits, class_ids, w, T, labels, per_sample)
 
 
 AGGREGATIONS: Registry[Aggregation] = Registry("aggregation")

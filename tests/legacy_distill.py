@@ -54,7 +54,9 @@ def _through_targets(targets: Callable) -> Callable:
 
 def _amalgamate(logits, teacher_logits, class_ids, w, T, labels, config):
     dkd = (config.dkd_alpha, config.dkd_beta) if KD_TERMS[config.kd_loss].per_teacher_dkd else None
-    return losses.amalgamation_loss(logits, teacher_logits, class_ids, w, T, labels, dkd)
+    # (amalgamation_loss now takes the per-sample loss itself; the same DKD call as before.)
+    per_sample = None if dkd is None else (lambda s, p, t: losses.dkd_per_sample(s, p, t, *dkd, T))
+    return losses.amalgamation_loss(logits, teacher_logits, class_ids, w, T, labels, per_sample)
 
 
 @dataclass(frozen=True)

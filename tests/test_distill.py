@@ -346,3 +346,23 @@ def test_attention_transfer_is_one_more_term_that_trains_the_student_only():
     out["loss"].backward()
     assert all(p.grad is None for p in ens.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+
+
+def test_golden_loss_of_the_training_step_with_the_probability_shift():
+    """--kd_loss shift: a teacher wrong on the label (its top class 0, label 1) has q_0 and q_1 swapped, then
+    T^2 KL as usual; through consensus over all classes and per teacher through amalgamate."""
+    T, alpha, z = 2.0, 0.5, [2.0, 0.0, 1.0]
+    p = _softmax(z, T)
+    shifted = [p[1], p[0], p[2]]
+    ce = -math.log(_softmax(S_FIXED)[Y_FIXED])
+    kd = T * T * _kl(shifted, _softmax(S_FIXED, T))
+    ens = TeacherEnsemble([FixedLogits(z)], [[0, 1, 2]], [1.0], 3)
+    for aggregation in ("consensus", "amalgamate"):
+        out = Distiller(FixedLogits(S_FIXED), ens, KDConfig(alpha=alpha, temperature=T, aggregation=aggregation,
+                                                           kd_loss="shift"))(torch.zeros(1, 1), torch.tensor([1]))
+        assert out["loss_soft"].item() == pytest.approx(kd, rel=1e-5), aggregation
+        assert out["loss"].item() == pytest.approx((1 - alpha) * ce + alpha * kd, rel=1e-5)
+    # A teacher right on the label gives the plain KD.
+    out = Distiller(FixedLogits(S_FIXED), ens, KDConfig(alpha=alpha, temperature=T, kd_loss="shift"))(
+        torch.zeros(1, 1), torch.tensor([0]))
+    assert out["loss_soft"].item() == pytest.approx(T * T * _kl(p, _softmax(S_FIXED, T)), rel=1e-5)

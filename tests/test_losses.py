@@ -346,3 +346,17 @@ def test_attention_transfer_golden():
     # mean over positions of ([1, 0] - [0, 1])^2 = 1, teacher weight 0.5
     assert attention_loss([a_s], [[a_t]], torch.tensor([[0.5]])).item() == pytest.approx(0.5)
     assert attention_loss([a_s], [[a_s]], torch.tensor([[1.0]])).item() == 0.0
+
+
+def test_probability_shift_swaps_the_top_class_and_the_label_only_where_the_target_is_wrong():
+    from mtkd.losses import shift_to_label
+
+    q = torch.tensor([[0.5, 0.3, 0.2],   # top 0, label 1: swap 0 and 1
+                      [0.5, 0.3, 0.2],   # top is the label: unchanged
+                      [0.5, 0.3, 0.2],   # no label (-1): unchanged
+                      [0.0, 0.0, 0.0],   # no target (consensus without a covering teacher): unchanged
+                      [0.4, 0.4, 0.2]])  # tie between top and label: unchanged
+    out = shift_to_label(q, torch.tensor([1, 0, -1, 2, 1]))
+    assert torch.equal(out, torch.tensor([[0.3, 0.5, 0.2], [0.5, 0.3, 0.2], [0.5, 0.3, 0.2], [0.0, 0.0, 0.0],
+                                          [0.4, 0.4, 0.2]]))
+    assert torch.equal(q[0], torch.tensor([0.5, 0.3, 0.2]))  # the input is left alone
