@@ -25,13 +25,16 @@ student's and each teacher's. On resume the stored choices are kept
 (``keep_saved``), unless ``--amp`` is given again (an explicit flag wins) or
 the device cannot run them natively (another device type; bf16 saved on a
 GPU, resumed on a CPU without bf16 units): then the rule above decides again,
-and says why. A teacher's ``auto`` choice is also recorded per machine beside
-the teacher checkpoints (``specialists``), so that the next run on the same
-machine runs it, and finds its teacher cache, the same way.
+and says why. Every ``auto`` choice on a CPU is also recorded per machine
+(``PrecisionRecord``, beside the teacher checkpoints): a teacher's, so that
+the next run on the same machine runs it, and finds its teacher cache, the
+same way; the student's, so that the runs of a study on one machine do not
+differ in precision by a near tie in the timing.
 """
 from __future__ import annotations
 
 import copy
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -266,3 +269,30 @@ def resolve_precision(amp: str, device: torch.device, model: nn.Module | None = 
     best = max(options, key=lambda p: speeds[str(p)])
     chosen = best if speeds[str(best)] >= MIN_GAIN * reference else options[0]
     return chosen, speeds
+
+
+class PrecisionRecord:
+    """``--amp auto``'s choices on one machine (device, CPU or GPU model, torch version), kept in a JSON file
+    ``{machine: {model: {**identity, "precision": str}}}``. A choice is found again only for the same model
+    name and ``identity`` (the weights a teacher was loaded from, the student's architecture and batch)."""
+
+    def __init__(self, path: Path, device: torch.device):
+        self.path, self.machine = Path(path), f"{device.type} | {device_model(device)} | torch {torch.__version__}"
+        table = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.known: dict = table.get(self.machine, {})
+
+    def get(self, name: str, identity: dict) -> Precision | None:
+        entry = self.known.get(name)
+        if entry and {k: entry.get(k) for k in identity} == identity:
+            return Precision.parse(entry["precision"])
+        return None
+
+    def put(self, name: str, identity: dict, precision: Precision) -> None:
+        """Record a choice, written at once (atomically) with the other machines' choices as they are."""
+        self.known[name] = {**identity, "precision": str(precision)}
+        table = json.loads(self.path.read_text()) if self.path.exists() else {}
+        table[self.machine] = self.known
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text(json.dumps(table, indent=1))
+        tmp.replace(self.path)

@@ -1,7 +1,6 @@
 """Specialist teachers: train each on its own classes, or load it; build the ensemble."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from .loop import LoopConfig, RunRng, fit, seed_everything
 from .optim import EpochScheduler, create_optimizer
 from .models import (SMALL_INPUT, count_parameters, create_teacher, init_description, load_fitting_state,
                      stem_in_weights)
-from .precision import NOT_SAVED, Precision, SavedPrecisions, device_model, keep_saved, resolve_precision
+from .precision import NOT_SAVED, Precision, PrecisionRecord, SavedPrecisions, keep_saved, resolve_precision
 from .report import console, step_progress
 from .spec import TaskSpec
 from .teachers import TeacherEnsemble, TeacherInput
@@ -119,11 +118,9 @@ def choose_teacher_precisions(ensemble: TeacherEnsemble, example: torch.Tensor, 
             for t, inputs, name in zip(ensemble.teachers, ensemble.inputs, ensemble.names)]
 
 
-PRECISION_RECORD = "precisions.json"  # beside the teacher checkpoints: {machine: {teacher: choice}}
-
-
-def _machine_key(device: torch.device) -> str:
-    return f"{device.type} | {device_model(device)} | torch {torch.__version__}"
+# Beside the teacher checkpoints: --amp auto's choices for the task's models, {machine: {teacher or
+# "student <model>": choice}} (precision.PrecisionRecord).
+PRECISION_RECORD = "precisions.json"
 
 
 def _weights_id(path: Path) -> dict:
@@ -136,39 +133,37 @@ def teacher_precisions(ensemble: TeacherEnsemble, paths: list[Path], example: to
     """Each teacher's inference precision.
 
     In order: a resumed run's own choice (``precision.keep_saved``); under ``--amp auto``, the choice recorded
-    in ``record`` for this machine (device, CPU or GPU model, torch version) and these weights (checkpoint
-    path, size, modification time); else the ``--amp`` rule, timed, and (``auto``) recorded. So a near tie in
-    the timing cannot flip a teacher between runs, and the teacher cache keyed on the choice is found again.
+    in ``record`` (a ``PrecisionRecord``) for this machine and these weights (checkpoint path, size,
+    modification time); else the ``--amp`` rule, timed, and (``auto``) recorded. So a near tie in the timing
+    cannot flip a teacher between runs, and the teacher cache keyed on the choice is found again.
     """
-    device = example.device
-    machine = _machine_key(device)
-    table = json.loads(record.read_text()) if record.exists() else {}
-    known = table.get(machine, {})
-    out, changed = [], False
+    recorded = PrecisionRecord(record, example.device)
+    out = []
     for k, (teacher, inputs, name) in enumerate(zip(ensemble.teachers, ensemble.inputs, ensemble.names)):
         who = f"teacher {name}"
-        kept, why = keep_saved(saved.teachers[k] if saved.teachers else None, saved, device, who)
+        kept, why = keep_saved(saved.teachers[k] if saved.teachers else None, saved, example.device, who)
         if why:
             console.print(f"[yellow]{why}[/]", soft_wrap=True)
-        entry = known.get(name)
-        if kept is None and amp == "auto" and not deterministic and entry and \
-                {key: entry.get(key) for key in ("checkpoint", "size", "mtime_ns")} == _weights_id(paths[k]):
-            kept = Precision.parse(entry["precision"])
-            console.print(f"[bold]Precision[/] {who} inference: {kept} (--amp auto, as recorded for this machine "
-                          f"in {record})", soft_wrap=True)
-        if kept is None:
-            kept = choose_precision(amp, teacher, inputs(example), False, deterministic, who)
-            if amp == "auto" and not deterministic:
-                known[name] = {**_weights_id(paths[k]), "precision": str(kept)}
-                changed = True
-        out.append(kept)
-    if changed:
-        table[machine] = known
-        record.parent.mkdir(parents=True, exist_ok=True)
-        tmp = record.with_name(f".{record.name}.tmp")
-        tmp.write_text(json.dumps(table, indent=1))
-        tmp.replace(record)
+        out.append(kept or recorded_choice(recorded, name, _weights_id(paths[k]), amp, deterministic,
+                                           lambda: choose_precision(amp, teacher, inputs(example), False,
+                                                                    deterministic, who), f"{who} inference"))
     return out
+
+
+def recorded_choice(record: PrecisionRecord, name: str, identity: dict, amp: str, deterministic: bool,
+                    choose, role: str) -> Precision:
+    """Under ``--amp auto`` (not ``--deterministic``), ``record``'s choice for ``name`` / ``identity``, or
+    ``choose()``'s, then recorded; otherwise ``choose()`` (the ``--amp`` rule itself)."""
+    if amp != "auto" or deterministic:
+        return choose()
+    kept = record.get(name, identity)
+    if kept is not None:
+        console.print(f"[bold]Precision[/] {role}: {kept} (--amp auto, as recorded for this machine in "
+                      f"{record.path})", soft_wrap=True)
+        return kept
+    kept = choose()
+    record.put(name, identity, kept)
+    return kept
 
 
 def train_teacher(spec, task: TaskSpec, data: TaskData, recipe: TeacherRecipe, device: torch.device,

@@ -38,8 +38,9 @@ from .report import console, run_summary_table, step_progress, teachers_table
 from .results import git_commit, images_per_second, machine
 from .runs import (append_metrics, create_run_dir, log_hparams, open_resume, read_metrics, truncate_metrics,
                    write_run_curves)
-from .precision import Precision, SavedPrecisions, keep_saved
-from .specialists import TeacherRecipe, choose_precision, example_batch, prepare_teachers, teacher_path
+from .precision import Precision, PrecisionRecord, SavedPrecisions, keep_saved
+from .specialists import (PRECISION_RECORD, TeacherRecipe, choose_precision, example_batch, prepare_teachers,
+                          recorded_choice, teacher_dir, teacher_path)
 from .spec import TaskSpec
 from .taskfile import resolve_task
 from .teachers import ENSEMBLE_METHODS, TeacherEnsemble
@@ -210,7 +211,8 @@ def _run(args: Namespace, explicit: set[str], dist: DistInfo, device_name: str) 
     if last is None:
         run_dir = Path(broadcast(dist, str(create_run_dir(args, task)) if dist.is_main else None))
     _write_run_files(run_dir, args, data, device, dist)
-    precision = _student_precision(config, student, data, transform, device, dist, saved)
+    precision = _student_precision(config, student, data, transform, device, dist, saved,
+                                   teacher_dir(config.output_dir, task) / PRECISION_RECORD)
     train_set = keep_labels(data.train, config.label_fraction, config.seed)
     hidden = torch.nonzero((train_set.labels < 0) & (data.train.labels >= 0)).squeeze(1)
     unlabelled_truth = data.train.subset(hidden) if len(hidden) else None  # their labels, for the report only
@@ -296,16 +298,21 @@ def _write_run_files(run_dir: Path, args: Namespace, data: TaskData, device: tor
 
 
 def _student_precision(config: RunConfig, student: nn.Module, data: TaskData, transform: BatchTransform,
-                       device: torch.device, dist: DistInfo, saved: SavedPrecisions) -> Precision:
-    """As the resumed run had it (``precision.keep_saved``) or by the ``--amp`` rule, the same on every rank,
-    and applied to ``student`` before the Distiller copies it (EMA), so that every copy has its layout."""
+                       device: torch.device, dist: DistInfo, saved: SavedPrecisions, record: Path) -> Precision:
+    """As the resumed run had it (``precision.keep_saved``), or as recorded for this machine in ``record``
+    under ``--amp auto``, or by the ``--amp`` rule (rank 0's, on every rank); applied to ``student`` before the
+    Distiller copies it (EMA), so that every copy has its layout."""
     who = f"student {config.student_model}"
     precision, why = keep_saved(saved.student, saved, device, who)
     if why:
         console.print(f"[yellow]{why}[/]", soft_wrap=True)
-    if precision is None:
+    if precision is None and dist.is_main:
         example = example_batch(data.train, transform, device, config.loop.batch_size)
-        precision = choose_precision(config.amp, student, example, True, config.deterministic, who)
+        identity = {"batch": list(example.shape), "init": init_description(config.pretrained),
+                    "compile": config.compile}
+        precision = recorded_choice(PrecisionRecord(record, device), who, identity, config.amp, config.deterministic,
+                                    lambda: choose_precision(config.amp, student, example, True,
+                                                             config.deterministic, who), f"{who} training")
     precision = broadcast(dist, precision)  # DDP needs the same layout on every rank
     precision.prepare_model(student)
     return precision

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -131,3 +133,34 @@ def test_saved_precisions_read_from_a_checkpoint():
     assert saved == SavedPrecisions("fp32/NCHW", ("bf16/NHWC", "fp32/NCHW"), "cpu", False)
     assert SavedPrecisions.from_checkpoint({"precision": "fp32/NCHW"}, True).teachers is None
     assert SavedPrecisions.from_checkpoint(None, False) == SavedPrecisions()
+
+
+def test_a_recorded_choice_is_found_again_for_the_same_model_on_the_same_machine(tmp_path):
+    from mtkd.precision import PrecisionRecord
+    from mtkd.specialists import recorded_choice
+
+    path, cpu = tmp_path / "precisions.json", torch.device("cpu")
+    timed = []
+
+    def choose():
+        timed.append(1)
+        return Precision("bf16", True) if len(timed) % 2 else Precision("fp32", True)
+
+    identity = {"batch": [32, 3, 32, 32]}
+    first = recorded_choice(PrecisionRecord(path, cpu), "student S", identity, "auto", False, choose, "student S")
+    # A later run (a new record object reads the file) times nothing and gets the same choice.
+    again = recorded_choice(PrecisionRecord(path, cpu), "student S", identity, "auto", False, choose, "student S")
+    assert first == again == Precision("bf16", True) and len(timed) == 1
+    # Another batch shape, or a forced / deterministic run, is timed (and only auto writes the record).
+    other = recorded_choice(PrecisionRecord(path, cpu), "student S", {"batch": [64, 3, 32, 32]}, "auto", False,
+                            choose, "student S")
+    assert other == Precision("fp32", True) and len(timed) == 2
+    recorded_choice(PrecisionRecord(path, cpu), "student S", identity, "off", False, choose, "student S")
+    recorded_choice(PrecisionRecord(path, cpu), "student S", identity, "auto", True, choose, "student S")
+    assert len(timed) == 4
+    # Another machine's entries are kept beside this one's.
+    table = json.loads(path.read_text())
+    table["cuda | Some GPU | torch 0"] = {"student S": {"batch": [1], "precision": "bf16/NHWC"}}
+    path.write_text(json.dumps(table))
+    PrecisionRecord(path, cpu).put("student T", identity, Precision("fp32", False))
+    assert set(json.loads(path.read_text())) == {"cuda | Some GPU | torch 0", PrecisionRecord(path, cpu).machine}

@@ -402,3 +402,11 @@ def test_a_student_of_other_inputs_is_refused_by_evaluation(smoke_run, tmp_path)
     assert load_student(smoke_run["run_dir"] / "best.pt", task)[1]["image_size"] == 8
     with pytest.raises(UserError, match="a student of 8-px inputs, but task B now has 16-px images"):
         load_student(save_checkpoint(state, tmp_path / "best.pt"), replace(task, image_size=16))
+
+
+def test_the_students_auto_precision_is_recorded_for_the_next_run_on_this_machine(smoke_run):
+    from mtkd.precision import PrecisionRecord
+
+    record = PrecisionRecord(smoke_run["output_dir"] / "TaskB" / "teachers" / "precisions.json", torch.device("cpu"))
+    entry = record.known["student ResNet18"]
+    assert entry["precision"] == smoke_run["summary"]["precision"] and entry["batch"][0] == 32
