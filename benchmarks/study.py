@@ -28,8 +28,9 @@ BLOCK = re.compile(r"(<!-- results: (?P<name>[\w.-]+\.csv) -->\n)(?P<body>.*?)(<
 
 
 def tables(rows: list[dict]) -> str:
-    text = "Main runs (test accuracy, mean ± std over seeds; accuracies on each teacher's classes are the " \
-           "student's, the teacher's own in brackets):\n\n" + results_table(rows) + "\n"
+    text = "Main runs (test accuracy, mean ± std over seeds; the selection run that chose a recipe is its seed 0; " \
+           "accuracies on each teacher's classes are the student's, the teacher's own in brackets):\n\n" + \
+           results_table(rows) + "\n"
     if any(r["selection"] == "True" for r in rows):
         text += "\nSelection runs (seed 0, chosen on best validation accuracy only):\n\n" + selection_table(rows) + "\n"
     return text

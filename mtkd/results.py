@@ -182,6 +182,10 @@ def _setting(r: dict) -> str:
     return ", ".join(parts)
 
 
+def _recipe(r: dict) -> tuple:
+    return tuple(str(r[k]) for k in KEY if k not in ("seed", "selection"))
+
+
 def selection_table(rows: list[dict]) -> str:
     """The hyper-parameter selection runs: one row each, ranked by best validation accuracy within a student."""
     rows = [r for r in rows if r["selection"] == "True"]
@@ -195,11 +199,18 @@ def selection_table(rows: list[dict]) -> str:
 
 
 def results_table(rows: list[dict]) -> str:
-    """The main runs (not selection): test accuracy mean ± std over seeds per (student, method, setting), the
-    student on each teacher's classes (mean) next to the teachers' own, and the teacher ensemble."""
-    rows = [r for r in rows if r["selection"] != "True"]
+    """The main runs: test accuracy mean ± std over seeds per (student, method, setting), the student on each
+    teacher's classes (mean) next to the teachers' own, and the teacher ensemble.
+
+    A selection run of a recipe that has main runs (every ``KEY`` but seed and selection equal) is one of its
+    seeds, unless a main run has that seed: the run that chose the recipe is not run twice."""
+    main = [r for r in rows if r["selection"] != "True"]
+    recipes = {_recipe(r) for r in main}
+    seeds = {(_recipe(r), r["seed"]) for r in main}
+    main += [r for r in rows if r["selection"] == "True" and _recipe(r) in recipes
+             and (_recipe(r), r["seed"]) not in seeds]
     groups: dict[tuple, list[dict]] = {}
-    for r in rows:
+    for r in main:
         groups.setdefault((r["student"], float(r["label_fraction"]), r["method"], _setting(r), r["epochs"]),
                           []).append(r)
     lines = ["| student | labels | method | setting | epochs | seeds | test acc (mean ± std) | best val (mean) | "

@@ -99,3 +99,18 @@ def test_the_readme_agrees_with_the_recorded_results():
     proc = run_script("benchmarks/study.py", "readme", "--check")
     assert proc.returncode == 0, proc.stderr
     assert (ROOT / "results" / "README.md").is_file()  # the study files' columns, documented
+
+
+def test_the_selection_run_of_a_chosen_recipe_is_one_of_its_seeds(tmp_path):
+    path = tmp_path / "study.csv"
+    chosen, other = dict(alpha=0, scheduler="cosine"), dict(alpha=0, scheduler="cosine", lr=0.003)
+    append_record(path, record(_summary(0.40, 0), _args(**chosen, seed=0), selection=True))
+    append_record(path, record(_summary(0.30, 0), _args(**other, seed=0), selection=True))
+    for seed, acc in ((1, 0.42), (2, 0.44)):
+        append_record(path, record(_summary(acc, seed), _args(**chosen, seed=seed)))
+    table = results_table(load_records(path))
+    assert "| lr 0.001, cosine | 100 | 0 1 2 | 42.00 ± 2.00 |" in table
+    assert "lr 0.003" not in table  # a recipe without main runs stays a selection run only
+    # A main run of seed 0 wins over the selection run of seed 0.
+    append_record(path, record(_summary(0.50, 0), _args(**chosen, seed=0)))
+    assert "| 0 1 2 | 45.33 ± 4.16 |" in results_table(load_records(path))
