@@ -310,7 +310,10 @@ def _student_precision(config: RunConfig, student: nn.Module, data: TaskData, tr
         example = example_batch(data.train, transform, device, config.loop.batch_size)
         identity = {"batch": list(example.shape), "init": init_description(config.pretrained),
                     "compile": config.compile}
-        precision = recorded_choice(PrecisionRecord(record, device), who, identity, config.amp, config.deterministic,
+        # One entry per student and setting, so that runs of other batch sizes do not replace each other's.
+        name = f"{who}, batch {'x'.join(map(str, example.shape))}, {identity['init']}" + \
+            (", compiled" if config.compile else "")
+        precision = recorded_choice(PrecisionRecord(record, device), name, identity, config.amp, config.deterministic,
                                     lambda: choose_precision(config.amp, student, example, True,
                                                              config.deterministic, who), f"{who} training")
     precision = broadcast(dist, precision)  # DDP needs the same layout on every rank

@@ -408,5 +408,5 @@ def test_the_students_auto_precision_is_recorded_for_the_next_run_on_this_machin
     from mtkd.precision import PrecisionRecord
 
     record = PrecisionRecord(smoke_run["output_dir"] / "TaskB" / "teachers" / "precisions.json", torch.device("cpu"))
-    entry = record.known["student ResNet18"]
-    assert entry["precision"] == smoke_run["summary"]["precision"] and entry["batch"][0] == 32
+    entry = record.known["student ResNet18, batch 32x1x8x8, random"]
+    assert entry["precision"] == smoke_run["summary"]["precision"] and entry["batch"] == [32, 1, 8, 8]
