@@ -4,7 +4,9 @@
 
 Loads the task's teachers from ``OUTPUT_DIR/Task<X>/teachers/`` (as ``train.py`` finds them; nothing is
 trained) and runs them, at the inference precision ``train.py`` gives them, on the validation split and
-on ``--train_images`` training images (un-augmented: images the teachers were trained on). Prints:
+on ``--train_images`` training images (un-augmented: images the teachers were trained on), and with
+``--cache FILE`` reads a teacher cache (``train.py --teacher_cache``) for the augmented views of every
+training image that the student is distilled on. Prints:
 
 * per teacher, on its own classes: accuracy, NLL, expected calibration error, mean confidence and
   normalised entropy at each ``--temperatures`` (how much a soft target says beyond its argmax);
@@ -42,6 +44,7 @@ def get_args_parser():
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", default="auto")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache", type=Path, help="a teacher cache file of this task's teachers and training images")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     return p
 
@@ -75,14 +78,29 @@ def measure(ensemble, logits: list[torch.Tensor], labels: torch.Tensor, temperat
     return {"images": len(labels), "own_classes": own, "home_ground": home, "ensemble_acc": readings}
 
 
+def cached_views(path: Path, labels: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The teacher logits of every cached view, views stacked as images, and their labels."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        logits = [z.float() for z in state["logits"]]
+    except Exception as e:
+        raise UserError(f"--cache {path}: not a readable teacher cache ({type(e).__name__}). Fix: name a file "
+                        "that train.py --teacher_cache DIR wrote in DIR.") from None
+    if any(z.shape[1] != len(labels) for z in logits):
+        raise UserError(f"--cache {path}: cached for {logits[0].shape[1]} training images, this task has "
+                        f"{len(labels)}. Fix: name a cache of this task's teachers and data.")
+    return [z.reshape(-1, z.shape[-1]) for z in logits], labels.repeat(logits[0].shape[0])
+
+
 def print_tables(out: dict) -> None:
     for split, res in out["splits"].items():
         t = Table(title=f"{out['task']} teachers on their own classes, {split} ({res['images']} images in all)")
-        for col in ("teacher", "T", "acc", "nll", "ece", "confidence", "entropy"):
+        cols = ("acc", "nll", "ece", "confidence", "label_prob", "entropy")
+        for col in ("teacher", "T") + cols:
             t.add_column(col, justify="left" if col == "teacher" else "right")
         for name, by_t in res["own_classes"].items():
             for temp, m in by_t.items():
-                t.add_row(name, temp[1:], *(f"{m[k]:.3f}" for k in ("acc", "nll", "ece", "confidence", "entropy")))
+                t.add_row(name, temp[1:], *(f"{m[k]:.3f}" for k in cols))
         console.print(t)
         t = Table(title=f"home ground on {split}: the teacher picked by each score")
         for col in ("score", "right teacher", "accuracy over all classes"):
@@ -103,6 +121,7 @@ def main(args) -> dict:
         raise UserError(f"teacher checkpoints not found: {', '.join(missing)}. Fix: train them with "
                         f"`python train.py --task {task.name} --output_dir {args.output_dir}`, or copy them there.")
     data = load_task_data(task, args.data_root)
+    cached = cached_views(args.cache, data.train.labels) if args.cache is not None else None
     ensemble = create_ensemble(task, [load_teacher(spec, task, p)[0] for spec, p in zip(task.teachers, paths)])
     ensemble = ensemble.to(device)
     transform = BatchTransform.for_task(task).to(device)
@@ -116,6 +135,10 @@ def main(args) -> dict:
     for name, dataset in splits.items():
         logits, labels = teacher_outputs(ensemble, dataset, transform, device, name)
         out["splits"][name] = measure(ensemble, logits, labels, args.temperatures)
+    if cached is not None:
+        logits, labels = cached
+        out["splits"][f"train, {len(labels) // len(data.train)} cached views"] = measure(
+            ensemble, logits, labels, args.temperatures)
     return out
 
 

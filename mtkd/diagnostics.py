@@ -17,7 +17,7 @@ def calibration(logits: Tensor, labels: Tensor, temperature: float = 1.0, bins: 
     """A classifier's accuracy and calibration on ``labels`` (indices into its own outputs), at ``temperature``.
 
     ``nll``: mean ``-log p_y``; ``ece``: ``metrics.expected_calibration_error`` over ``bins`` bins;
-    ``confidence``: mean ``max_c p_c``; ``entropy``: mean entropy divided by ``log C`` (0: one-hot, 1: uniform), i.e. how much a soft target
+    ``confidence``: mean ``max_c p_c``; ``label_prob``: mean ``p_y``; ``entropy``: mean entropy divided by ``log C`` (0: one-hot, 1: uniform), i.e. how much a soft target
     says beyond its argmax.
     """
     logp = F.log_softmax(logits.float() / temperature, dim=1)
@@ -27,6 +27,7 @@ def calibration(logits: Tensor, labels: Tensor, temperature: float = 1.0, bins: 
     scale = math.log(logits.shape[1]) if logits.shape[1] > 1 else 1.0
     return {"acc": correct.mean().item(), "nll": -logp.gather(1, labels[:, None]).mean().item(),
             "ece": expected_calibration_error(p, labels, bins), "confidence": conf.mean().item(),
+            "label_prob": p.gather(1, labels[:, None]).mean().item(),
             "entropy": (-(p * logp).sum(1) / scale).mean().item()}
 
 

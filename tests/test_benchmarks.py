@@ -67,10 +67,28 @@ def test_stem_ablation_variants_differ_only_where_they_say():
 
 
 def test_teacher_diagnostics_measure_the_trained_teachers(smoke_run):
+    import pytest
+    import torch
+
+    import tasks
+    from mtkd.cache import TeacherCache
+    from mtkd.data import load_task_data
+    from mtkd.errors import UserError
+
     diag = load("teacher_diagnostics")
+    task = tasks.get_task("B")
+    n = len(load_task_data(task).train)
+    cache = smoke_run["output_dir"] / "cache.pt"  # two views of every training image, as train.py writes it
+    views = torch.zeros(2, n, dtype=torch.int16)
+    TeacherCache("key", [torch.randn(2, n, len(t.classes)) for t in task.teachers], views, views,
+                 views.bool()).save(cache)
     args = diag.get_args_parser().parse_args(["--task", "B", "--output_dir", str(smoke_run["output_dir"]),
-                                              "--train_images", "64", "--temperatures", "1", "4"])
+                                              "--train_images", "64", "--temperatures", "1", "4",
+                                              "--cache", str(cache)])
     out = diag.main(args)
+    assert out["splits"]["train, 2 cached views"]["images"] == 2 * n
+    with pytest.raises(UserError, match="not a readable teacher cache"):
+        diag.cached_views(smoke_run["output_dir"] / "TaskB" / "teachers" / "precisions.json", torch.zeros(n))
     val = out["splits"]["val"]
     assert set(val["own_classes"]) == {"digits_0123", "digits_3456", "digits_67890"}
     for by_t in val["own_classes"].values():

@@ -14,6 +14,7 @@ def test_calibration_of_two_images_worked_by_hand():
     assert m["acc"] == 0.5
     assert m["nll"] == pytest.approx((-math.log(0.75) - math.log(0.1)) / 2)
     assert m["confidence"] == pytest.approx((0.75 + 0.9) / 2)
+    assert m["label_prob"] == pytest.approx((0.75 + 0.1) / 2)
     # Different bins (0.733-0.8 and 0.867-0.933): |1 - 0.75| / 2 + |0 - 0.9| / 2.
     assert m["ece"] == pytest.approx(0.125 + 0.45)
     h = lambda p: -(p * math.log(p) + (1 - p) * math.log(1 - p)) / math.log(2)  # noqa: E731
