@@ -5,8 +5,8 @@
 Loads the task's teachers from ``OUTPUT_DIR/Task<X>/teachers/`` (as ``train.py`` finds them; nothing is
 trained) and runs them, at the inference precision ``train.py`` gives them, on the validation split and
 on ``--train_images`` training images (un-augmented: images the teachers were trained on), and with
-``--cache FILE`` reads a teacher cache (``train.py --teacher_cache``) for the augmented views of every
-training image that the student is distilled on. Prints:
+``--teacher_cache DIR`` reads the teacher cache ``train.py --teacher_cache DIR --cache_views N`` built for
+these teachers and data (the augmented views of every training image the student is distilled on). Prints:
 
 * per teacher, on its own classes: accuracy, NLL, expected calibration error, mean confidence and
   normalised entropy at each ``--temperatures`` (how much a soft target says beyond its argmax);
@@ -24,14 +24,16 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root, for tasks/
 import tasks  # noqa: E402
+from mtkd.cache import CacheError, TeacherCache, cache_key, cache_path  # noqa: E402
 from mtkd.data import BatchTransform, create_loader, load_task_data  # noqa: E402
 from mtkd.diagnostics import HOME_SCORES, calibration, routed_predictions  # noqa: E402
 from mtkd.errors import UserError  # noqa: E402
 from mtkd.loop import resolve_device  # noqa: E402
-from mtkd.losses import coverage  # noqa: E402
+from mtkd.evaluate import load_ensemble  # noqa: E402
+from mtkd.losses import coverage, local_labels  # noqa: E402
 from mtkd.report import console, print_error, step_progress  # noqa: E402
-from mtkd.specialists import (PRECISION_RECORD, create_ensemble, example_batch, load_teacher,  # noqa: E402
-                              teacher_dir, teacher_path, teacher_precisions)
+from mtkd.specialists import (PRECISION_RECORD, example_batch, teacher_dir, teacher_path,  # noqa: E402
+                              teacher_precisions)
 
 
 def get_args_parser():
@@ -44,7 +46,8 @@ def get_args_parser():
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", default="auto")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache", type=Path, help="a teacher cache file of this task's teachers and training images")
+    p.add_argument("--teacher_cache", type=Path, metavar="DIR", help="where train.py keeps its teacher cache")
+    p.add_argument("--cache_views", type=int, default=8, help="the views of that cache (as train.py)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     return p
 
@@ -62,12 +65,11 @@ def teacher_outputs(ensemble, dataset, transform, device, what: str) -> tuple[li
 
 def measure(ensemble, logits: list[torch.Tensor], labels: torch.Tensor, temperatures: list[float]) -> dict:
     ids = [i.cpu() for i in ensemble.class_ids]
-    own = {}
-    for name, z, c in zip(ensemble.names, logits, ids):
-        mine = (labels[:, None] == c[None, :]).any(1)
-        local = (labels[mine][:, None] == c[None, :]).long().argmax(1)
-        own[name] = {f"T{t:g}": calibration(z[mine], local, t) for t in temperatures}
     cover = coverage(ids, labels)  # (N, K): which teachers hold each label (several where classes overlap)
+    own = {}
+    for k, (name, z, c) in enumerate(zip(ensemble.names, logits, ids)):
+        mine = cover[:, k]
+        own[name] = {f"T{t:g}": calibration(z[mine], local_labels(c, labels[mine]), t) for t in temperatures}
     home = {}
     for score in HOME_SCORES.list():
         k, pred = routed_predictions(logits, ids, score)
@@ -78,18 +80,23 @@ def measure(ensemble, logits: list[torch.Tensor], labels: torch.Tensor, temperat
     return {"images": len(labels), "own_classes": own, "home_ground": home, "ensemble_acc": readings}
 
 
-def cached_views(path: Path, labels: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """The teacher logits of every cached view, views stacked as images, and their labels."""
+def cached_views(args, task, ensemble, data, transform) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The teacher logits of every view in the cache ``train.py`` built for these teachers and data, views
+    stacked as images, and their labels."""
+    key = cache_key(ensemble, data.train, transform, args.cache_views)
+    path = cache_path(args.teacher_cache, task.name, key)
+    fix = (f"Fix: build it with `python train.py --task {task.name} --teacher_cache {args.teacher_cache} "
+           f"--cache_views {args.cache_views}` (and these teachers), or name the DIR and views it was built with.")
+    if not path.exists():
+        raise UserError(f"--teacher_cache {args.teacher_cache}: no cache of these teachers and data with "
+                        f"{args.cache_views} views ({path.name}). {fix}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        logits = [z.float() for z in state["logits"]]
-    except Exception as e:
-        raise UserError(f"--cache {path}: not a readable teacher cache ({type(e).__name__}). Fix: name a file "
-                        "that train.py --teacher_cache DIR wrote in DIR.") from None
-    if any(z.shape[1] != len(labels) for z in logits):
-        raise UserError(f"--cache {path}: cached for {logits[0].shape[1]} training images, this task has "
-                        f"{len(labels)}. Fix: name a cache of this task's teachers and data.")
-    return [z.reshape(-1, z.shape[-1]) for z in logits], labels.repeat(logits[0].shape[0])
+        cache = TeacherCache.load(path, key, args.cache_views, len(data.train),
+                                  [len(ids) for ids in ensemble.class_ids])
+    except CacheError as e:
+        raise UserError(f"--teacher_cache {args.teacher_cache}: {path.name} is not usable ({e}). {fix}") from None
+    return ([z.float().reshape(-1, z.shape[-1]) for z in cache.logits],
+            data.train.labels.repeat(args.cache_views))
 
 
 def print_tables(out: dict) -> None:
@@ -121,16 +128,16 @@ def main(args) -> dict:
         raise UserError(f"teacher checkpoints not found: {', '.join(missing)}. Fix: train them with "
                         f"`python train.py --task {task.name} --output_dir {args.output_dir}`, or copy them there.")
     data = load_task_data(task, args.data_root)
-    cached = cached_views(args.cache, data.train.labels) if args.cache is not None else None
-    ensemble = create_ensemble(task, [load_teacher(spec, task, p)[0] for spec, p in zip(task.teachers, paths)])
-    ensemble = ensemble.to(device)
+    ensemble = load_ensemble(task, args.output_dir)[0].to(device)
     transform = BatchTransform.for_task(task).to(device)
     example = example_batch(data.train, transform, device, 32)
     ensemble.set_precisions(teacher_precisions(ensemble, paths, example, args.amp, False,
                                                teacher_dir(args.output_dir, task) / PRECISION_RECORD))
+    cached = cached_views(args, task, ensemble, data, transform) if args.teacher_cache is not None else None
     g = torch.Generator().manual_seed(args.seed)
     n = min(args.train_images, len(data.train))
-    splits = {"val": data.val, f"train ({n} images)": data.train.subset(torch.randperm(len(data.train), generator=g)[:n])}
+    sample = data.train.subset(torch.randperm(len(data.train), generator=g)[:n])
+    splits = {"val": data.val, f"train ({n} images)": sample}
     out = {"task": task.name, "precisions": [str(p) for p in ensemble.precisions], "splits": {}}
     for name, dataset in splits.items():
         logits, labels = teacher_outputs(ensemble, dataset, transform, device, name)

@@ -138,13 +138,18 @@ class TeacherCache:
         return cache
 
 
+def cache_path(cache_dir: str | Path, task_name: str, key: str) -> Path:
+    """Where the cache of ``key`` (``cache_key``) lives in ``cache_dir``."""
+    return Path(cache_dir) / f"Task{task_name}-{key[:16]}.pt"
+
+
 def open_teacher_cache(cache_dir: str | Path, task_name: str, ensemble: TeacherEnsemble,
                        dataset: ImageTensorDataset, transform: BatchTransform, num_views: int,
                        device: torch.device) -> tuple[TeacherCache, Path, str]:
     """Load the matching cache from ``cache_dir``, or build and save it; returns it, its path, and
     ``'reused'``, ``'built'`` or ``'rebuilt (reason)'``."""
     key = cache_key(ensemble, dataset, transform, num_views)
-    path = Path(cache_dir) / f"Task{task_name}-{key[:16]}.pt"
+    path = cache_path(cache_dir, task_name, key)
     sizes = [len(ids) for ids in ensemble.class_ids]
     status = "built"
     if path.exists():

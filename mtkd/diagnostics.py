@@ -3,12 +3,12 @@ and which teacher is on home ground for an image (out-of-distribution scores), m
 
 Pure functions of logits and labels; ``benchmarks/teacher_diagnostics.py`` runs them on a task's teachers.
 """
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .losses import normalised_entropy
 from .metrics import expected_calibration_error
 from .registry import Registry
 
@@ -17,18 +17,17 @@ def calibration(logits: Tensor, labels: Tensor, temperature: float = 1.0, bins: 
     """A classifier's accuracy and calibration on ``labels`` (indices into its own outputs), at ``temperature``.
 
     ``nll``: mean ``-log p_y``; ``ece``: ``metrics.expected_calibration_error`` over ``bins`` bins;
-    ``confidence``: mean ``max_c p_c``; ``label_prob``: mean ``p_y``; ``entropy``: mean entropy divided by ``log C`` (0: one-hot, 1: uniform), i.e. how much a soft target
-    says beyond its argmax.
+    ``confidence``: mean ``max_c p_c``; ``label_prob``: mean ``p_y``; ``entropy``: mean
+    ``losses.normalised_entropy``, i.e. how much a soft target says beyond its argmax.
     """
     logp = F.log_softmax(logits.float() / temperature, dim=1)
     p = logp.exp()
     conf, pred = p.max(1)
     correct = (pred == labels).float()
-    scale = math.log(logits.shape[1]) if logits.shape[1] > 1 else 1.0
     return {"acc": correct.mean().item(), "nll": -logp.gather(1, labels[:, None]).mean().item(),
             "ece": expected_calibration_error(p, labels, bins), "confidence": conf.mean().item(),
             "label_prob": p.gather(1, labels[:, None]).mean().item(),
-            "entropy": (-(p * logp).sum(1) / scale).mean().item()}
+            "entropy": normalised_entropy(logits, temperature).mean().item()}
 
 
 # Home-ground scores: (logits over a teacher's own classes) -> (B,) higher = more likely one of its classes.
@@ -36,8 +35,7 @@ HOME_SCORES: Registry = Registry("home-ground score")
 HOME_SCORES.register("max_prob", lambda z: F.softmax(z.float(), 1).max(1).values)  # Hendrycks & Gimpel, 2017
 HOME_SCORES.register("max_logit", lambda z: z.float().max(1).values)  # Hendrycks et al., ICML 2022
 HOME_SCORES.register("energy", lambda z: torch.logsumexp(z.float(), 1))  # Liu et al., NeurIPS 2020 (-energy)
-HOME_SCORES.register("neg_entropy", lambda z: (F.softmax(z.float(), 1) * F.log_softmax(z.float(), 1)).sum(1)
-                     / (math.log(z.shape[1]) if z.shape[1] > 1 else 1.0))
+HOME_SCORES.register("neg_entropy", lambda z: -normalised_entropy(z))
 
 
 def home_scores(teacher_logits: list[Tensor], score: str) -> Tensor:

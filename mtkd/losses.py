@@ -132,15 +132,19 @@ def confidence_weights(teacher_logits, class_ids, labels, fixed, eligible: Tenso
     return _normalise_rows(torch.where(lone, cover.float(), (1 - s) * cover))
 
 
+def normalised_entropy(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """``(B,)``: the entropy of ``softmax(z / T)`` divided by ``log C`` (0: one-hot, 1: uniform), so that
+    distributions over different numbers of classes compare."""
+    logp = F.log_softmax(logits.float() / temperature, 1)
+    scale = math.log(logits.shape[1]) if logits.shape[1] > 1 else 1.0
+    return -(logp.exp() * logp).sum(1) / scale
+
+
 def entropy_weights(teacher_logits, class_ids, labels, fixed, eligible: Tensor) -> Tensor:
     """EBKD (Kwon et al., ICASSP 2020): ``w_k = softmax_k(-H_k)`` with ``H_k`` the entropy of teacher
     ``k``'s prediction divided by ``log |C_k|`` so that specialists of different sizes compare."""
-    h = []
-    for z in teacher_logits:
-        logp = F.log_softmax(z.float(), 1)
-        scale = math.log(z.shape[1]) if z.shape[1] > 1 else 1.0
-        h.append(-(logp.exp() * logp).sum(1) / scale)
-    logits = (-torch.stack(h, 1)).masked_fill(~eligible, float("-inf"))
+    h = torch.stack([normalised_entropy(z) for z in teacher_logits], 1)
+    logits = (-h).masked_fill(~eligible, float("-inf"))
     return F.softmax(logits, dim=1).nan_to_num(0.0)
 
 

@@ -71,24 +71,29 @@ def test_teacher_diagnostics_measure_the_trained_teachers(smoke_run):
     import torch
 
     import tasks
-    from mtkd.cache import TeacherCache
-    from mtkd.data import load_task_data
+    from mtkd.cache import open_teacher_cache
+    from mtkd.data import BatchTransform, load_task_data
     from mtkd.errors import UserError
+    from mtkd.evaluate import load_ensemble
+    from mtkd.specialists import PRECISION_RECORD, example_batch, teacher_dir, teacher_path, teacher_precisions
 
     diag = load("teacher_diagnostics")
-    task = tasks.get_task("B")
-    n = len(load_task_data(task).train)
-    cache = smoke_run["output_dir"] / "cache.pt"  # two views of every training image, as train.py writes it
-    views = torch.zeros(2, n, dtype=torch.int16)
-    TeacherCache("key", [torch.randn(2, n, len(t.classes)) for t in task.teachers], views, views,
-                 views.bool()).save(cache)
-    args = diag.get_args_parser().parse_args(["--task", "B", "--output_dir", str(smoke_run["output_dir"]),
-                                              "--train_images", "64", "--temperatures", "1", "4",
-                                              "--cache", str(cache)])
-    out = diag.main(args)
-    assert out["splits"]["train, 2 cached views"]["images"] == 2 * n
-    with pytest.raises(UserError, match="not a readable teacher cache"):
-        diag.cached_views(smoke_run["output_dir"] / "TaskB" / "teachers" / "precisions.json", torch.zeros(n))
+    task, out_dir, cpu = tasks.get_task("B"), smoke_run["output_dir"], torch.device("cpu")
+    data = load_task_data(task)
+    # The cache train.py --teacher_cache DIR --cache_views 2 builds for these teachers.
+    ensemble = load_ensemble(task, out_dir)[0]
+    transform = BatchTransform.for_task(task)
+    paths = [teacher_path(out_dir, task, t) for t in task.teachers]
+    example = example_batch(data.train, transform, cpu, 32)
+    ensemble.set_precisions(teacher_precisions(ensemble, paths, example, "auto", False,
+                                               teacher_dir(out_dir, task) / PRECISION_RECORD))
+    open_teacher_cache(out_dir / "cache", "B", ensemble, data.train, transform, 2, cpu)
+    flags = ["--task", "B", "--output_dir", str(out_dir), "--train_images", "64", "--temperatures", "1", "4",
+             "--teacher_cache", str(out_dir / "cache")]
+    out = diag.main(diag.get_args_parser().parse_args(flags + ["--cache_views", "2"]))
+    assert out["splits"]["train, 2 cached views"]["images"] == 2 * len(data.train)
+    with pytest.raises(UserError, match="no cache of these teachers and data with 3 views"):
+        diag.main(diag.get_args_parser().parse_args(flags + ["--cache_views", "3"]))
     val = out["splits"]["val"]
     assert set(val["own_classes"]) == {"digits_0123", "digits_3456", "digits_67890"}
     for by_t in val["own_classes"].values():
