@@ -23,21 +23,17 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from .checkpoint import save_checkpoint
-from .data import BatchTransform, FileImageDataset, ImageTensorDataset, hash_tensor
+from .data import BatchTransform, FileImageDataset, ImageTensorDataset, create_loader, hash_tensor
 from .report import console, step_progress
 from .teachers import TeacherEnsemble
 
 CACHE_VERSION = 3  # 2: the key records each teacher's precision and the device type; 3: its input, not labels
+EVAL_VERSION = 1  # of the files of teacher logits on un-augmented images (``teacher_logits``)
 VIEW_SEED = 0  # views do not depend on the run's --seed, so every run of a sweep shares them
 
 
-def cache_key(ensemble: TeacherEnsemble, dataset: ImageTensorDataset | FileImageDataset,
-              transform: BatchTransform, num_views: int) -> str:
-    """sha256 over the teachers' weights, classes, inputs and precisions (dtype), the device type they run on, the
-    images (pixels, or files' paths, sizes and modification times), augmentation and K."""
-    device = ensemble.weights.device.type
-    h = hashlib.sha256(f"mtkd-teacher-cache v{CACHE_VERSION} views={num_views} seed={VIEW_SEED} "
-                       f"device={device}".encode())
+def _hash_teachers(h, ensemble: TeacherEnsemble) -> None:
+    """Feed the teachers' weights, classes, inputs and precisions (dtype) into the hashlib object ``h``."""
     for teacher, ids, precision, inputs in zip(ensemble.teachers, ensemble.class_ids, ensemble.precisions,
                                                ensemble.inputs):
         # The dtype, not the memory layout: NCHW and NHWC give the same fp16-stored logits, and --amp auto's
@@ -47,6 +43,16 @@ def cache_key(ensemble: TeacherEnsemble, dataset: ImageTensorDataset | FileImage
         for name, t in teacher.state_dict().items():
             h.update(name.encode())
             hash_tensor(h, t)
+
+
+def cache_key(ensemble: TeacherEnsemble, dataset: ImageTensorDataset | FileImageDataset,
+              transform: BatchTransform, num_views: int) -> str:
+    """sha256 over the teachers' weights, classes, inputs and precisions (dtype), the device type they run on, the
+    images (pixels, or files' paths, sizes and modification times), augmentation and K."""
+    device = ensemble.weights.device.type
+    h = hashlib.sha256(f"mtkd-teacher-cache v{CACHE_VERSION} views={num_views} seed={VIEW_SEED} "
+                       f"device={device}".encode())
+    _hash_teachers(h, ensemble)
     dataset.fingerprint(h)
     h.update(f"pad={transform.crop_padding} flip={transform.hflip}".encode())
     hash_tensor(h, transform.mean.float())
@@ -161,6 +167,76 @@ def open_teacher_cache(cache_dir: str | Path, task_name: str, ensemble: TeacherE
     cache = TeacherCache.build(key, ensemble, dataset, transform, num_views, device)
     cache.save(path)
     return cache, path, status
+
+
+def eval_key(ensemble: TeacherEnsemble, dataset: ImageTensorDataset | FileImageDataset,
+             transform: BatchTransform) -> str:
+    """sha256 over what the teachers' logits on the un-augmented ``dataset`` depend on: the teachers (as in
+    ``cache_key``), the device type, the images and the normalisation."""
+    h = hashlib.sha256(f"mtkd-eval-logits v{EVAL_VERSION} device={ensemble.weights.device.type}".encode())
+    _hash_teachers(h, ensemble)
+    dataset.fingerprint(h)
+    hash_tensor(h, transform.mean.float())
+    hash_tensor(h, transform.std.float())
+    return h.hexdigest()
+
+
+def _load_eval_logits(path: Path, key: str, num_images: int, sizes: list[int]) -> list[Tensor]:
+    """Load and verify a file of ``teacher_logits``; raise ``CacheError`` saying what is wrong."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CacheError(f"unreadable ({type(e).__name__})") from None
+    if not isinstance(state, dict) or state.get("version") != EVAL_VERSION or state.get("key") != key:
+        raise CacheError("written for other teachers or data")
+    logits = state.get("logits")
+    if not isinstance(logits, list) or [tuple(getattr(z, "shape", ())) for z in logits] != \
+            [(num_images, c) for c in sizes]:
+        raise CacheError("tensors of the wrong shape")
+    if _checksum({"logits": logits}) != state.get("checksum"):
+        raise CacheError("checksum mismatch")
+    return logits
+
+
+@torch.no_grad()
+def teacher_logits(ensemble: TeacherEnsemble, datasets: dict, transform: BatchTransform, device: torch.device,
+                   cache_dir: str | Path | None = None, task_name: str = "",
+                   batch_size: int = 512) -> dict[str, list[Tensor]]:
+    """``{name: [logits of teacher k, (N, C_k) fp32 on the CPU]}`` on each un-augmented dataset of ``datasets``.
+
+    With ``cache_dir`` (``--teacher_cache``) each dataset's logits are kept there
+    (``Task<X>-eval-<key>.pt``, key ``eval_key``) and read back by every later
+    run of the same teachers on the same images: the run reports' teacher
+    ensemble rows are then free. One progress bar covers what is computed.
+    """
+    sizes = [len(ids) for ids in ensemble.class_ids]
+    out, todo = {}, {}
+    for name, dataset in datasets.items():
+        path = key = None
+        if cache_dir is not None:
+            key = eval_key(ensemble, dataset, transform)
+            path = Path(cache_dir) / f"Task{task_name}-eval-{key[:16]}.pt"
+            if path.exists():
+                try:
+                    out[name] = _load_eval_logits(path, key, len(dataset), sizes)
+                    continue
+                except CacheError as e:
+                    console.print(f"[yellow]teacher logits {path} are not usable ({e}); recomputing them[/]",
+                                  soft_wrap=True)
+        todo[name] = dataset, path, key
+    if todo:
+        with step_progress("teacher ensemble", sum(len(d) for d, _, _ in todo.values())) as advance:
+            for name, (dataset, path, key) in todo.items():
+                parts = [[torch.empty(0, c)] for c in sizes]
+                for images, _ in create_loader(dataset, batch_size, train=False):
+                    for k, z in enumerate(ensemble(transform(images.to(device)))):
+                        parts[k].append(z.cpu())
+                    advance(len(images))
+                out[name] = [torch.cat(p) for p in parts]
+                if path is not None:
+                    save_checkpoint({"version": EVAL_VERSION, "key": key, "logits": out[name],
+                                     "checksum": _checksum({"logits": out[name]})}, path)
+    return {name: out[name] for name in datasets}
 
 
 class CachedViews(Dataset):

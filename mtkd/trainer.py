@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 
-from .cache import CachedViews, open_teacher_cache
+from .cache import CachedViews, open_teacher_cache, teacher_logits
 from .checkpoint import CheckpointSaver, load_checkpoint, student_checkpoint
 from .data import BatchTransform, TaskData, count_labelled, create_loader, keep_labels, labelled_only, load_task_data
 from .distill import Distiller
@@ -34,7 +34,7 @@ from .loop import GracefulStop, LoopConfig, RunRng, fit, resolve_device, seed_ev
 from .metrics import restricted_accuracy
 from .models import check_architecture, count_parameters, create_student, init_description
 from .optim import EpochScheduler, create_optimizer, optimizer_kwargs, scheduler_kwargs
-from .report import console, run_summary_table, step_progress, teachers_table
+from .report import console, run_summary_table, teachers_table
 from .results import git_commit, images_per_second, machine
 from .runs import (append_metrics, create_run_dir, log_hparams, open_resume, read_metrics, truncate_metrics,
                    write_run_curves)
@@ -154,7 +154,8 @@ class StudentRun:
     cache_status: str | None
     started: float
     commit: str  # the code this run loaded, read when it started
-    unlabelled_truth: object = None  # the images trained on without their label, with it (--label_fraction)
+    # The images trained on without their label, with it (--label_fraction): (the training set, their indices).
+    unlabelled_truth: tuple | None = None
     best: dict = field(default_factory=lambda: {"val_acc": -1.0, "epoch": 0})
 
     @property
@@ -215,7 +216,7 @@ def _run(args: Namespace, explicit: set[str], dist: DistInfo, device_name: str) 
                                    teacher_dir(config.output_dir, task) / PRECISION_RECORD)
     train_set = keep_labels(data.train, config.label_fraction, config.seed)
     hidden = torch.nonzero((train_set.labels < 0) & (data.train.labels >= 0)).squeeze(1)
-    unlabelled_truth = data.train.subset(hidden) if len(hidden) else None  # their labels, for the report only
+    unlabelled_truth = (data.train, hidden) if len(hidden) else None  # their labels, for the report only
     kd = replace(config.kd, unlabelled=count_labelled(train_set)[1] > 0)
     seed_everything(config.seed)
     step = Distiller(student, ensemble, kd, compile=config.compile).to(device)
@@ -409,10 +410,10 @@ def finish_run(run: StudentRun, writer) -> dict:
     for row, ids in zip(run.teacher_rows, ensemble.class_ids):
         # The student on the specialist's test images, choosing among the specialist's classes: its task.
         row["student_test_acc"] = restricted_accuracy(logits, labels, ids.cpu())
-    splits = {"val": data.val, "test": data.test}
+    splits = {"val": (data.val, None), "test": (data.test, None)}
     if run.unlabelled_truth is not None:  # how good the teachers' labels for the unlabelled images are
         splits["unlabelled"] = run.unlabelled_truth
-    ensemble_rows = ensemble_accuracy(ensemble, splits, run.transform, device)
+    ensemble_rows = ensemble_accuracy(ensemble, splits, run.transform, device, config.teacher_cache, run.task.name)
     kd = run.kd
     summary = {
         "task": run.task.name, "student_model": config.student_model, "run_dir": str(run.run_dir),
@@ -442,24 +443,27 @@ def finish_run(run: StudentRun, writer) -> dict:
     return summary
 
 
-def ensemble_accuracy(ensemble: TeacherEnsemble, splits: dict, transform: BatchTransform,
-                      device: torch.device) -> dict[str, dict[str, float]]:
-    """``{method: {"<split>_acc": ...}}`` for each of ``ENSEMBLE_METHODS``; the teachers run once per split and
-    each way of combining them reads the same logits."""
+def ensemble_accuracy(ensemble: TeacherEnsemble, splits: dict, transform: BatchTransform, device: torch.device,
+                      cache_dir: str | Path | None = None, task_name: str = "") -> dict[str, dict[str, float]]:
+    """``{method: {"<split>_acc": ...}}`` for each of ``ENSEMBLE_METHODS``.
+
+    ``splits``: ``{split: (dataset, indices or None)}``, the split being ``dataset[indices]``. The teachers run
+    once per dataset (``cache.teacher_logits``; with ``cache_dir`` read from there when an earlier run kept them,
+    and then on the whole ``dataset``, so that runs of other seeds and label fractions share them) and each way of
+    combining them reads the same logits.
+    """
+    datasets = {split: d if idx is None or cache_dir is not None else d.subset(idx)
+                for split, (d, idx) in splits.items()}
+    logits_of = teacher_logits(ensemble, datasets, transform, device, cache_dir, task_name)
     rows = {method: {} for method in ENSEMBLE_METHODS}
-    logits_of = {}
-    with step_progress("teacher ensemble", sum(len(d) for d in splits.values())) as advance, torch.inference_mode():
-        for split, dataset in splits.items():
-            logits_of[split] = [], []
-            for images, y in create_loader(dataset, 512, train=False):
-                logits_of[split][0].append(ensemble(transform(images.to(device))))
-                logits_of[split][1].append(y.to(device))
-                advance(len(y))
-    for split, (teacher_logits, labels) in logits_of.items():
+    for split, (dataset, idx) in splits.items():
+        logits, labels = logits_of[split], datasets[split].labels
+        if idx is not None and cache_dir is not None:
+            logits, labels = [z[idx] for z in logits], labels[idx]
         for method in ENSEMBLE_METHODS:
-            if not teacher_logits:  # an empty split
+            if not len(labels):  # an empty split
                 rows[method][f"{split}_acc"] = float("nan")
                 continue
-            pred = ensemble.combine([torch.cat(z) for z in zip(*teacher_logits)], method).argmax(1)
-            rows[method][f"{split}_acc"] = (pred == torch.cat(labels)).float().mean().item()
+            pred = ensemble.combine([z.to(device) for z in logits], method).argmax(1).cpu()
+            rows[method][f"{split}_acc"] = (pred == labels).float().mean().item()
     return rows

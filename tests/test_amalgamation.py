@@ -170,6 +170,28 @@ def test_unlabelled_images_never_reach_the_cross_entropy(amalgamation_task, tmp_
     assert len(torch.cat(calls)) == 23 and int((torch.cat(calls) >= 0).sum()) == 9
 
 
+def test_the_teachers_logits_for_the_report_are_kept_with_the_cache_and_read_back(amalgamation_task, tmp_path,
+                                                                                  capsys):
+    """With --teacher_cache the ensemble rows of the report (val, test, the images whose label was hidden)
+    come from logits an earlier run kept: the same numbers, with no teacher run at the end."""
+    out, cache = tmp_path / "runs", tmp_path / "cache"
+    flags = ["--task", str(amalgamation_task), "--num_epochs", "1", "--student_model", "ResNet18", "--alpha", "0",
+             "--label_fraction", "0.5", "--output_dir", str(out)]
+    summaries = []
+    for run, extra in (("plain", []), ("keeps", ["--teacher_cache", str(cache)]),
+                       ("reads", ["--teacher_cache", str(cache)])):
+        capsys.readouterr()
+        assert train.main(flags + extra + ["--run", run]) == 0
+        summaries.append((json.loads(next((out / "Taskanimals").glob(f"*_{run}/summary.json")).read_text()),
+                          "teacher ensemble:" in " ".join(capsys.readouterr().out.split())))
+    assert [ran for _, ran in summaries] == [True, True, False]
+    assert len(list(cache.glob("Taskanimals-eval-*.pt"))) == 3  # val, test and the whole training set
+    first = summaries[0][0]
+    assert 0 <= first["pseudo_label_acc"] <= 1
+    for summary, _ in summaries[1:]:
+        assert summary["ensemble"] == first["ensemble"] and summary["pseudo_label_acc"] == first["pseudo_label_acc"]
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda: _external_teacher(3), "the classifier has 3 outputs but the teacher lists 2 classes"),
     (lambda: _external_teacher(2, "mobilenetv3_small_050"), "the weights do not belong to ResNet"),

@@ -134,3 +134,58 @@ def test_in_a_log_a_long_step_prints_its_progress_as_it_goes(tmp_path, capsys, m
     assert len(lines) == 3 * 4  # 4 batches a view; the last batch's line is the closing one
     assert lines[0].startswith("teacher cache: 16/150 images (") and "eta" in lines[0]
     assert lines[-1].startswith("teacher cache: 150/150 images")
+
+
+def test_teacher_logits_on_plain_images_are_kept_and_read_back(tmp_path, monkeypatch, capsys):
+    from mtkd.cache import teacher_logits
+
+    ens, data, transform = make_setup()
+    cpu = torch.device("cpu")
+    calls = []
+    forward = TeacherEnsemble.forward
+    monkeypatch.setattr(TeacherEnsemble, "forward", lambda self, x, *a: calls.append(len(x)) or forward(self, x, *a))
+    splits = {"a": data, "b": data.subset(range(7))}
+    first = teacher_logits(ens, splits, transform, cpu, tmp_path, "T")
+    assert sum(calls) == 57 and len(list(tmp_path.glob("TaskT-eval-*.pt"))) == 2
+    for z, live in zip(first["a"], forward(ens, transform(data.images))):
+        assert z.dtype == torch.float32 and torch.equal(z, live)
+    assert all(torch.equal(a[:7], b) for a, b in zip(first["a"], first["b"]))
+    # A later run (new objects, same teachers and images) reads them back: the teachers do not run.
+    ens2, data2, _ = make_setup()
+    again = teacher_logits(ens2, {"a": data2}, transform, cpu, tmp_path, "T")
+    assert sum(calls) == 57 and all(torch.equal(a, b) for a, b in zip(first["a"], again["a"]))
+    # Other teacher weights are another file; a tampered file is recomputed, with a message.
+    teacher_logits(make_setup(seed=3)[0], {"a": data}, transform, cpu, tmp_path, "T")
+    assert sum(calls) == 107 and len(list(tmp_path.glob("TaskT-eval-*.pt"))) == 3
+    path = next(p for p in tmp_path.glob("TaskT-eval-*.pt") if torch.load(p, weights_only=True)["logits"][0].shape[0] == 7)
+    state = torch.load(path, weights_only=True)
+    state["logits"][1][0, 0] += 1
+    torch.save(state, path)
+    capsys.readouterr()
+    fixed = teacher_logits(ens, {"b": data.subset(range(7))}, transform, cpu, tmp_path, "T")
+    assert sum(calls) == 114 and "checksum mismatch" in capsys.readouterr().out
+    assert all(torch.equal(a, b) for a, b in zip(fixed["b"], first["b"]))
+    # Without a directory nothing is written.
+    teacher_logits(ens, {"b": data}, transform, cpu)
+    assert len(list(tmp_path.glob("TaskT-eval-*.pt"))) == 3
+
+
+def test_ensemble_accuracy_reads_a_split_of_indices_alike_with_and_without_the_store(tmp_path):
+    from mtkd.trainer import ensemble_accuracy
+
+    ens, data, transform = make_setup()
+    cpu = torch.device("cpu")
+    hidden = torch.tensor([3, 5, 8, 13, 21, 34])
+    splits = {"val": (data.subset(range(20)), None), "unlabelled": (data, hidden),
+              "empty": (data.subset([]), None)}
+    plain = ensemble_accuracy(ens, splits, transform, cpu)
+    stored = ensemble_accuracy(ens, splits, transform, cpu, tmp_path, "T")
+    again = ensemble_accuracy(ens, splits, transform, cpu, tmp_path, "T")
+    assert plain.keys() == {"combination", "mixture"}
+    for method, row in plain.items():
+        assert row["val_acc"] == stored[method]["val_acc"] == again[method]["val_acc"]
+        assert row["unlabelled_acc"] == stored[method]["unlabelled_acc"] == again[method]["unlabelled_acc"]
+        assert row["empty_acc"] != row["empty_acc"]  # nan
+    # By hand: the combination's class on the hidden images against their labels.
+    pred = ens.combine(ens(transform(data.images[hidden]))).argmax(1)
+    assert plain["combination"]["unlabelled_acc"] == (pred == data.labels[hidden]).float().mean().item()
