@@ -42,6 +42,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .report import console
+
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 MIN_GAIN = 1.05  # a candidate must be 5% faster than fp32 / NCHW to replace it
@@ -296,3 +298,19 @@ class PrecisionRecord:
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         tmp.write_text(json.dumps(table, indent=1))
         tmp.replace(self.path)
+
+
+def recorded_choice(record: PrecisionRecord, name: str, identity: dict, amp: str, deterministic: bool,
+                    choose, role: str) -> Precision:
+    """Under ``--amp auto`` (not ``--deterministic``), ``record``'s choice for ``name`` / ``identity``, or
+    ``choose()``'s, then recorded; otherwise ``choose()`` (the ``--amp`` rule itself)."""
+    if amp != "auto" or deterministic:
+        return choose()
+    kept = record.get(name, identity)
+    if kept is not None:
+        console.print(f"[bold]Precision[/] {role}: {kept} (--amp auto, as recorded for this machine in "
+                      f"{record.path})", soft_wrap=True)
+        return kept
+    kept = choose()
+    record.put(name, identity, kept)
+    return kept

@@ -17,7 +17,8 @@ from .loop import LoopConfig, RunRng, fit, seed_everything
 from .optim import EpochScheduler, create_optimizer
 from .models import (SMALL_INPUT, count_parameters, create_teacher, init_description, load_fitting_state,
                      stem_in_weights)
-from .precision import NOT_SAVED, Precision, PrecisionRecord, SavedPrecisions, keep_saved, resolve_precision
+from .precision import (NOT_SAVED, Precision, PrecisionRecord, SavedPrecisions, keep_saved, recorded_choice,
+                        resolve_precision)
 from .report import console, step_progress
 from .spec import TaskSpec
 from .teachers import TeacherEnsemble, TeacherInput
@@ -148,22 +149,6 @@ def teacher_precisions(ensemble: TeacherEnsemble, paths: list[Path], example: to
                                            lambda: choose_precision(amp, teacher, inputs(example), False,
                                                                     deterministic, who), f"{who} inference"))
     return out
-
-
-def recorded_choice(record: PrecisionRecord, name: str, identity: dict, amp: str, deterministic: bool,
-                    choose, role: str) -> Precision:
-    """Under ``--amp auto`` (not ``--deterministic``), ``record``'s choice for ``name`` / ``identity``, or
-    ``choose()``'s, then recorded; otherwise ``choose()`` (the ``--amp`` rule itself)."""
-    if amp != "auto" or deterministic:
-        return choose()
-    kept = record.get(name, identity)
-    if kept is not None:
-        console.print(f"[bold]Precision[/] {role}: {kept} (--amp auto, as recorded for this machine in "
-                      f"{record.path})", soft_wrap=True)
-        return kept
-    kept = choose()
-    record.put(name, identity, kept)
-    return kept
 
 
 def train_teacher(spec, task: TaskSpec, data: TaskData, recipe: TeacherRecipe, device: torch.device,

@@ -38,9 +38,9 @@ from .report import console, run_summary_table, teachers_table
 from .results import git_commit, images_per_second, machine
 from .runs import (append_metrics, create_run_dir, log_hparams, open_resume, read_metrics, truncate_metrics,
                    write_run_curves)
-from .precision import Precision, PrecisionRecord, SavedPrecisions, keep_saved
+from .precision import Precision, PrecisionRecord, SavedPrecisions, keep_saved, recorded_choice
 from .specialists import (PRECISION_RECORD, TeacherRecipe, choose_precision, example_batch, prepare_teachers,
-                          recorded_choice, teacher_dir, teacher_path)
+                          teacher_dir, teacher_path)
 from .spec import TaskSpec
 from .taskfile import resolve_task
 from .teachers import ENSEMBLE_METHODS, TeacherEnsemble

@@ -137,7 +137,7 @@ def test_saved_precisions_read_from_a_checkpoint():
 
 def test_a_recorded_choice_is_found_again_for_the_same_model_on_the_same_machine(tmp_path):
     from mtkd.precision import PrecisionRecord
-    from mtkd.specialists import recorded_choice
+    from mtkd.precision import recorded_choice
 
     path, cpu = tmp_path / "precisions.json", torch.device("cpu")
     timed = []
