@@ -48,6 +48,9 @@ def get_args_parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--teacher_cache", type=Path, metavar="DIR", help="where train.py keeps its teacher cache")
     p.add_argument("--cache_views", type=int, default=8, help="the views of that cache (as train.py)")
+    p.add_argument("--teacher_dustbin", action="store_true",
+                   help="the teachers with a dustbin (train.py --teacher_dustbin): their home probability is "
+                        "one more home-ground score")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     return p
 
@@ -63,19 +66,23 @@ def teacher_outputs(ensemble, dataset, transform, device, what: str) -> tuple[li
     return [torch.cat(zs) for zs in zip(*outs)], torch.cat(labels)
 
 
-def measure(ensemble, logits: list[torch.Tensor], labels: torch.Tensor, temperatures: list[float]) -> dict:
+def measure(ensemble, raw: list[torch.Tensor], labels: torch.Tensor, temperatures: list[float]) -> dict:
     ids = [i.cpu() for i in ensemble.class_ids]
+    logits, dustbin_home = ensemble.split(raw)  # over each teacher's own classes; a dustbin's home probability
     cover = coverage(ids, labels)  # (N, K): which teachers hold each label (several where classes overlap)
     own = {}
     for k, (name, z, c) in enumerate(zip(ensemble.names, logits, ids)):
         mine = cover[:, k]
         own[name] = {f"T{t:g}": calibration(z[mine], local_labels(c, labels[mine]), t) for t in temperatures}
     home = {}
-    for score in HOME_SCORES.list():
-        k, pred = routed_predictions(logits, ids, score)
+    scores = {name: name for name in HOME_SCORES.list()}
+    if dustbin_home is not None:
+        scores["dustbin"] = dustbin_home
+    for score, by in scores.items():
+        k, pred = routed_predictions(logits, ids, by)
         home[score] = {"group_acc": cover.gather(1, k[:, None]).float().mean().item(),
                        "acc": (pred == labels).float().mean().item()}
-    readings = {m: (ensemble.combine(logits, m).argmax(1) == labels).float().mean().item()
+    readings = {m: (ensemble.combine(raw, m).argmax(1) == labels).float().mean().item()
                 for m in ("combination", "mixture")}
     return {"images": len(labels), "own_classes": own, "home_ground": home, "ensemble_acc": readings}
 
@@ -85,14 +92,14 @@ def cached_views(args, task, ensemble, data, transform) -> tuple[list[torch.Tens
     stacked as images, and their labels."""
     key = cache_key(ensemble, data.train, transform, args.cache_views)
     path = cache_path(args.teacher_cache, task.name, key)
-    fix = (f"Fix: build it with `python train.py --task {task.name} --teacher_cache {args.teacher_cache} "
+    dustbin = " --teacher_dustbin" if args.teacher_dustbin else ""
+    fix = (f"Fix: build it with `python train.py --task {task.name}{dustbin} --teacher_cache {args.teacher_cache} "
            f"--cache_views {args.cache_views}` (and these teachers), or name the DIR and views it was built with.")
     if not path.exists():
         raise UserError(f"--teacher_cache {args.teacher_cache}: no cache of these teachers and data with "
                         f"{args.cache_views} views ({path.name}). {fix}")
     try:
-        cache = TeacherCache.load(path, key, args.cache_views, len(data.train),
-                                  [len(ids) for ids in ensemble.class_ids])
+        cache = TeacherCache.load(path, key, args.cache_views, len(data.train), ensemble.output_sizes)
     except CacheError as e:
         raise UserError(f"--teacher_cache {args.teacher_cache}: {path.name} is not usable ({e}). {fix}") from None
     return ([z.float().reshape(-1, z.shape[-1]) for z in cache.logits],
@@ -121,12 +128,14 @@ def print_tables(out: dict) -> None:
 
 def main(args) -> dict:
     task = tasks.get_task(args.task)
+    task = task.with_dustbins() if args.teacher_dustbin else task
     device = resolve_device(args.device)
     paths = [teacher_path(args.output_dir, task, spec) for spec in task.teachers]
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise UserError(f"teacher checkpoints not found: {', '.join(missing)}. Fix: train them with "
-                        f"`python train.py --task {task.name} --output_dir {args.output_dir}`, or copy them there.")
+                        f"`python train.py --task {task.name}{' --teacher_dustbin' if args.teacher_dustbin else ''} "
+                        f"--output_dir {args.output_dir}`, or copy them there.")
     data = load_task_data(task, args.data_root)
     ensemble = load_ensemble(task, args.output_dir)[0].to(device)
     transform = BatchTransform.for_task(task).to(device)

@@ -96,7 +96,7 @@ class TeacherCache:
         """
         n = len(dataset)
         gen = torch.Generator().manual_seed(VIEW_SEED)
-        logits = [torch.empty(num_views, n, len(ids), dtype=torch.float16) for ids in ensemble.class_ids]
+        logits = [torch.empty(num_views, n, c, dtype=torch.float16) for c in ensemble.output_sizes]
         params = {k: [] for k in ("dy", "dx", "flip")}
         teachers = len(ensemble.teachers)
         console.print(f"[bold]Teacher cache[/]: computing {num_views} views x {n:,} images x {teachers} teachers "
@@ -156,7 +156,7 @@ def open_teacher_cache(cache_dir: str | Path, task_name: str, ensemble: TeacherE
     ``'reused'``, ``'built'`` or ``'rebuilt (reason)'``."""
     key = cache_key(ensemble, dataset, transform, num_views)
     path = cache_path(cache_dir, task_name, key)
-    sizes = [len(ids) for ids in ensemble.class_ids]
+    sizes = ensemble.output_sizes
     status = "built"
     if path.exists():
         try:
@@ -209,7 +209,7 @@ def teacher_logits(ensemble: TeacherEnsemble, datasets: dict, transform: BatchTr
     run of the same teachers on the same images: the run reports' teacher
     ensemble rows are then free. One progress bar covers what is computed.
     """
-    sizes = [len(ids) for ids in ensemble.class_ids]
+    sizes = ensemble.output_sizes
     out, todo = {}, {}
     for name, dataset in datasets.items():
         path = key = None

@@ -102,6 +102,11 @@ def get_args_parser(task_names: list[str] | None = None) -> argparse.ArgumentPar
     p.add_argument("--teacher_weight_decay", type=nonneg_float, default=None,
                    help="weight decay of each teacher trained (default: --weight_decay)")
     p.add_argument("--retrain_teachers", action="store_true", help="train the teachers even if checkpoints exist")
+    p.add_argument("--teacher_dustbin", action="store_true",
+                   help="teachers with a dustbin (Hinton et al. 2015): one more output, 'other', trained on as many "
+                        "images of the task's other classes; kept as <name>-dustbin.pt beside the plain teachers "
+                        "(trained when missing); each weighs itself per image by its probability that the image is "
+                        "its own")
     p.add_argument("--num_workers", type=nonneg_int, default=0,
                    help="DataLoader worker processes (in-memory tasks are fastest with 0)")
     kd = p.add_argument_group("distillation methods")

@@ -82,6 +82,20 @@ def _relabel(labels: torch.Tensor, class_ids: list[int]):
     return local >= 0, local
 
 
+def with_others(dataset, class_ids: list[int], seed: int):
+    """A dustbin teacher's images (``ImageTensorDataset`` or ``FileImageDataset``): those of ``class_ids``,
+    relabelled to their position in that list, and as many labelled images of the other classes (a seeded
+    sample; all of them if fewer) labelled ``len(class_ids)``, "other" (Hinton et al. 2015 train each
+    specialist on data half of which is its own)."""
+    mine, local = _relabel(dataset.labels, class_ids)
+    own = torch.nonzero(mine).squeeze(1)
+    others = torch.nonzero(~mine & (dataset.labels >= 0)).squeeze(1)
+    others = others[torch.randperm(len(others), generator=torch.Generator().manual_seed(seed))[:len(own)]]
+    idx = torch.cat([own, others]).sort().values
+    local = torch.where(mine, local, len(class_ids))
+    return dataset.subset(idx).with_labels(local[idx])
+
+
 class FileImageDataset(Dataset):
     """Image files decoded on access, for image folders too large to hold in memory.
 

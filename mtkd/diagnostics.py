@@ -44,9 +44,11 @@ def home_scores(teacher_logits: list[Tensor], score: str) -> Tensor:
     return torch.stack([fn(z) for z in teacher_logits], 1)
 
 
-def routed_predictions(teacher_logits: list[Tensor], class_ids: list[Tensor], score: str) -> tuple[Tensor, Tensor]:
-    """Each image's chosen teacher (the highest ``score``) and that teacher's top class, as a global class id."""
-    k = home_scores(teacher_logits, score).argmax(1)
+def routed_predictions(teacher_logits: list[Tensor], class_ids: list[Tensor], score: str | Tensor
+                       ) -> tuple[Tensor, Tensor]:
+    """Each image's chosen teacher (the highest ``score``: a ``HOME_SCORES`` name, or ``(B, K)`` scores such as
+    a dustbin's home probabilities) and that teacher's top class, as a global class id."""
+    k = (home_scores(teacher_logits, score) if isinstance(score, str) else score).argmax(1)
     pred = torch.empty_like(k)
     for j, (z, ids) in enumerate(zip(teacher_logits, class_ids)):
         mine = k == j

@@ -116,6 +116,8 @@ def evaluate_task(task: TaskSpec, *, output_dir="runs", eval_dir="evaluation", d
     device = torch.device(device)
     path = find_checkpoint(task, output_dir, run_dir, checkpoint)
     student, state = load_student(path, task)
+    if state.get("args", {}).get("teacher_dustbin"):  # the run was taught by the teachers with a dustbin
+        task = task.with_dustbins()
     data = load_task_data(task, data_root)
     ev = Evaluator(task, data, device)
     out_dir = Path(eval_dir) / f"Task{task.name}"

@@ -163,10 +163,11 @@ def create_student(name: str, task: TaskSpec, adapt: bool | None = None, pretrai
 
 def create_teacher(teacher: TeacherSpec, task: TaskSpec, pretrained: bool = False,
                    layout_of_pretrained: bool = False) -> nn.Module:
-    """The teacher's architecture for its own input size (default: the task's), adapted as it declares;
+    """The teacher's architecture for its own input size (default: the task's), adapted as it declares, with
+    one output per class (and one more, "other", with a dustbin);
     with ``pretrained``, from the weights its spec names (to be fine-tuned on its classes);
     ``layout_of_pretrained``: the layout such a teacher has, without weights (its checkpoint is loaded next)."""
-    return create_model(teacher.architecture, len(teacher.classes), task.channels,
+    return create_model(teacher.architecture, len(teacher.classes) + int(teacher.dustbin), task.channels,
                         teacher.image_size or task.image_size, teacher.adapt,
                         teacher.pretrained if pretrained else None,
                         True if layout_of_pretrained else None)

@@ -40,12 +40,13 @@ KEY = ("task", "student", "method", "alpha", "temperature", "label_fraction", "e
 
 def method_name(args) -> str:
     """``labels`` (alpha 0, no feature terms) or ``aggregation/weighting/kd_loss`` (``+feat`` with feature
-    matching, ``+at`` with attention transfer)."""
+    matching, ``+at`` with attention transfer, ``+dustbin`` from teachers with a dustbin)."""
     features, attention = getattr(args, "feature_weight", 0), getattr(args, "attention_weight", 0)
     if args.alpha == 0 and not features and not attention:
         return "labels"
     name = f"{args.aggregation}/{args.teacher_weighting}/{args.kd_loss}"
-    return name + ("+feat" if features else "") + ("+at" if attention else "")
+    return (name + ("+feat" if features else "") + ("+at" if attention else "")
+            + ("+dustbin" if getattr(args, "teacher_dustbin", False) else ""))
 
 
 def git_commit(root: Path | None = None) -> str:

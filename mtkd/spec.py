@@ -1,7 +1,7 @@
 """Task and teacher specifications, and the task registry they live in."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .errors import UserError
 from .registry import Registry
@@ -37,6 +37,9 @@ class TeacherSpec:
     std: tuple[float, ...] | None = None
     adapt: bool | None = None
     pretrained: str | None = None  # a teacher mtkd trains starts from these weights ("hub" or a file; None: random)
+    # Hinton et al. 2015's dustbin: one more output, "other", trained on the task's images of other classes
+    # (train.py --teacher_dustbin). Its checkpoint is <name>-dustbin.pt beside the plain teacher's.
+    dustbin: bool = False
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,10 @@ class TaskSpec:
     crop_padding: int = 0  # random-crop augmentation: pad by this much, crop back
     hflip: bool = False  # horizontal flips keep the label (not for digits)
     source_options: dict = field(default_factory=dict)
+
+    def with_dustbins(self) -> "TaskSpec":
+        """The task with a dustbin ("other" output) on every teacher (``--teacher_dustbin``)."""
+        return replace(self, teachers=tuple(replace(t, dustbin=True) for t in self.teachers))
 
     def __post_init__(self):
         problems = []

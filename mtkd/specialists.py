@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 from .checkpoint import CHECKPOINT_VERSION, load_weights_file, save_checkpoint
-from .data import BatchTransform, TaskData, create_loader
+from .data import BatchTransform, TaskData, create_loader, with_others
 from .distill import Distiller
 from .engine import evaluate
 from .errors import UserError
@@ -21,7 +21,7 @@ from .precision import (NOT_SAVED, Precision, PrecisionRecord, SavedPrecisions, 
                         resolve_precision)
 from .report import console, step_progress
 from .spec import TaskSpec
-from .teachers import TeacherEnsemble, TeacherInput
+from .teachers import OwnClasses, TeacherEnsemble, TeacherInput
 
 
 @dataclass(frozen=True)
@@ -58,8 +58,10 @@ def teacher_dir(output_dir: str | Path, task: TaskSpec) -> Path:
 
 
 def teacher_path(output_dir: str | Path, task: TaskSpec, spec) -> Path:
-    """The teacher's own ``checkpoint`` if its spec names one, else ``<teacher_dir>/<name>.pt``."""
-    return Path(spec.checkpoint) if spec.checkpoint else teacher_dir(output_dir, task) / f"{spec.name}.pt"
+    """The teacher's own ``checkpoint`` if its spec names one, else ``<teacher_dir>/<name>.pt``; with a
+    dustbin, ``-dustbin`` added to the file's stem (beside the plain teacher, never replacing it)."""
+    path = Path(spec.checkpoint) if spec.checkpoint else teacher_dir(output_dir, task) / f"{spec.name}.pt"
+    return path.with_name(f"{path.stem}-dustbin{path.suffix}") if spec.dustbin else path
 
 
 def _teacher_row(spec, model, metrics: dict, status: str) -> dict:
@@ -103,6 +105,14 @@ def input_record(spec, task: TaskSpec) -> dict:
 def _own_classes(spec, task: TaskSpec, data: TaskData) -> TaskData:
     ids = task.class_indices(spec.classes)
     return TaskData(*(data.split(s).select_classes(ids) for s in ("train", "val", "test")))
+
+
+def _teacher_data(spec, task: TaskSpec, data: TaskData, seed: int) -> TaskData:
+    """What a teacher trains and is chosen on: its own classes; with a dustbin, and others as "other"."""
+    if not spec.dustbin:
+        return _own_classes(spec, task, data)
+    ids = task.class_indices(spec.classes)
+    return TaskData(*(with_others(data.split(s), ids, seed) for s in ("train", "val", "test")))
 
 
 def _with_input(model: nn.Module, spec, task: TaskSpec) -> nn.Module:
@@ -153,8 +163,12 @@ def teacher_precisions(ensemble: TeacherEnsemble, paths: list[Path], example: to
 
 def train_teacher(spec, task: TaskSpec, data: TaskData, recipe: TeacherRecipe, device: torch.device,
                   path: Path) -> tuple[nn.Module, dict]:
-    """Train one specialist on its classes by ``recipe``; keep the weights of its best validation epoch."""
-    own = _own_classes(spec, task, data)
+    """Train one specialist on its classes by ``recipe``; keep the weights of its best validation epoch.
+
+    A teacher with a dustbin trains (and is chosen) on ``with_others``: its classes and as many images of
+    the task's other classes, labelled "other". Its reported accuracies are on its own classes' images,
+    choosing among its own classes (as a plain teacher's), beside ``dustbin_val_acc`` (its own task, val)."""
+    own = _teacher_data(spec, task, data, recipe.seed)
     if spec.pretrained:
         console.print(f"teacher {spec.name}: starting from {init_description(spec.pretrained)}", soft_wrap=True)
     model = create_teacher(spec, task, pretrained=True).to(device)
@@ -184,11 +198,15 @@ def train_teacher(spec, task: TaskSpec, data: TaskData, recipe: TeacherRecipe, d
         precision=precision, scaler=scaler)
     writer.close()
     model.load_state_dict(best["model"])
-    test = evaluate(net, create_loader(own.test, 512, train=False), transform, device, precision=precision)
+    if spec.dustbin:
+        metrics = {**_own_accuracy(spec, task, net, data, device, precision), "best_epoch": best["epoch"],
+                   "dustbin_val_acc": best["val_acc"]}
+    else:
+        test = evaluate(net, create_loader(own.test, 512, train=False), transform, device, precision=precision)
+        metrics = {"val_acc": best["val_acc"], "test_acc": test["acc"], "best_epoch": best["epoch"]}
     model.to(memory_format=torch.contiguous_format)  # checkpoints hold plain NCHW weights
-    metrics = {"val_acc": best["val_acc"], "test_acc": test["acc"], "best_epoch": best["epoch"]}
     save_checkpoint({"model": model.state_dict(), "architecture": spec.architecture,
-                     "classes": list(spec.classes), "task": task.name, "metrics": metrics,
+                     "classes": list(spec.classes), "dustbin": spec.dustbin, "task": task.name, "metrics": metrics,
                      "epochs": recipe.epochs, "recipe": recipe.record(), "input": input_record(spec, task),
                      "init": init_description(spec.pretrained), "version": CHECKPOINT_VERSION}, path)
     return model, metrics
@@ -197,13 +215,16 @@ def train_teacher(spec, task: TaskSpec, data: TaskData, recipe: TeacherRecipe, d
 def load_teacher(spec, task: TaskSpec, path: Path) -> tuple[nn.Module, dict | None]:
     """The teacher from an mtkd teacher checkpoint, or from a state dict trained elsewhere; and the mtkd
     checkpoint (None for the latter)."""
-    who = f"teacher {spec.name!r} ({spec.architecture}, {len(spec.classes)} classes)"
+    who = f"teacher {spec.name!r} ({spec.architecture}, {len(spec.classes)} classes" \
+          f"{' and a dustbin' if spec.dustbin else ''})"
     weights, state = load_weights_file(path, who)
     if state is not None and (state["architecture"] != spec.architecture
-                              or list(state["classes"]) != list(spec.classes)):
+                              or list(state["classes"]) != list(spec.classes)
+                              or bool(state.get("dustbin", False)) != spec.dustbin):
         raise UserError(
-            f"teacher checkpoint {path} was trained as {state['architecture']} on {state['classes']}, "
-            f"but task {task.name} now asks for {spec.architecture} on {list(spec.classes)}. "
+            f"teacher checkpoint {path} was trained as {state['architecture']} on {state['classes']}"
+            f"{' with a dustbin' if state.get('dustbin') else ''}, but task {task.name} now asks for "
+            f"{spec.architecture} on {list(spec.classes)}{' with a dustbin' if spec.dustbin else ''}. "
             "Fix: pass --retrain_teachers, or move the old checkpoint away.")
     now = input_record(spec, task)
     if state is not None and state.get("input") is not None and state["input"] != now:
@@ -218,7 +239,7 @@ def load_teacher(spec, task: TaskSpec, path: Path) -> tuple[nn.Module, dict | No
     # A teacher mtkd fine-tuned from pretrained weights has their layout (models.create_model).
     model = create_teacher(spec, task, layout_of_pretrained=state is not None and
                            state.get("init", "random") != "random")
-    load_fitting_state(model, weights, f"{who}, checkpoint {path}", len(spec.classes))
+    load_fitting_state(model, weights, f"{who}, checkpoint {path}", len(spec.classes) + int(spec.dustbin))
     return model, state
 
 
@@ -237,16 +258,26 @@ def follow_stem(spec, task: TaskSpec, weights: dict):
     return replace(spec, adapt=adapt)
 
 
-def measure_teacher(spec, task: TaskSpec, model: nn.Module, data: TaskData, device: torch.device) -> dict:
-    """Validation and test accuracy of a teacher trained elsewhere, on its own classes of this task."""
-    ids, net = task.class_indices(spec.classes), _with_input(model, spec, task).to(device)
+def _own_accuracy(spec, task: TaskSpec, net: nn.Module, data: TaskData, device: torch.device,
+                  precision: Precision | None = None) -> dict:
+    """Validation and test accuracy of a teacher (``net``: as it sees the task's batches) on the images of its
+    own classes, choosing among them (a dustbin's output dropped)."""
+    ids = task.class_indices(spec.classes)
+    net = nn.Sequential(net, OwnClasses()) if spec.dustbin else net
     transform = BatchTransform.for_task(task).to(device)
     own = {split: data.split(split).select_classes(ids) for split in ("val", "test")}
+    kw = {} if precision is None else {"precision": precision}
     with step_progress(f"measuring teacher {spec.name}", sum(len(d) for d in own.values())) as advance:
-        acc = {split: evaluate(net, create_loader(d, 512, train=False), transform, device, advance=advance)["acc"]
-               for split, d in own.items()}
-    model.cpu()
+        acc = {split: evaluate(net, create_loader(d, 512, train=False), transform, device, advance=advance,
+                               **kw)["acc"] for split, d in own.items()}
     return {"val_acc": acc["val"], "test_acc": acc["test"]}
+
+
+def measure_teacher(spec, task: TaskSpec, model: nn.Module, data: TaskData, device: torch.device) -> dict:
+    """Validation and test accuracy of a teacher trained elsewhere, on its own classes of this task."""
+    metrics = _own_accuracy(spec, task, _with_input(model, spec, task).to(device), data, device)
+    model.cpu()
+    return metrics
 
 
 def _is_external(path: Path) -> bool:
@@ -293,4 +324,4 @@ def create_ensemble(task: TaskSpec, models: list[nn.Module]) -> TeacherEnsemble:
     """The task's teachers (``models``, in the task's order) as one frozen ensemble."""
     return TeacherEnsemble(models, [task.class_indices(t.classes) for t in task.teachers],
                            [t.weight for t in task.teachers], task.num_classes, [t.name for t in task.teachers],
-                           [teacher_input(t, task) for t in task.teachers])
+                           [teacher_input(t, task) for t in task.teachers], [t.dustbin for t in task.teachers])

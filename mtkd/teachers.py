@@ -36,6 +36,23 @@ class TeacherInput(nn.Module):
                 f"task_mean={self.task_mean.flatten().tolist()}, task_std={self.task_std.flatten().tolist()}")
 
 
+class OwnClasses(nn.Module):
+    """A dustbin teacher's logits over its own classes: the last ("other") output dropped."""
+
+    def forward(self, z: Tensor) -> Tensor:
+        return z[:, :-1]
+
+
+def home_probabilities(logits: list[Tensor], dustbin: list[bool]) -> Tensor | None:
+    """``(B, K)``: each teacher's probability (T = 1) that the image is one of its own classes, ``1 - p(other)``
+    for a teacher with a dustbin (floored at 1e-6), 1 for one without; None when no teacher has one."""
+    if not any(dustbin):
+        return None
+    home = [1 - F.softmax(z.float(), dim=1)[:, -1] if d else z.new_ones(z.shape[0], dtype=torch.float32)
+            for z, d in zip(logits, dustbin)]
+    return torch.stack(home, 1).clamp_min(1e-6)
+
+
 class TeacherEnsemble(nn.Module):
     """Specialist teachers, each over its own subset of the task's classes.
 
@@ -44,11 +61,17 @@ class TeacherEnsemble(nn.Module):
     teacher runs once per batch, in its own ``Precision`` (autocast dtype and
     memory layout; fp32 / NCHW until ``set_precisions``), on its own input
     (``inputs[k]``, a ``TeacherInput``; None: the student's batch as it is).
+
+    A teacher with a ``dustbin`` (Hinton et al. 2015, section 5) has one more
+    output, last: "none of my classes". ``forward`` returns every output (the
+    teacher cache stores them); ``split`` turns them into the logits over the
+    teachers' own classes and the per-sample probability that an image is at
+    home, which multiplies the teacher's weight wherever teachers are combined.
     """
 
     def __init__(self, teachers: list[nn.Module], class_ids: list[list[int]],
                  weights: list[float], num_classes: int, names: list[str] | None = None,
-                 inputs: list[nn.Module | None] | None = None):
+                 inputs: list[nn.Module | None] | None = None, dustbin: list[bool] | None = None):
         super().__init__()
         if not (len(teachers) == len(class_ids) == len(weights)):
             raise ValueError("one class list and one weight per teacher")
@@ -59,6 +82,7 @@ class TeacherEnsemble(nn.Module):
         self.register_buffer("weights", torch.tensor(weights, dtype=torch.float32))
         self.num_classes = num_classes
         self.names = list(names) if names else [f"teacher{k}" for k in range(len(teachers))]
+        self.dustbin = list(dustbin) if dustbin else [False] * len(teachers)
         self.precisions = [FP32] * len(teachers)
         self.requires_grad_(False)
         self.train(False)
@@ -77,8 +101,29 @@ class TeacherEnsemble(nn.Module):
         return self
 
     def teacher_model(self, k: int) -> nn.Module:
-        """Teacher ``k`` as a classifier of the student's batches (its own input preparation first)."""
-        return nn.Sequential(self.inputs[k], self.teachers[k])
+        """Teacher ``k`` as a classifier of the student's batches over its own classes (its own input
+        preparation first; a dustbin's output dropped)."""
+        return nn.Sequential(self.inputs[k], self.teachers[k], *([OwnClasses()] if self.dustbin[k] else []))
+
+    @property
+    def output_sizes(self) -> list[int]:
+        """How many logits each teacher gives: one per class, and one more with a dustbin."""
+        return [len(ids) + int(d) for ids, d in zip(self.class_ids, self.dustbin)]
+
+    def split(self, logits: list[Tensor]) -> tuple[list[Tensor], Tensor | None]:
+        """``forward``'s logits as the logits over each teacher's own classes and ``home_probabilities``
+        (None without dustbins: the logits are returned as they are)."""
+        home = home_probabilities(logits, self.dustbin)
+        if home is None:
+            return logits, None
+        return [z[:, :-1] if d else z for z, d in zip(logits, self.dustbin)], home
+
+    def weighted(self, logits: list[Tensor], weights: Tensor | None = None) -> tuple[list[Tensor], Tensor]:
+        """The logits over the teachers' own classes and their weights (default: the task's), ``(K,)``, or per
+        sample ``(B, K)`` where a dustbin's home probability scales them."""
+        own, home = self.split(logits)
+        weights = self.weights if weights is None else weights
+        return own, weights if home is None else weights.to(home.device) * home
 
     @property
     def class_ids(self) -> list[Tensor]:
@@ -103,7 +148,8 @@ class TeacherEnsemble(nn.Module):
 
     def soft_targets(self, x: Tensor, temperature: float) -> Tensor:
         """Weighted mixture of the teachers' tempered distributions (see ``mixture_targets``)."""
-        return mixture_targets(self(x), self.class_ids, self.weights, self.num_classes, temperature)
+        own, weights = self.weighted(self(x))
+        return mixture_targets(own, self.class_ids, weights, self.num_classes, temperature)
 
     def global_logprobs(self, x: Tensor, method: str = "combination") -> Tensor:
         """The ensemble's prediction at T = 1, as log-probabilities over global classes (see ``combine``)."""
@@ -114,10 +160,10 @@ class TeacherEnsemble(nn.Module):
 
         ``combination``: ``losses.specialist_combination`` (Hinton et al. 2015,
         section 5); ``mixture``: the label-blind weighted mixture. ``weights``:
-        the teachers' (default: the task's).
+        the teachers' (default: the task's), scaled per sample by a dustbin's home probability.
         """
-        weights = self.weights if weights is None else weights
-        return ENSEMBLE_METHODS.get(method)(logits, self.class_ids, weights, self.num_classes)
+        own, weights = self.weighted(logits, weights)
+        return ENSEMBLE_METHODS.get(method)(own, self.class_ids, weights, self.num_classes)
 
 
 # The ways of reading the ensemble as one classifier: (logits, class_ids, weights, num_classes) -> log q.

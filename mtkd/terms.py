@@ -93,7 +93,10 @@ class StepContext:
         self.distiller, self.x, self.labels, self.logits = distiller, x, labels, logits
         self.student_features, self.teacher_features = student_features, teacher_features
         ensemble = distiller.ensemble
-        self.teacher_logits = teacher_logits  # the task's teachers, fp32 (None: no teacher runs)
+        self.raw_teacher_logits = teacher_logits  # every output of the task's teachers, fp32 (None: none run)
+        # Over each teacher's own classes, and (teachers with a dustbin) the probability that an image is theirs.
+        self.teacher_logits, self.home = (ensemble.split(teacher_logits) if teacher_logits is not None
+                                          else (None, None))
         self.names = list(ensemble.names) if ensemble is not None else []
         self.class_ids = list(ensemble.class_ids) if ensemble is not None else []
         self.fixed = distiller.fixed_weights
@@ -124,14 +127,15 @@ class StepContext:
         if self._labels is None:
             y = self.labels
             if self.distiller.config.unlabelled:
-                pseudo = self.distiller.pseudo_labels(self.teacher_logits)
+                pseudo = self.distiller.pseudo_labels(self.raw_teacher_logits)
                 y = torch.where(y >= 0, y, pseudo)
             self._labels = y
         return self._labels
 
     def teacher_weights(self) -> Tensor:
         """``(B, K)`` per-sample weights of every teacher (``losses.teacher_weights``), each row over the teachers
-        eligible for the sample (for a label-aware aggregation, those that cover its label)."""
+        eligible for the sample (for a label-aware aggregation, those that cover its label); a teacher with a
+        dustbin's weight scaled by its probability that the image is one of its own, the row renormalised."""
         if self._weights is None:
             c = self.distiller.config
             _, logits, class_ids, fixed = self.all_teachers()
@@ -142,7 +146,12 @@ class StepContext:
                 eligible = losses.coverage(class_ids, y)
             else:
                 eligible = torch.ones(len(y), len(class_ids), dtype=torch.bool, device=y.device)
-            self._weights = losses.teacher_weights(c.weighting, logits, class_ids, y, fixed.to(y.device), eligible)
+            w = losses.teacher_weights(c.weighting, logits, class_ids, y, fixed.to(y.device), eligible)
+            if self.home is not None:
+                home = torch.cat([self.home, self.home.new_ones(len(y), len(self.extra))], 1)
+                w = w * home
+                w = w / w.sum(1, keepdim=True).clamp_min(1e-12)
+            self._weights = w
         return self._weights
 
 

@@ -259,6 +259,8 @@ def _resolve(args: Namespace, explicit: set[str]):
     if getattr(args, "resume", None):
         run_dir, args, last = open_resume(args, task, set(explicit) - {"resume"})
         task = resolve_task(args.task)
+    if getattr(args, "teacher_dustbin", False):
+        task = task.with_dustbins()
     for spec in task.teachers:  # fail before any data is read
         check_architecture(spec.architecture)
     return args, task, run_dir, last
