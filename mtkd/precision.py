@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -273,31 +275,45 @@ def resolve_precision(amp: str, device: torch.device, model: nn.Module | None = 
     return chosen, speeds
 
 
-class PrecisionRecord:
-    """``--amp auto``'s choices on one machine (device, CPU or GPU model, torch version), kept in a JSON file
-    ``{machine: {model: {**identity, "precision": str}}}``. A choice is found again only for the same model
-    name and ``identity`` (the weights a teacher was loaded from, the student's architecture and batch)."""
+class MachineRecord:
+    """Values found on one machine (device, CPU or GPU model, torch version), kept in a JSON file
+    ``{machine: {name: {**identity, **values}}}`` beside what other machines found. An entry is found again
+    only for the same ``name`` and ``identity`` (e.g. the weights a teacher was loaded from)."""
 
     def __init__(self, path: Path, device: torch.device):
         self.path, self.machine = Path(path), f"{device.type} | {device_model(device)} | torch {torch.__version__}"
         table = json.loads(self.path.read_text()) if self.path.exists() else {}
         self.known: dict = table.get(self.machine, {})
 
-    def get(self, name: str, identity: dict) -> Precision | None:
+    def entry(self, name: str, identity: dict) -> dict | None:
         entry = self.known.get(name)
         if entry and {k: entry.get(k) for k in identity} == identity:
-            return Precision.parse(entry["precision"])
+            return entry
         return None
 
-    def put(self, name: str, identity: dict, precision: Precision) -> None:
-        """Record a choice, written at once (atomically) with the other machines' choices as they are."""
-        self.known[name] = {**identity, "precision": str(precision)}
+    def put_entry(self, name: str, identity: dict, values: dict) -> None:
+        """Record ``values``, written at once (atomically) with the other machines' entries as they are."""
+        self.known[name] = {**identity, **values}
         table = json.loads(self.path.read_text()) if self.path.exists() else {}
         table[self.machine] = self.known
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(json.dumps(table, indent=1))
-        tmp.replace(self.path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(table, indent=1))
+        os.replace(tmp, self.path)
+
+
+class PrecisionRecord(MachineRecord):
+    """``--amp auto``'s choices on one machine: ``{machine: {model: {**identity, "precision": str}}}``; a choice
+    is found again only for the same model name and ``identity`` (the weights a teacher was loaded from, the
+    student's architecture and batch)."""
+
+    def get(self, name: str, identity: dict) -> Precision | None:
+        entry = self.entry(name, identity)
+        return Precision.parse(entry["precision"]) if entry else None
+
+    def put(self, name: str, identity: dict, precision: Precision) -> None:
+        self.put_entry(name, identity, {"precision": str(precision)})
 
 
 def recorded_choice(record: PrecisionRecord, name: str, identity: dict, amp: str, deterministic: bool,

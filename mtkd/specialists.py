@@ -1,6 +1,7 @@
 """Specialist teachers: train each on its own classes, or load it; build the ensemble."""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -9,7 +10,7 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 from .checkpoint import CHECKPOINT_VERSION, load_weights_file, save_checkpoint
-from .data import BatchTransform, TaskData, create_loader, with_others
+from .data import BatchTransform, TaskData, create_loader, hash_tensor, with_others
 from .distill import Distiller
 from .engine import evaluate
 from .errors import UserError
@@ -17,7 +18,7 @@ from .loop import LoopConfig, RunRng, fit, seed_everything
 from .optim import EpochScheduler, create_optimizer
 from .models import (SMALL_INPUT, count_parameters, create_teacher, init_description, load_fitting_state,
                      stem_in_weights)
-from .precision import (NOT_SAVED, Precision, PrecisionRecord, SavedPrecisions, keep_saved, recorded_choice,
+from .precision import (NOT_SAVED, MachineRecord, Precision, PrecisionRecord, SavedPrecisions, keep_saved, recorded_choice,
                         resolve_precision)
 from .report import console, step_progress
 from .spec import TaskSpec
@@ -132,6 +133,8 @@ def choose_teacher_precisions(ensemble: TeacherEnsemble, example: torch.Tensor, 
 # Beside the teacher checkpoints: --amp auto's choices for the task's models, {machine: {teacher or
 # "student <model>": choice}} (precision.PrecisionRecord).
 PRECISION_RECORD = "precisions.json"
+# Beside them too: the accuracies measured of teachers trained elsewhere, per machine (precision.MachineRecord).
+MEASURED_RECORD = "measured.json"
 
 
 def _weights_id(path: Path) -> dict:
@@ -280,6 +283,35 @@ def measure_teacher(spec, task: TaskSpec, model: nn.Module, data: TaskData, devi
     return metrics
 
 
+def _own_images_id(spec, task: TaskSpec, data: TaskData) -> str:
+    """sha256 over the val and test images of the teacher's classes and their labels: what it is measured on."""
+    h = hashlib.sha256()
+    ids = task.class_indices(spec.classes)
+    for split in ("val", "test"):
+        own = data.split(split).select_classes(ids)
+        own.fingerprint(h)
+        hash_tensor(h, own.labels)
+    return h.hexdigest()
+
+
+def _measured(spec, task: TaskSpec, model: nn.Module, data: TaskData, device: torch.device, path: Path,
+              output_dir: str | Path) -> dict:
+    """``measure_teacher``'s accuracies, kept in the teacher folder's ``MEASURED_RECORD`` for this machine and
+    found again for the same weights (path, size, modification time), input and images: a study's runs
+    measure a teacher trained elsewhere once."""
+    record = MachineRecord(teacher_dir(output_dir, task) / MEASURED_RECORD, device)
+    identity = {**_weights_id(path), "input": input_record(spec, task), "dustbin": spec.dustbin,
+                "images": _own_images_id(spec, task, data)}
+    entry = record.entry(spec.name, identity)
+    if entry is not None:
+        console.print(f"teacher {spec.name}: accuracy as measured before on this machine ({record.path})",
+                      soft_wrap=True)
+        return {"val_acc": entry["val_acc"], "test_acc": entry["test_acc"]}
+    metrics = measure_teacher(spec, task, model, data, device)
+    record.put_entry(spec.name, identity, metrics)
+    return metrics
+
+
 def _is_external(path: Path) -> bool:
     return path.suffix == ".safetensors" or load_weights_file(path, str(path))[1] is None
 
@@ -300,7 +332,7 @@ def prepare_teachers(task: TaskSpec, data: TaskData, output_dir: str | Path, rec
         if path.exists() and (not retrain or _is_external(path)):
             model, state = load_teacher(spec, task, path)
             metrics, status = ((state["metrics"], "reused") if state is not None
-                               else (measure_teacher(spec, task, model, data, device), "external"))
+                               else (_measured(spec, task, model, data, device, path, output_dir), "external"))
         elif path.suffix == ".safetensors":
             raise UserError(f"teacher {spec.name!r}: checkpoint {path} not found (mtkd trains missing teachers, "
                             "but writes its own format, not .safetensors). Fix: check the path, or name a .pt file.")

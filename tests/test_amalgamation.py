@@ -121,13 +121,25 @@ def test_a_teacher_trained_elsewhere_is_distilled_from_at_its_own_input(amalgama
     assert seen and set(seen) == {(24, 24)}  # only the teacher that declared 24 px gets an input of its own
     printed = " ".join(capsys.readouterr().out.split())
     assert "measuring teacher cats" in printed and "measuring teacher stripes" in printed and "images/s" in printed
-    # Nothing trained, the external files untouched; the teacher folder holds the machine's precision record only.
-    assert [p.name for p in (out / "Taskanimals" / "teachers").iterdir()] == ["precisions.json"]
-    # --retrain_teachers never overwrites a teacher trained elsewhere.
+    # Nothing trained, the external files untouched; the teacher folder holds the machine's records only: the
+    # precisions chosen and the accuracies measured.
+    assert sorted(p.name for p in (out / "Taskanimals" / "teachers").iterdir()) == ["measured.json",
+                                                                                    "precisions.json"]
+    # --retrain_teachers never overwrites a teacher trained elsewhere; the next run does not measure it again.
     before = (tmp_path / "stripes.pt").read_bytes()
     assert train.main(["--task", str(amalgamation_task), "--num_epochs", "1", "--student_model", "ResNet18",
                        "--retrain_teachers", "--output_dir", str(out)]) == 0
     assert (tmp_path / "stripes.pt").read_bytes() == before
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "measuring teacher" not in printed and "teacher cats: accuracy as measured before" in printed
+    again = json.loads(sorted((out / "Taskanimals").glob("*/summary.json"))[-1].read_text())
+    assert [t["val_acc"] for t in again["teachers"]] == [t["val_acc"] for t in summary["teachers"]]
+    # A rewritten file (new weights, or the same ones saved again) is measured again.
+    torch.save(_external_teacher(2), tmp_path / "stripes.pt")
+    assert train.main(["--task", str(amalgamation_task), "--num_epochs", "1", "--student_model", "ResNet18",
+                       "--output_dir", str(out)]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "measuring teacher stripes" in printed and "measuring teacher cats" not in printed
 
 
 def test_unlabelled_images_never_reach_the_cross_entropy(amalgamation_task, tmp_path, monkeypatch):
