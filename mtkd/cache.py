@@ -73,6 +73,17 @@ class CacheError(Exception):
     """The cache file cannot be used (corrupt, partial, or for other teachers or data)."""
 
 
+def _read_state(path: Path, version: int, key: str, mismatch: str) -> dict:
+    """A cache file's contents, if it loads and is of this ``version`` and ``key``; else ``CacheError``."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CacheError(f"unreadable ({type(e).__name__})") from None
+    if not isinstance(state, dict) or state.get("version") != version or state.get("key") != key:
+        raise CacheError(mismatch)
+    return state
+
+
 class TeacherCache:
     """``logits[k]``: ``(K, N, C_k)`` fp16; ``dy``, ``dx``: ``(K, N)``; ``flip``: ``(K, N)`` bool."""
 
@@ -125,12 +136,7 @@ class TeacherCache:
     @classmethod
     def load(cls, path: Path, key: str, num_views: int, num_images: int, sizes: list[int]) -> "TeacherCache":
         """Load and verify a cache file; raise ``CacheError`` saying what is wrong."""
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise CacheError(f"unreadable ({type(e).__name__})") from None
-        if not isinstance(state, dict) or state.get("version") != CACHE_VERSION or state.get("key") != key:
-            raise CacheError("written for other teachers, data or settings")
+        state = _read_state(path, CACHE_VERSION, key, "written for other teachers, data or settings")
         try:
             cache = cls(key, list(state["logits"]), state["dy"], state["dx"], state["flip"])
             ok = ([tuple(z.shape) for z in cache.logits] == [(num_views, num_images, c) for c in sizes]
@@ -183,12 +189,7 @@ def eval_key(ensemble: TeacherEnsemble, dataset: ImageTensorDataset | FileImageD
 
 def _load_eval_logits(path: Path, key: str, num_images: int, sizes: list[int]) -> list[Tensor]:
     """Load and verify a file of ``teacher_logits``; raise ``CacheError`` saying what is wrong."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CacheError(f"unreadable ({type(e).__name__})") from None
-    if not isinstance(state, dict) or state.get("version") != EVAL_VERSION or state.get("key") != key:
-        raise CacheError("written for other teachers or data")
+    state = _read_state(path, EVAL_VERSION, key, "written for other teachers or data")
     logits = state.get("logits")
     if not isinstance(logits, list) or [tuple(getattr(z, "shape", ())) for z in logits] != \
             [(num_images, c) for c in sizes]:
