@@ -214,11 +214,13 @@ def results_table(rows: list[dict]) -> str:
     for r in main:
         groups.setdefault((r["student"], float(r["label_fraction"]), r["method"], _setting(r), r["epochs"]),
                           []).append(r)
-    lines = ["| student | labels | method | setting | epochs | seeds | test acc (mean ± std) | best val (mean) | "
-             "student on each teacher's classes (teacher) |",
-             "|---|---:|---|---|---:|---|---:|---:|---|"]
+    lines = ["| student | labels | method | setting | epochs | seeds | test acc (mean ± std) | gain over labels only "
+             "(points, paired by seed) | best val (mean) | student on each teacher's classes (teacher) |",
+             "|---|---:|---|---|---:|---|---:|---:|---:|---|"]
     for (student, fraction, method, setting, epochs), rs in sorted(groups.items(), key=lambda kv: (
             kv[0][0], -kv[0][1], kv[0][2] != "labels", kv[0][2], kv[0][3])):
+        gain = "" if method == "labels" else _paired_gain(rs, [g for k, g in groups.items() if k[2] == "labels"
+                                                               and (k[0], k[1], k[4]) == (student, fraction, epochs)])
         own = {}
         for r in rs:
             for name, acc in parse_pairs(r["student_on_teachers"]).items():
@@ -228,6 +230,23 @@ def results_table(rows: list[dict]) -> str:
                                 for n, v in own.items())
         seeds = " ".join(sorted((r["seed"] for r in rs), key=int))
         lines.append(f"| {student} | {fraction:g} | {method} | {setting} | {epochs} | {seeds} | "
-                     f"{_mean_std([float(r['test_acc']) for r in rs])} | "
+                     f"{_mean_std([float(r['test_acc']) for r in rs])} | {gain} | "
                      f"{statistics.mean(100 * float(r['best_val_acc']) for r in rs):.2f} | {per_teacher} |")
     return "\n".join(lines)
+
+
+def _paired_gain(runs: list[dict], baselines: list[list[dict]]) -> str:
+    """Test accuracy of ``runs`` minus the labels-only runs of the same seeds, in points: mean ± std over the
+    seeds both have, against the labels-only recipe (of the same student, labels and epochs) sharing the most
+    seeds; empty where none shares one."""
+    mine = {r["seed"]: float(r["test_acc"]) for r in runs}
+    best: list[float] = []
+    for group in baselines:
+        base = {r["seed"]: float(r["test_acc"]) for r in group}
+        diffs = [100 * (mine[s] - base[s]) for s in sorted(mine, key=int) if s in base]
+        if len(diffs) > len(best):
+            best = diffs
+    if not best:
+        return ""
+    std = statistics.stdev(best) if len(best) > 1 else 0.0
+    return f"{statistics.mean(best):+.2f} ± {std:.2f} ({len(best)} seed{'s' if len(best) > 1 else ''})"

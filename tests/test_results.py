@@ -56,7 +56,7 @@ def test_records_are_appended_found_again_and_summarised_over_seeds(tmp_path):
     assert not is_recorded(rows, config_of(_args(alpha=0, seed=1, lr=0.003)))
     assert not is_recorded(rows, config_of(args[1], selection=True))
     table = results_table(rows)
-    assert "| MobileNetV3 | 1 | labels | lr 0.001, step 30/0.5 | 100 | 0 1 2 | 42.00 ± 2.00 | 43.00 |" in table
+    assert "| MobileNetV3 | 1 | labels | lr 0.001, step 30/0.5 | 100 | 0 1 2 | 42.00 ± 2.00 |  | 43.00 |" in table
     assert "flowers 61.0 (69.8)" in table  # the student's mean on the teacher's classes, the teacher's own
     # A file with other columns is never appended to.
     other = tmp_path / "other.csv"
@@ -114,3 +114,18 @@ def test_the_selection_run_of_a_chosen_recipe_is_one_of_its_seeds(tmp_path):
     # A main run of seed 0 wins over the selection run of seed 0.
     append_record(path, record(_summary(0.50, 0), _args(**chosen, seed=0)))
     assert "| 0 1 2 | 45.33 ± 4.16 |" in results_table(load_records(path))
+
+
+def test_a_distilled_recipe_shows_its_gain_over_labels_only_paired_by_seed(tmp_path):
+    path = tmp_path / "study.csv"
+    for seed, acc in ((0, 0.40), (1, 0.42), (2, 0.44)):
+        append_record(path, record(_summary(acc, seed), _args(alpha=0, seed=seed)))
+    for seed, acc in ((0, 0.43), (1, 0.44), (2, 0.47), (3, 0.50)):  # seed 3 has no labels-only run to pair with
+        append_record(path, record(_summary(acc, seed), _args(alpha=0.5, seed=seed)))
+    table = results_table(load_records(path))
+    # Differences 3, 2 and 3 points over seeds 0-2.
+    assert "| 0 1 2 3 | 46.00 ± 3.16 | +2.67 ± 0.58 (3 seeds) |" in table
+    # Another label fraction has no labels-only runs to compare with: no gain.
+    append_record(path, record(_summary(0.30, 0), _args(alpha=0.5, seed=0, label_fraction=0.1)))
+    row = next(line for line in results_table(load_records(path)).splitlines() if "| 0.1 |" in line)
+    assert "| 30.00 ± 0.00 |  |" in row
