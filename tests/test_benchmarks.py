@@ -111,3 +111,21 @@ def test_teacher_diagnostics_without_teachers_says_how_to_get_them(tmp_path):
     proc = run_script("benchmarks/teacher_diagnostics.py", "--task", "B", "--output_dir", tmp_path)
     assert proc.returncode == 2
     assert "teacher checkpoints not found" in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_teacher_diagnostics_read_a_dustbin_as_one_more_home_ground_score():
+    import torch
+    from torch import nn
+
+    from mtkd.teachers import TeacherEnsemble
+
+    diag = load("teacher_diagnostics")
+    ens = TeacherEnsemble([nn.Identity(), nn.Identity()], [[0, 1], [2, 3]], [1.0, 1.0], 4, ["a", "b"],
+                          dustbin=[True, True])
+    # Image 0 (class 1) and image 1 (class 2): each teacher's dustbin says which group the image is in, while
+    # the own-class logits alone point the other way (b is the more confident on image 0).
+    raw = [torch.tensor([[0.0, 2.0, -3.0], [0.0, 1.0, 3.0]]), torch.tensor([[9.0, 0.0, 12.0], [6.0, 0.0, -3.0]])]
+    out = diag.measure(ens, raw, torch.tensor([1, 2]), [1.0])
+    assert out["home_ground"]["dustbin"] == {"group_acc": 1.0, "acc": 1.0}
+    assert out["home_ground"]["max_prob"]["group_acc"] == 0.5  # without the dustbin, b wins image 0 too
+    assert out["own_classes"]["a"]["T1"]["acc"] == 1.0  # own classes: the dustbin output left out
