@@ -10,9 +10,12 @@ from torch import Tensor
 
 
 def topk_correct(logits: Tensor, labels: Tensor, k: int) -> int:
-    """How many samples have their label among the ``k`` highest logits."""
+    """How many samples have their label among the ``k`` highest logits. Ties go to the lower class index, as
+    ``argmax`` breaks them (a stable sort, not ``topk``, whose order among equal values is unspecified): logits
+    run in bf16 tie often enough that the training summary and the evaluation would otherwise disagree."""
     k = min(k, logits.shape[1])
-    return int((logits.topk(k, dim=1).indices == labels[:, None]).any(1).sum())
+    top = logits.sort(dim=1, descending=True, stable=True).indices[:, :k]
+    return int((top == labels[:, None]).any(1).sum())
 
 
 def restricted_accuracy(logits: torch.Tensor, labels: torch.Tensor, class_ids: torch.Tensor) -> float:
@@ -66,7 +69,7 @@ def _roc_auc(probs: np.ndarray, labels: np.ndarray, average: str) -> float:
 def classification_metrics(logits: Tensor, labels: Tensor, class_names: list[str]) -> dict:
     """Accuracy (overall, per class, top-3), precision / recall / F1, ROC-AUC and ECE."""
     probs = torch.softmax(logits.float(), 1)
-    pred = probs.argmax(1)
+    pred = logits.argmax(1)  # on the logits: softmax can round two close logits to one probability
     y, p = labels.numpy(), pred.numpy()
     ids = list(range(len(class_names)))
     out = {

@@ -41,6 +41,24 @@ def test_topk_by_hand():
     assert topk_accuracy(logits, labels, 4) == 1.0
 
 
+
+def test_ties_are_broken_alike_by_every_accuracy():
+    """Logits run in bf16 tie: top-1 (training summary), argmax (evaluation report) and top-k all give a tie to
+    the lower class index, so the two reports of one model cannot disagree."""
+    torch.manual_seed(0)
+    logits = torch.randn(300, 10).to(torch.bfloat16).float().round()  # many exact ties
+    logits[:, 3] = logits.max(1).values  # class 3 ties for the top in every row, behind lower indices at times
+    labels = torch.full((300,), 3)
+    first = logits.argmax(1)
+    assert (first != 3).any() and (first == 3).any()
+    expected = (first == labels).float().mean().item()
+    assert topk_accuracy(logits, labels, 1) == pytest.approx(expected)
+    assert classification_metrics(logits, labels, [str(i) for i in range(10)])["overall_accuracy"] == \
+        pytest.approx(expected)
+    # Among equal logits the lower index ranks first: [5, 5, 5] -> 0, 1, 2.
+    assert topk_accuracy(torch.tensor([[5.0, 5.0, 5.0]]), torch.tensor([2]), 2) == 0.0
+    assert topk_accuracy(torch.tensor([[5.0, 5.0, 5.0]]), torch.tensor([1]), 2) == 1.0
+
 def test_ece_by_hand():
     # Two samples at confidence 0.85 (bin (0.8, 0.9]), one right: |0.5 - 0.85| * 2/4 = 0.175.
     # Two samples at confidence 0.55 (bin (0.5, 0.6]), both right: |1.0 - 0.55| * 2/4 = 0.225.
