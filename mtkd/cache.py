@@ -150,9 +150,10 @@ class TeacherCache:
         return cache
 
 
-def cache_path(cache_dir: str | Path, task_name: str, key: str) -> Path:
-    """Where the cache of ``key`` (``cache_key``) lives in ``cache_dir``."""
-    return Path(cache_dir) / f"Task{task_name}-{key[:16]}.pt"
+def cache_path(cache_dir: str | Path, task_name: str, key: str, kind: str = "") -> Path:
+    """Where the file of ``key`` lives in ``cache_dir``: the cache (``cache_key``), or with ``kind`` "eval" the
+    teacher logits on plain images (``eval_key``)."""
+    return Path(cache_dir) / f"Task{task_name}-{kind + '-' if kind else ''}{key[:16]}.pt"
 
 
 def open_teacher_cache(cache_dir: str | Path, task_name: str, ensemble: TeacherEnsemble,
@@ -216,7 +217,7 @@ def teacher_logits(ensemble: TeacherEnsemble, datasets: dict, transform: BatchTr
         path = key = None
         if cache_dir is not None:
             key = eval_key(ensemble, dataset, transform)
-            path = Path(cache_dir) / f"Task{task_name}-eval-{key[:16]}.pt"
+            path = cache_path(cache_dir, task_name, key, "eval")
             if path.exists():
                 try:
                     out[name] = _load_eval_logits(path, key, len(dataset), sizes)

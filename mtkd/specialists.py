@@ -18,8 +18,8 @@ from .loop import LoopConfig, RunRng, fit, seed_everything
 from .optim import EpochScheduler, create_optimizer
 from .models import (SMALL_INPUT, count_parameters, create_teacher, init_description, load_fitting_state,
                      stem_in_weights)
-from .precision import (NOT_SAVED, MachineRecord, Precision, PrecisionRecord, SavedPrecisions, keep_saved, recorded_choice,
-                        resolve_precision)
+from .precision import (FP32, NOT_SAVED, MachineRecord, Precision, PrecisionRecord, SavedPrecisions, keep_saved,
+                        recorded_choice, resolve_precision)
 from .report import console, step_progress
 from .spec import TaskSpec
 from .teachers import OwnClasses, TeacherEnsemble, TeacherInput
@@ -262,17 +262,16 @@ def follow_stem(spec, task: TaskSpec, weights: dict):
 
 
 def _own_accuracy(spec, task: TaskSpec, net: nn.Module, data: TaskData, device: torch.device,
-                  precision: Precision | None = None) -> dict:
+                  precision: Precision = FP32) -> dict:
     """Validation and test accuracy of a teacher (``net``: as it sees the task's batches) on the images of its
     own classes, choosing among them (a dustbin's output dropped)."""
     ids = task.class_indices(spec.classes)
     net = nn.Sequential(net, OwnClasses()) if spec.dustbin else net
     transform = BatchTransform.for_task(task).to(device)
     own = {split: data.split(split).select_classes(ids) for split in ("val", "test")}
-    kw = {} if precision is None else {"precision": precision}
     with step_progress(f"measuring teacher {spec.name}", sum(len(d) for d in own.values())) as advance:
-        acc = {split: evaluate(net, create_loader(d, 512, train=False), transform, device, advance=advance,
-                               **kw)["acc"] for split, d in own.items()}
+        acc = {split: evaluate(net, create_loader(d, 512, train=False), transform, device, precision=precision,
+                               advance=advance)["acc"] for split, d in own.items()}
     return {"val_acc": acc["val"], "test_acc": acc["test"]}
 
 
