@@ -113,7 +113,9 @@ def get_args_parser(task_names: list[str] | None = None) -> argparse.ArgumentPar
     kd.add_argument("--aggregation", default="consensus", choices=AGGREGATIONS,
                     help="how teachers with different class sets combine: mixture (label-blind weighted mixture), "
                          "consensus (only teachers that know the label), amalgamate (each teacher vs the student "
-                         "renormalised over its classes)")
+                         "renormalised over its classes), combination (Hinton's specialist combination, label-free), "
+                         "stacked (the teachers calibrated into one classifier by the labelled images: a logistic "
+                         "regression over all their outputs, fitted before training)")
     kd.add_argument("--teacher_weighting", default="fixed", choices=WEIGHTINGS,
                     help="fixed (task or --teacher_weights), confidence (CA-MKD), entropy (EBKD), per sample")
     kd.add_argument("--teacher_weights", type=weights_list, default=None, metavar="W1,W2,...",

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from .models import forward_with_features
 from .precision import FP32
+from .stacking import Stacker
 from .teachers import TeacherEnsemble
 from .terms import KDConfig, StepContext, Term, create_terms
 
@@ -53,14 +54,18 @@ class Distiller(nn.Module):
             fixed = torch.tensor(weights, dtype=torch.float32) / sum(weights)
         self.register_buffer("fixed_weights", fixed, persistent=False)
         self.terms = nn.ModuleDict(create_terms(config, student, self.ensemble))
+        # --aggregation stacked: the teachers calibrated by the labels (fitted by the trainer before training).
+        self.stacker = (Stacker(sum(self.ensemble.output_sizes), self.ensemble.num_classes)
+                        if self.ensemble is not None and config.aggregation == "stacked" else None)
 
     def term(self, name: str) -> Term | None:
         """This step's term registered as ``name`` (``TERMS``), or None."""
         return self.terms[name] if name in self.terms else None
 
     def extra_state(self) -> dict:
-        """What the step trains or tracks besides the student (feature adapters, the EMA): for checkpoints."""
-        return {k: v for k, v in self.state_dict().items() if k.startswith("terms.")}
+        """What the step trains or tracks besides the student (feature adapters, the EMA, the stacker): for
+        checkpoints."""
+        return {k: v for k, v in self.state_dict().items() if k.startswith(("terms.", "stacker."))}
 
     def load_extra_state(self, state: dict) -> None:
         """Restore ``extra_state`` (also from checkpoints written before the step was made of terms)."""
@@ -75,7 +80,10 @@ class Distiller(nn.Module):
             term.after_optimizer_step(self.student)
 
     def pseudo_labels(self, teacher_logits: list[Tensor]) -> Tensor:
-        """The class the task's teachers' specialist combination predicts (T = 1), per sample."""
+        """The class the task's teachers predict, per sample: through the stacker when the run fitted one
+        (``--aggregation stacked``), else their specialist combination (T = 1)."""
+        if self.stacker is not None:
+            return self.stacker(teacher_logits).argmax(1)
         return self.ensemble.combine(teacher_logits, "combination", self.fixed_weights).argmax(1)
 
     def set_epoch(self, epoch: int) -> None:

@@ -228,6 +228,20 @@ AGGREGATIONS.register("combination", Aggregation(_through_targets(
     lambda z, ids, w, labels, n, T: losses.specialist_combination(z, ids, w, n, T).exp())))
 
 
+def _stacked(ctx: StepContext, w: Tensor, T: float) -> Tensor:
+    """The task's teachers through the stacker the few labels fitted (``stacking``): its own weighting of
+    the teachers replaces ``w``; label-free (an unlabelled image's pseudo-label is the stacker's class)."""
+    c = ctx.distiller.config
+    kd = KD_LOSSES.get(c.kd_loss)
+    q = F.softmax(ctx.distiller.stacker(ctx.raw_teacher_logits) / T, dim=1)
+    labels = ctx.teacher_labels() if kd.uses_label else ctx.labels
+    return kd.loss(ctx.logits, q, labels, T, c)
+
+
+# A few labels calibrate the teachers into one classifier (``stacking.Stacker``), fitted before training.
+AGGREGATIONS.register("stacked", Aggregation(_stacked))
+
+
 # ---- loss terms ----
 
 class Term(nn.Module):

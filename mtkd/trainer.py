@@ -61,6 +61,10 @@ def check_kd_args(args: Namespace, task: TaskSpec) -> KDConfig:
         raise UserError(f"--teacher_weights has {len(kd.teacher_weights)} weights but task {task.name} has "
                         f"{len(task.teachers)} teachers ({', '.join(t.name for t in task.teachers)}). "
                         "Fix: give one weight per teacher, in that order.")
+    if kd.aggregation == "stacked" and kd.ema_decay > 0:
+        raise UserError("--aggregation stacked reads the task's teachers through the stacker fitted before "
+                        "training, so --ema_teacher (a teacher that changes as the student trains) would take no "
+                        "part. Fix: drop --ema_teacher, or choose another --aggregation.")
     for flag in ("feature_weight", "attention_weight"):
         if args.teacher_cache and getattr(kd, flag) > 0:
             raise UserError(f"--teacher_cache stores the teachers' logits only, but --{flag} needs their "
@@ -220,6 +224,8 @@ def _run(args: Namespace, explicit: set[str], dist: DistInfo, device_name: str) 
     kd = replace(config.kd, unlabelled=count_labelled(train_set)[1] > 0)
     seed_everything(config.seed)
     step = Distiller(student, ensemble, kd, compile=config.compile).to(device)
+    if step.stacker is not None and last is None:  # a resumed run's stacker is in its checkpoint
+        _fit_stacker(config, task, step, data.train, train_set, transform, device, dist)
     if step.term("features") is not None:
         precision.prepare_model(step.term("features"))
     train_set, counts, cache_status = _training_images(config, task, step, train_set, transform, device, dist)
@@ -343,6 +349,29 @@ def _training_images(config: RunConfig, task: TaskSpec, step: Distiller, train_s
     return CachedViews(train_set, cache), counts, status
 
 
+def _fit_stacker(config: RunConfig, task: TaskSpec, step: Distiller, full_train, train_set,
+                 transform: BatchTransform, device: torch.device, dist: DistInfo) -> None:
+    """``--aggregation stacked``: fit the stacker on the teachers' logits of the labelled training images
+    (un-augmented; with ``--teacher_cache`` the logits of every training image are kept there, as the run
+    report's); rank 0 fits, every rank loads its weights."""
+    def fit():
+        labelled = torch.nonzero(train_set.labels >= 0).squeeze(1)
+        if config.teacher_cache:  # the same file the report's rows read (keyed on the images, not the labels)
+            logits = [z[labelled] for z in teacher_logits(step.ensemble, {"train": full_train}, transform,
+                                                          device, config.teacher_cache, task.name)["train"]]
+        else:
+            logits = teacher_logits(step.ensemble, {"train": full_train.subset(labelled)}, transform,
+                                    device)["train"]
+        info = step.stacker.fit(logits, train_set.labels[labelled])
+        return info, {k: v.cpu() for k, v in step.stacker.state_dict().items()}
+
+    info, state = broadcast(dist, fit() if dist.is_main else None)
+    step.stacker.load_state_dict(state)
+    cv = ", ".join(f"{l2:g}: {acc:.2%}" for l2, acc in info["cv_acc"].items())
+    console.print(f"[bold]Stacker[/] fitted on {info['images']} labelled images: L2 {info['l2']:g} "
+                  f"(5-fold accuracy {cv}); {info['fit_acc']:.2%} on the images fitted", soft_wrap=True)
+
+
 def _restore(run: StudentRun, last: dict) -> int:
     """Load a resumed run's state from its ``last.pt``; returns the epoch to start from."""
     start_epoch = run.load_state_dict(last)
@@ -415,7 +444,9 @@ def finish_run(run: StudentRun, writer) -> dict:
     splits = {"val": (data.val, None), "test": (data.test, None)}
     if run.unlabelled_truth is not None:  # how good the teachers' labels for the unlabelled images are
         splits["unlabelled"] = run.unlabelled_truth
-    ensemble_rows = ensemble_accuracy(ensemble, splits, run.transform, device, config.teacher_cache, run.task.name)
+    stacker = run.step.stacker
+    ensemble_rows = ensemble_accuracy(ensemble, splits, run.transform, device, config.teacher_cache, run.task.name,
+                                      stacker)
     kd = run.kd
     summary = {
         "task": run.task.name, "student_model": config.student_model, "run_dir": str(run.run_dir),
@@ -429,8 +460,10 @@ def finish_run(run: StudentRun, writer) -> dict:
         "teachers": run.teacher_rows,
         "ensemble_params": count_parameters(ensemble), "ensemble_val_acc": ensemble_rows["combination"]["val_acc"],
         "ensemble_test_acc": ensemble_rows["combination"]["test_acc"], "ensemble": ensemble_rows,
-        # The specialist combination's class (the pseudo-label) on the images used without their label.
-        "pseudo_label_acc": ensemble_rows["combination"].get("unlabelled_acc"),
+        # The pseudo-label's accuracy on the images used without their label: the stacker's class, else the
+        # specialist combination's.
+        "pseudo_label_acc": ensemble_rows["stacked" if stacker is not None else "combination"].get("unlabelled_acc"),
+        "stacker_l2": stacker.l2.item() if stacker is not None else None,
         "device": str(device), "skipped_files": len(data.skipped), "wall_time_s": time.perf_counter() - run.started,
         "train_images_per_s": images_per_second(read_metrics(run.run_dir), sum(run.counts)), "machine": machine(),
         "commit": run.commit,
@@ -446,8 +479,10 @@ def finish_run(run: StudentRun, writer) -> dict:
 
 
 def ensemble_accuracy(ensemble: TeacherEnsemble, splits: dict, transform: BatchTransform, device: torch.device,
-                      cache_dir: str | Path | None = None, task_name: str = "") -> dict[str, dict[str, float]]:
-    """``{method: {"<split>_acc": ...}}`` for each of ``ENSEMBLE_METHODS``.
+                      cache_dir: str | Path | None = None, task_name: str = "",
+                      stacker: nn.Module | None = None) -> dict[str, dict[str, float]]:
+    """``{method: {"<split>_acc": ...}}`` for each of ``ENSEMBLE_METHODS``, and ``stacked`` for a fitted
+    ``stacker`` (``--aggregation stacked``).
 
     ``splits``: ``{split: (dataset, indices or None)}``, the split being ``dataset[indices]``. The teachers run
     once per dataset (``cache.teacher_logits``; with ``cache_dir`` read from there when an earlier run kept them,
@@ -457,15 +492,18 @@ def ensemble_accuracy(ensemble: TeacherEnsemble, splits: dict, transform: BatchT
     datasets = {split: d if idx is None or cache_dir is not None else d.subset(idx)
                 for split, (d, idx) in splits.items()}
     logits_of = teacher_logits(ensemble, datasets, transform, device, cache_dir, task_name)
-    rows = {method: {} for method in ENSEMBLE_METHODS}
+    readers = {method: (lambda z, m=method: ensemble.combine(z, m)) for method in ENSEMBLE_METHODS}
+    if stacker is not None:
+        readers["stacked"] = stacker
+    rows = {method: {} for method in readers}
     for split, (dataset, idx) in splits.items():
         logits, labels = logits_of[split], datasets[split].labels
         if idx is not None and cache_dir is not None:
             logits, labels = [z[idx] for z in logits], labels[idx]
-        for method in ENSEMBLE_METHODS:
+        for method, read in readers.items():
             if not len(labels):  # an empty split
                 rows[method][f"{split}_acc"] = float("nan")
                 continue
-            pred = ensemble.combine([z.to(device) for z in logits], method).argmax(1).cpu()
+            pred = read([z.to(device) for z in logits]).argmax(1).cpu()
             rows[method][f"{split}_acc"] = (pred == labels).float().mean().item()
     return rows

@@ -24,10 +24,12 @@ from mtkd.specialists import create_ensemble
 
 import tasks  # noqa: F401  (registers Task B)
 
-# Every option the replaced step had (KD losses added since, like ``shift``, have tests of their own).
+# Every option the replaced step had (KD losses and aggregations added since, like ``shift`` and ``stacked``,
+# have tests of their own).
 LEGACY_KD_LOSSES = [k for k in KD_LOSSES if k in ("kl", "dkd")]
+LEGACY_AGGREGATIONS = [a for a in AGGREGATIONS if a != "stacked"]
 COMBOS = [dict(aggregation=a, teacher_weighting=w, kd_loss=k, unlabelled=u)
-          for a, w, k, u in itertools.product(AGGREGATIONS, WEIGHTINGS, LEGACY_KD_LOSSES, (False, True))]
+          for a, w, k, u in itertools.product(LEGACY_AGGREGATIONS, WEIGHTINGS, LEGACY_KD_LOSSES, (False, True))]
 SPECIAL = [
     dict(aggregation="consensus", teacher_weighting="fixed", kd_loss="kl", feature_weight=0.3),
     dict(aggregation="amalgamate", teacher_weighting="confidence", kd_loss="dkd", feature_weight=0.3,
