@@ -29,7 +29,10 @@ BLOCK = re.compile(r"(<!-- results: (?P<name>[\w.-]+\.csv) -->\n)(?P<body>.*?)(<
 
 def tables(rows: list[dict]) -> str:
     text = "Main runs (test accuracy, mean ± std over seeds; the selection run that chose a recipe is its seed 0; " \
-           "accuracies on each teacher's classes are the student's, the teacher's own in brackets):\n\n" + \
+           "accuracies on each teacher's classes are the student's, the teacher's own in brackets; the teachers " \
+           "were trained on every label of their own classes, also where the student has fewer (labels < 1); " \
+           "pseudo-labels right: the teachers' class (the stacker's with `stacked`, else their specialist " \
+           "combination's) on the training images the student uses without their label):\n\n" + \
            results_table(rows) + "\n"
     if any(r["selection"] == "True" for r in rows):
         text += "\nSelection runs (seed 0, chosen on best validation accuracy only):\n\n" + selection_table(rows) + "\n"

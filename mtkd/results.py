@@ -215,8 +215,9 @@ def results_table(rows: list[dict]) -> str:
         groups.setdefault((r["student"], float(r["label_fraction"]), r["method"], _setting(r), r["epochs"]),
                           []).append(r)
     lines = ["| student | labels | method | setting | epochs | seeds | test acc (mean ± std) | gain over labels only "
-             "(points, paired by seed) | best val (mean) | student on each teacher's classes (teacher) |",
-             "|---|---:|---|---|---:|---|---:|---:|---:|---|"]
+             "(points, paired by seed) | best val (mean) | student on each teacher's classes (teacher) | "
+             "pseudo-labels right (mean) |",
+             "|---|---:|---|---|---:|---|---:|---:|---:|---|---:|"]
     for (student, fraction, method, setting, epochs), rs in sorted(groups.items(), key=lambda kv: (
             kv[0][0], -kv[0][1], kv[0][2] != "labels", kv[0][2], kv[0][3])):
         gain = "" if method == "labels" else _paired_gain(rs, [g for k, g in groups.items() if k[2] == "labels"
@@ -229,9 +230,13 @@ def results_table(rows: list[dict]) -> str:
         per_teacher = ", ".join(f"{n} {100 * statistics.mean(v):.1f} ({100 * teachers.get(n, math.nan):.1f})"
                                 for n, v in own.items())
         seeds = " ".join(sorted((r["seed"] for r in rs), key=int))
+        # How often the teachers' label for an image used without its own is right (runs that distil only).
+        pseudo = [float(r["pseudo_label_acc"]) for r in rs if r["pseudo_label_acc"] != "" and method != "labels"]
+        pseudo_cell = f"{100 * statistics.mean(pseudo):.1f}" if pseudo else ""
         lines.append(f"| {student} | {fraction:g} | {method} | {setting} | {epochs} | {seeds} | "
                      f"{_mean_std([float(r['test_acc']) for r in rs])} | {gain} | "
-                     f"{statistics.mean(100 * float(r['best_val_acc']) for r in rs):.2f} | {per_teacher} |")
+                     f"{statistics.mean(100 * float(r['best_val_acc']) for r in rs):.2f} | {per_teacher} | "
+                     f"{pseudo_cell} |")
     return "\n".join(lines)
 
 

@@ -126,6 +126,10 @@ def test_a_distilled_recipe_shows_its_gain_over_labels_only_paired_by_seed(tmp_p
     # Differences 3, 2 and 3 points over seeds 0-2.
     assert "| 0 1 2 3 | 46.00 ± 3.16 | +2.67 ± 0.58 (3 seeds) |" in table
     # Another label fraction has no labels-only runs to compare with: no gain.
-    append_record(path, record(_summary(0.30, 0), _args(alpha=0.5, seed=0, label_fraction=0.1)))
-    row = next(line for line in results_table(load_records(path)).splitlines() if "| 0.1 |" in line)
+    append_record(path, record({**_summary(0.30, 0), "pseudo_label_acc": 0.6},
+                               _args(alpha=0.5, seed=0, label_fraction=0.1)))
+    rows = results_table(load_records(path)).splitlines()
+    row = next(line for line in rows if "| 0.1 |" in line)
     assert "| 30.00 ± 0.00 |  |" in row
+    # How right the teachers' labels for the images used without one were; nothing where all labels are kept.
+    assert row.endswith("| 60.0 |") and all(line.endswith(" |  |") for line in rows[2:] if "| 0.1 |" not in line)
