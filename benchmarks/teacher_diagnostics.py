@@ -12,7 +12,11 @@ these teachers and data (the augmented views of every training image the student
   normalised entropy at each ``--temperatures`` (how much a soft target says beyond its argmax);
 * on every image of the split: how often each home-ground score (``diagnostics.HOME_SCORES``) picks the
   teacher whose classes hold the label, and the accuracy over all classes of routing each image to that
-  teacher's top class, beside the ensemble's ``combination`` and ``mixture`` readings.
+  teacher's top class, beside the ensemble's ``combination`` and ``mixture`` readings;
+* with ``--label_fractions F ...``: the stacker ``train.py --aggregation stacked --label_fraction F`` fits
+  (``mtkd.stacking``; the labelled images drawn as the run draws them, for each ``--stack_seeds`` seed),
+  measured on the training images whose label it did not see (the pseudo-labels' accuracy, and how often
+  their class is in the right teacher's group) and on the validation split.
 """
 import argparse
 import json
@@ -25,13 +29,15 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root, for tasks/
 import tasks  # noqa: E402
 from mtkd.cache import CacheError, TeacherCache, cache_key, cache_path  # noqa: E402
-from mtkd.data import BatchTransform, create_loader, load_task_data  # noqa: E402
+from mtkd.cache import teacher_logits  # noqa: E402
+from mtkd.data import BatchTransform, create_loader, keep_labels, load_task_data  # noqa: E402
 from mtkd.diagnostics import HOME_SCORES, calibration, routed_predictions  # noqa: E402
 from mtkd.errors import UserError  # noqa: E402
 from mtkd.loop import resolve_device  # noqa: E402
 from mtkd.evaluate import load_ensemble  # noqa: E402
 from mtkd.losses import coverage, local_labels  # noqa: E402
 from mtkd.report import console, print_error, step_progress  # noqa: E402
+from mtkd.stacking import Stacker  # noqa: E402
 from mtkd.specialists import (PRECISION_RECORD, example_batch, teacher_dir, teacher_path,  # noqa: E402
                               teacher_precisions)
 
@@ -51,6 +57,11 @@ def get_args_parser():
     p.add_argument("--teacher_dustbin", action="store_true",
                    help="the teachers with a dustbin (train.py --teacher_dustbin): their home probability is "
                         "one more home-ground score")
+    p.add_argument("--label_fractions", type=float, nargs="*", default=[],
+                   help="fit the stacker of --aggregation stacked on this fraction of the training labels and "
+                        "measure it on the rest (pseudo-labels) and on validation")
+    p.add_argument("--stack_seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="the --seed of each run whose labelled images the stacker is fitted on")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     return p
 
@@ -106,6 +117,37 @@ def cached_views(args, task, ensemble, data, transform) -> tuple[list[torch.Tens
             data.train.labels.repeat(args.cache_views))
 
 
+def stacker_readings(ensemble, train_set, train_logits: list[torch.Tensor], val_logits: list[torch.Tensor],
+                     val_labels: torch.Tensor, fractions: list[float], seeds: list[int]) -> list[dict]:
+    """For each label fraction and seed: the stacker fitted on the labels that run keeps (``keep_labels``),
+    on the training images whose label is hidden its accuracy and how often its class is in the right group
+    (some teacher holds both it and the label), the same two for the label-free specialist combination, and
+    the stacker's validation accuracy."""
+    ids = [i.cpu() for i in ensemble.class_ids]
+    truth_all = train_set.labels
+    combined = ensemble.combine(train_logits, "combination").argmax(1)
+    rows = []
+    for fraction in fractions:
+        for seed in seeds:
+            kept = keep_labels(train_set, fraction, seed).labels
+            stacker = Stacker(sum(z.shape[1] for z in train_logits), ensemble.num_classes)
+            info = stacker.fit(train_logits, kept)
+            hidden = kept < 0
+            row = {"label_fraction": fraction, "seed": seed, "labelled": info["images"], "l2": info["l2"],
+                   "fit_acc": info["fit_acc"]}
+            with torch.no_grad():
+                if hidden.any():
+                    truth = truth_all[hidden]
+                    for name, pred in (("unlabelled", stacker([z[hidden] for z in train_logits]).argmax(1)),
+                                       ("combination", combined[hidden])):
+                        row[f"{name}_acc"] = (pred == truth).float().mean().item()
+                        row[f"{name}_group_acc"] = (coverage(ids, pred) & coverage(ids, truth)).any(1).float(
+                        ).mean().item()
+                row["val_acc"] = (stacker(val_logits).argmax(1) == val_labels).float().mean().item()
+            rows.append(row)
+    return rows
+
+
 def print_tables(out: dict) -> None:
     for split, res in out["splits"].items():
         t = Table(title=f"{out['task']} teachers on their own classes, {split} ({res['images']} images in all)")
@@ -123,6 +165,19 @@ def print_tables(out: dict) -> None:
             t.add_row(score, f"{m['group_acc']:.2%}", f"{m['acc']:.2%}")
         for method, acc in res["ensemble_acc"].items():
             t.add_row(f"({method})", "", f"{acc:.2%}")
+        console.print(t)
+    if out.get("stacked"):
+        t = Table(title="the stacker (--aggregation stacked) fitted on a fraction of the training labels")
+        for col in ("labels", "seed", "labelled images", "L2", "acc on them", "pseudo-labels right",
+                    "right group", "(combination: right / group)", "val acc"):
+            t.add_column(col, justify="right")
+        nan = float("nan")
+        for r in out["stacked"]:
+            t.add_row(f"{r['label_fraction']:g}", str(r["seed"]), str(r["labelled"]), f"{r['l2']:g}",
+                      f"{r['fit_acc']:.2%}", f"{r.get('unlabelled_acc', nan):.2%}",
+                      f"{r.get('unlabelled_group_acc', nan):.2%}",
+                      f"{r.get('combination_acc', nan):.2%} / {r.get('combination_group_acc', nan):.2%}",
+                      f"{r['val_acc']:.2%}")
         console.print(t)
 
 
@@ -155,6 +210,11 @@ def main(args) -> dict:
         logits, labels = cached
         out["splits"][f"train, {len(labels) // len(data.train)} cached views"] = measure(
             ensemble, logits, labels, args.temperatures)
+    if args.label_fractions:  # the plain images' logits, as train.py fits on (kept with --teacher_cache)
+        plain = teacher_logits(ensemble, {"train": data.train, "val": data.val}, transform, device,
+                               args.teacher_cache, task.name)
+        out["stacked"] = stacker_readings(ensemble, data.train, plain["train"], plain["val"], data.val.labels,
+                                          args.label_fractions, args.stack_seeds)
     return out
 
 

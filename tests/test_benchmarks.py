@@ -72,7 +72,7 @@ def test_teacher_diagnostics_measure_the_trained_teachers(smoke_run):
 
     import tasks
     from mtkd.cache import open_teacher_cache
-    from mtkd.data import BatchTransform, load_task_data
+    from mtkd.data import BatchTransform, count_labelled, keep_labels, load_task_data
     from mtkd.errors import UserError
     from mtkd.evaluate import load_ensemble
     from mtkd.specialists import PRECISION_RECORD, example_batch, teacher_dir, teacher_path, teacher_precisions
@@ -90,8 +90,17 @@ def test_teacher_diagnostics_measure_the_trained_teachers(smoke_run):
     open_teacher_cache(out_dir / "cache", "B", ensemble, data.train, transform, 2, cpu)
     flags = ["--task", "B", "--output_dir", str(out_dir), "--train_images", "64", "--temperatures", "1", "4",
              "--teacher_cache", str(out_dir / "cache")]
-    out = diag.main(diag.get_args_parser().parse_args(flags + ["--cache_views", "2"]))
+    out = diag.main(diag.get_args_parser().parse_args(flags + ["--cache_views", "2", "--label_fractions", "0.5",
+                                                               "--stack_seeds", "0", "1"]))
     assert out["splits"]["train, 2 cached views"]["images"] == 2 * len(data.train)
+    # The stacker of --aggregation stacked, fitted on the labels each seed's run keeps, read on the others.
+    assert [(r["label_fraction"], r["seed"]) for r in out["stacked"]] == [(0.5, 0), (0.5, 1)]
+    half = count_labelled(keep_labels(data.train, 0.5, 0))[0]
+    for r in out["stacked"]:
+        assert r["labelled"] == half and r["l2"] > 0
+        # A right class is always in the right group.
+        assert 0 <= r["unlabelled_acc"] <= r["unlabelled_group_acc"] <= 1
+        assert 0 <= r["combination_acc"] <= r["combination_group_acc"] <= 1 and 0 <= r["val_acc"] <= 1
     with pytest.raises(UserError, match="no cache of these teachers and data with 3 views"):
         diag.main(diag.get_args_parser().parse_args(flags + ["--cache_views", "3"]))
     val = out["splits"]["val"]
