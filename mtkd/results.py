@@ -190,12 +190,12 @@ def _recipe(r: dict) -> tuple:
 def selection_table(rows: list[dict]) -> str:
     """The hyper-parameter selection runs: one row each, ranked by best validation accuracy within a student."""
     rows = [r for r in rows if r["selection"] == "True"]
-    lines = ["| student | method | setting | epochs | seed | best val acc | best epoch |",
-             "|---|---|---|---:|---:|---:|---:|"]
-    for r in sorted(rows, key=lambda r: (r["student"], r["method"] != "labels", r["method"],
-                                         -float(r["best_val_acc"]))):
-        lines.append(f"| {r['student']} | {r['method']} | {_setting(r)} | {r['epochs']} | {r['seed']} | "
-                     f"{100 * float(r['best_val_acc']):.2f} | {r['best_epoch']} |")
+    lines = ["| student | labels | method | setting | epochs | seed | best val acc | best epoch |",
+             "|---|---:|---|---|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (r["student"], -float(r["label_fraction"]), r["method"] != "labels",
+                                         r["method"], -float(r["best_val_acc"]))):
+        lines.append(f"| {r['student']} | {float(r['label_fraction']):g} | {r['method']} | {_setting(r)} | "
+                     f"{r['epochs']} | {r['seed']} | {100 * float(r['best_val_acc']):.2f} | {r['best_epoch']} |")
     return "\n".join(lines)
 
 

@@ -73,6 +73,10 @@ def test_selection_runs_are_listed_apart_by_validation_accuracy(tmp_path):
     assert results_table(rows).count("\n") == 1  # the header alone: selection runs are not main results
     table = selection_table(rows).splitlines()
     assert "lr 0.003, cosine" in table[2] and "46.00" in table[2] and "lr 0.001, cosine" in table[3]
+    # Runs with fewer labels are told apart by their label fraction, after those with all labels.
+    append_record(path, record(_summary(0.50, 0), _args(alpha=0, label_fraction=0.1), selection=True))
+    table = selection_table(load_records(path)).splitlines()
+    assert table[2].startswith("| MobileNetV3 | 1 | labels |") and table[4].startswith("| MobileNetV3 | 0.1 | labels |")
 
 
 def test_study_script_records_runs_and_keeps_the_readme_in_step(tmp_path):
