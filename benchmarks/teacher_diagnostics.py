@@ -28,8 +28,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root, for tasks/
 import tasks  # noqa: E402
-from mtkd.cache import CacheError, TeacherCache, cache_key, cache_path  # noqa: E402
-from mtkd.cache import teacher_logits  # noqa: E402
+from mtkd.cache import CacheError, TeacherCache, cache_key, cache_path, teacher_logits  # noqa: E402
 from mtkd.data import BatchTransform, create_loader, keep_labels, load_task_data  # noqa: E402
 from mtkd.diagnostics import HOME_SCORES, calibration, routed_predictions  # noqa: E402
 from mtkd.errors import UserError  # noqa: E402
@@ -125,7 +124,8 @@ def stacker_readings(ensemble, train_set, train_logits: list[torch.Tensor], val_
     the stacker's validation accuracy."""
     ids = [i.cpu() for i in ensemble.class_ids]
     truth_all = train_set.labels
-    combined = ensemble.combine(train_logits, "combination").argmax(1)
+    device = ensemble.weights.device  # the logits are on the CPU, the ensemble's class ids where it runs
+    combined = ensemble.combine([z.to(device) for z in train_logits], "combination").argmax(1).cpu()
     rows = []
     for fraction in fractions:
         for seed in seeds:
