@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .models import init_description
 from .precision import cpu_bf16_units, cpu_model
+from .terms import AGGREGATIONS
 
 # The columns of a study file, in order (see README, Results).
 COLUMNS = (
@@ -39,12 +40,14 @@ KEY = ("task", "student", "method", "alpha", "temperature", "label_fraction", "e
 
 
 def method_name(args) -> str:
-    """``labels`` (alpha 0, no feature terms) or ``aggregation/weighting/kd_loss`` (``+feat`` with feature
-    matching, ``+at`` with attention transfer, ``+dustbin`` from teachers with a dustbin)."""
+    """``labels`` (alpha 0, no feature terms) or ``aggregation/weighting/kd_loss`` (``aggregation/kd_loss``
+    where the aggregation weighs the teachers itself: ``stacked``; ``+feat`` with feature matching, ``+at``
+    with attention transfer, ``+dustbin`` from teachers with a dustbin)."""
     features, attention = getattr(args, "feature_weight", 0), getattr(args, "attention_weight", 0)
     if args.alpha == 0 and not features and not attention:
         return "labels"
-    name = f"{args.aggregation}/{args.teacher_weighting}/{args.kd_loss}"
+    weighting = [args.teacher_weighting] if AGGREGATIONS.get(args.aggregation).weighted else []
+    name = "/".join([args.aggregation, *weighting, args.kd_loss])
     return (name + ("+feat" if features else "") + ("+at" if attention else "")
             + ("+dustbin" if getattr(args, "teacher_dustbin", False) else ""))
 

@@ -187,10 +187,12 @@ KD_LOSSES.register("dkd", KDLoss(
 @dataclass(frozen=True)
 class Aggregation:
     """``soft(ctx, w, T) -> scalar``: the soft loss of the step's teachers under per-sample weights ``w``;
-    ``label_aware``: only the teachers whose classes contain the label take part."""
+    ``label_aware``: only the teachers whose classes contain the label take part; ``weighted``: False where
+    the aggregation weighs the teachers itself (``w`` is None, ``--teacher_weighting`` plays no part)."""
 
     soft: Callable
     label_aware: bool = False
+    weighted: bool = True
 
 
 def _through_targets(targets: Callable, uses_label: bool = False) -> Callable:
@@ -228,7 +230,7 @@ AGGREGATIONS.register("combination", Aggregation(_through_targets(
     lambda z, ids, w, labels, n, T: losses.specialist_combination(z, ids, w, n, T).exp())))
 
 
-def _stacked(ctx: StepContext, w: Tensor, T: float) -> Tensor:
+def _stacked(ctx: StepContext, w: None, T: float) -> Tensor:
     """The task's teachers through the stacker the few labels fitted (``stacking``): its own weighting of
     the teachers replaces ``w``; label-free (an unlabelled image's pseudo-label is the stacker's class)."""
     c = ctx.distiller.config
@@ -239,7 +241,7 @@ def _stacked(ctx: StepContext, w: Tensor, T: float) -> Tensor:
 
 
 # A few labels calibrate the teachers into one classifier (``stacking.Stacker``), fitted before training.
-AGGREGATIONS.register("stacked", Aggregation(_stacked))
+AGGREGATIONS.register("stacked", Aggregation(_stacked, weighted=False))
 
 
 # ---- loss terms ----
@@ -315,6 +317,8 @@ class LogitKD(Term):
 
     def forward(self, ctx: StepContext) -> dict[str, Tensor]:
         T = self.temperature(ctx.epoch)
+        if not self.aggregation.weighted:
+            return {"loss_soft": self.aggregation.soft(ctx, None, T), "temperature": torch.tensor(T)}
         w = ctx.teacher_weights()
         out = {"loss_soft": self.aggregation.soft(ctx, w, T), "temperature": torch.tensor(T)}
         names, *_ = ctx.all_teachers()

@@ -37,6 +37,7 @@ def test_a_record_holds_every_column_and_the_method_in_words():
     labels = record(_summary(0.4, 0), _args(alpha=0, teacher_cache="cache"))
     assert labels["method"] == "labels" and labels["cache_views"] == 0  # labels only never reads the cache
     assert method_name(argparse_ns(alpha=0, feature_weight=0.1)) == "consensus/fixed/kl+feat"
+    assert method_name(argparse_ns(aggregation="stacked", teacher_weighting="entropy")) == "stacked/kl"
 
 
 def argparse_ns(**flags):

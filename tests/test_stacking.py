@@ -97,6 +97,7 @@ def test_the_stacked_step_against_a_hand_computation():
     expected = (1 - alpha) * sum(ce) / len(ce) + alpha * T * T * kl
     assert out["loss"].item() == pytest.approx(expected, rel=1e-5)
     assert out["loss_soft"].item() == pytest.approx(T * T * kl, rel=1e-5)
+    assert not [k for k in out if k.startswith("weight_")]  # the stacker weighs the teachers, not --teacher_weighting
 
 
 def test_an_unlabelled_images_pseudo_label_is_the_stackers_class():
