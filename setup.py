@@ -23,6 +23,6 @@ setup(
     ],
     extras_require={
         "export": ["onnx", "onnxruntime"],
-        "test": ["pytest>=7", "onnx", "onnxruntime"],
+        "test": ["pytest>=7", "pytest-xdist>=3", "onnx", "onnxruntime"],  # the suite runs one worker per core
     },
 )
