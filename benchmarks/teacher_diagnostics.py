@@ -16,7 +16,10 @@ these teachers and data (the augmented views of every training image the student
 * with ``--label_fractions F ...``: the stacker ``train.py --aggregation stacked --label_fraction F`` fits
   (``mtkd.stacking``; the labelled images drawn as the run draws them, for each ``--stack_seeds`` seed),
   measured on the training images whose label it did not see (the pseudo-labels' accuracy, and how often
-  their class is in the right teacher's group) and on the validation split.
+  their class is in the right teacher's group) and on the validation split; with ``--stack_features`` also
+  the same logistic regression on the teachers' pooled features (the input of their classifiers, each
+  standardised over the training images) instead of their logits: whether the teachers know more about the
+  other groups' images than their logits say.
 """
 import argparse
 import json
@@ -36,7 +39,7 @@ from mtkd.loop import resolve_device  # noqa: E402
 from mtkd.evaluate import load_ensemble  # noqa: E402
 from mtkd.losses import coverage, local_labels  # noqa: E402
 from mtkd.report import console, print_error, step_progress  # noqa: E402
-from mtkd.stacking import Stacker  # noqa: E402
+from mtkd.stacking import Stacker, cross_validated_accuracy, fit_logistic  # noqa: E402
 from mtkd.specialists import (PRECISION_RECORD, example_batch, teacher_dir, teacher_path,  # noqa: E402
                               teacher_precisions)
 
@@ -61,6 +64,8 @@ def get_args_parser():
                         "measure it on the rest (pseudo-labels) and on validation")
     p.add_argument("--stack_seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="the --seed of each run whose labelled images the stacker is fitted on")
+    p.add_argument("--stack_features", action="store_true",
+                   help="with --label_fractions: fit the same regression on the teachers' pooled features too")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     return p
 
@@ -116,12 +121,42 @@ def cached_views(args, task, ensemble, data, transform) -> tuple[list[torch.Tens
             data.train.labels.repeat(args.cache_views))
 
 
+# The features are thousands of numbers an image where the logits are a few: a wider penalty grid.
+FEATURE_L2_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+
+
+def teacher_features(ensemble, dataset, transform, device, what: str) -> torch.Tensor:
+    """Every teacher's pooled features (``TeacherEnsemble.pre_logits``) on ``dataset``, side by side (CPU)."""
+    outs = []
+    with step_progress(f"teachers' features on {what}", len(dataset)) as advance:
+        for x, y in create_loader(dataset, 256, train=False):
+            outs.append(torch.cat([h.cpu() for h in ensemble.pre_logits(transform(x.to(device)))], 1))
+            advance(len(y))
+    return torch.cat(outs)
+
+
+def feature_probe(train: torch.Tensor, val: torch.Tensor, kept: torch.Tensor, num_classes: int) -> tuple:
+    """The logistic regression of the stacker on standardised features (statistics of every training image,
+    no label), its penalty chosen by cross-validation on the labelled ones; returns ``(l2, train predictions,
+    val predictions)``."""
+    mean, std = train.mean(0), train.std(0).clamp_min(1e-6)
+    train, val = (train - mean) / std, (val - mean) / std
+    labelled = kept >= 0
+    x, y = train[labelled], kept[labelled]
+    cv = {p: cross_validated_accuracy(x, y, num_classes, p) for p in FEATURE_L2_GRID}
+    l2 = max(FEATURE_L2_GRID, key=lambda p: (round(cv[p], 6), p))
+    weight, bias = fit_logistic(x, y, num_classes, l2)
+    return l2, (train @ weight.T + bias).argmax(1), (val @ weight.T + bias).argmax(1)
+
+
 def stacker_readings(ensemble, train_set, train_logits: list[torch.Tensor], val_logits: list[torch.Tensor],
-                     val_labels: torch.Tensor, fractions: list[float], seeds: list[int]) -> list[dict]:
+                     val_labels: torch.Tensor, fractions: list[float], seeds: list[int],
+                     features: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[dict]:
     """For each label fraction and seed: the stacker fitted on the labels that run keeps (``keep_labels``),
     on the training images whose label is hidden its accuracy and how often its class is in the right group
     (some teacher holds both it and the label), the same two for the label-free specialist combination, and
-    the stacker's validation accuracy."""
+    the stacker's validation accuracy; with ``features`` (train, val) the same regression on them
+    (``features_*``)."""
     ids = [i.cpu() for i in ensemble.class_ids]
     truth_all = train_set.labels
     device = ensemble.weights.device  # the logits are on the CPU, the ensemble's class ids where it runs
@@ -144,6 +179,11 @@ def stacker_readings(ensemble, train_set, train_logits: list[torch.Tensor], val_
                         row[f"{name}_group_acc"] = (coverage(ids, pred) & coverage(ids, truth)).any(1).float(
                         ).mean().item()
                 row["val_acc"] = (stacker(val_logits).argmax(1) == val_labels).float().mean().item()
+            if features is not None:
+                row["features_l2"], pred, val_pred = feature_probe(*features, kept, ensemble.num_classes)
+                if hidden.any():
+                    row["features_unlabelled_acc"] = (pred[hidden] == truth_all[hidden]).float().mean().item()
+                row["features_val_acc"] = (val_pred == val_labels).float().mean().item()
             rows.append(row)
     return rows
 
@@ -168,8 +208,10 @@ def print_tables(out: dict) -> None:
         console.print(t)
     if out.get("stacked"):
         t = Table(title="the stacker (--aggregation stacked) fitted on a fraction of the training labels")
+        features = "features_val_acc" in out["stacked"][0]
         for col in ("labels", "seed", "labelled images", "L2", "acc on them", "pseudo-labels right",
-                    "right group", "(combination: right / group)", "val acc"):
+                    "right group", "(combination: right / group)", "val acc",
+                    *(("(on features: L2 / right / val)",) if features else ())):
             t.add_column(col, justify="right")
         nan = float("nan")
         for r in out["stacked"]:
@@ -177,11 +219,16 @@ def print_tables(out: dict) -> None:
                       f"{r['fit_acc']:.2%}", f"{r.get('unlabelled_acc', nan):.2%}",
                       f"{r.get('unlabelled_group_acc', nan):.2%}",
                       f"{r.get('combination_acc', nan):.2%} / {r.get('combination_group_acc', nan):.2%}",
-                      f"{r['val_acc']:.2%}")
+                      f"{r['val_acc']:.2%}",
+                      *((f"{r['features_l2']:g} / {r.get('features_unlabelled_acc', nan):.2%} / "
+                         f"{r['features_val_acc']:.2%}",) if features else ()))
         console.print(t)
 
 
 def main(args) -> dict:
+    if args.stack_features and not args.label_fractions:
+        raise UserError("--stack_features reads the stacker's fit on features: it needs --label_fractions F ... "
+                        "Fix: add e.g. --label_fractions 0.1.")
     task = tasks.get_task(args.task)
     task = task.with_dustbins() if args.teacher_dustbin else task
     device = resolve_device(args.device)
@@ -213,8 +260,11 @@ def main(args) -> dict:
     if args.label_fractions:  # the plain images' logits, as train.py fits on (kept with --teacher_cache)
         plain = teacher_logits(ensemble, {"train": data.train, "val": data.val}, transform, device,
                                args.teacher_cache, task.name)
+        features = ((teacher_features(ensemble, data.train, transform, device, "train"),
+                     teacher_features(ensemble, data.val, transform, device, "val")) if args.stack_features
+                    else None)
         out["stacked"] = stacker_readings(ensemble, data.train, plain["train"], plain["val"], data.val.labels,
-                                          args.label_fractions, args.stack_seeds)
+                                          args.label_fractions, args.stack_seeds, features)
     return out
 
 

@@ -1,6 +1,8 @@
 """The frozen teacher ensemble: runs the specialists and maps them to global classes."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -135,16 +137,27 @@ class TeacherEnsemble(nn.Module):
         With ``stages`` (a list of stage indices per teacher) returns
         ``(logits, features)``, features being a list per teacher.
         """
+        out = self._run(lambda k, teacher, xk: teacher(xk) if stages is None
+                        else forward_with_features(teacher, xk, stages[k]), x)
+        # Inference tensors cannot be saved for backward; clone them out of it.
+        if stages is None:
+            return [z.float().clone() for z in out]
+        return [z.float().clone() for z, _ in out], [[f.float().clone() for f in fs] for _, fs in out]
+
+    def pre_logits(self, x: Tensor) -> list[Tensor]:
+        """Each teacher's pooled features, the input of its classifier (timm's ``pre_logits``), float32."""
+        return [h.float().clone() for h in self._run(
+            lambda k, teacher, xk: teacher.forward_head(teacher.forward_features(xk), pre_logits=True), x)]
+
+    def _run(self, fn: Callable, x: Tensor) -> list:
+        """``fn(k, teacher, input)`` for every teacher, on its own input, in its own precision."""
         out = []
         with torch.inference_mode():
             for k, (teacher, precision) in enumerate(zip(self.teachers, self.precisions)):
                 xk = precision.prepare_input(self.inputs[k](x))
                 with precision.autocast(x.device):
-                    out.append(teacher(xk) if stages is None else forward_with_features(teacher, xk, stages[k]))
-        # Inference tensors cannot be saved for backward; clone them out of it.
-        if stages is None:
-            return [z.float().clone() for z in out]
-        return [z.float().clone() for z, _ in out], [[f.float().clone() for f in fs] for _, fs in out]
+                    out.append(fn(k, teacher, xk))
+        return out
 
     def soft_targets(self, x: Tensor, temperature: float) -> Tensor:
         """Weighted mixture of the teachers' tempered distributions (see ``mixture_targets``)."""

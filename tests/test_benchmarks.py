@@ -91,7 +91,7 @@ def test_teacher_diagnostics_measure_the_trained_teachers(smoke_run):
     flags = ["--task", "B", "--output_dir", str(out_dir), "--train_images", "64", "--temperatures", "1", "4",
              "--teacher_cache", str(out_dir / "cache")]
     out = diag.main(diag.get_args_parser().parse_args(flags + ["--cache_views", "2", "--label_fractions", "0.5",
-                                                               "--stack_seeds", "0", "1"]))
+                                                               "--stack_seeds", "0", "1", "--stack_features"]))
     assert out["splits"]["train, 2 cached views"]["images"] == 2 * len(data.train)
     # The stacker of --aggregation stacked, fitted on the labels each seed's run keeps, read on the others.
     assert [(r["label_fraction"], r["seed"]) for r in out["stacked"]] == [(0.5, 0), (0.5, 1)]
@@ -101,6 +101,11 @@ def test_teacher_diagnostics_measure_the_trained_teachers(smoke_run):
         # A right class is always in the right group.
         assert 0 <= r["unlabelled_acc"] <= r["unlabelled_group_acc"] <= 1
         assert 0 <= r["combination_acc"] <= r["combination_group_acc"] <= 1 and 0 <= r["val_acc"] <= 1
+        # The same regression on the teachers' pooled features, its penalty from the wider grid.
+        assert r["features_l2"] in diag.FEATURE_L2_GRID
+        assert 0 <= r["features_unlabelled_acc"] <= 1 and 0 <= r["features_val_acc"] <= 1
+    with pytest.raises(UserError, match="needs --label_fractions"):
+        diag.main(diag.get_args_parser().parse_args(flags + ["--stack_features"]))
     with pytest.raises(UserError, match="no cache of these teachers and data with 3 views"):
         diag.main(diag.get_args_parser().parse_args(flags + ["--cache_views", "3"]))
     val = out["splits"]["val"]

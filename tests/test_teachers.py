@@ -116,3 +116,16 @@ def test_teacher_recipe_flags_choose_how_missing_teachers_are_trained(tmp_path, 
     assert saved["recipe"] == {"optimizer": "sgd", "lr": 0.05, "weight_decay": 0.001, "batch_size": 32,
                                "scheduler": "cosine", "seed": 42}
     assert saved["epochs"] == 1
+
+
+def test_pre_logits_are_what_each_teachers_classifier_reads():
+    from mtkd.models import create_model
+
+    torch.manual_seed(0)
+    teachers = [create_model("resnet18", n, 3, 32).eval() for n in (2, 3)]
+    ens = TeacherEnsemble(teachers, [[0, 1], [2, 3, 4]], [1.0, 1.0], 5)
+    x = torch.randn(4, 3, 32, 32)
+    feats, logits = ens.pre_logits(x), ens(x)
+    assert [f.shape for f in feats] == [(4, 512), (4, 512)]
+    for teacher, f, z in zip(teachers, feats, logits):
+        assert torch.allclose(teacher.get_classifier()(f), z, atol=1e-5)
