@@ -5,8 +5,8 @@ import pytest
 
 from conftest import ROOT, run_script
 from mtkd.config import get_args_parser
-from mtkd.results import (COLUMNS, append_record, config_of, is_recorded, load_records, method_name, parse_pairs,
-                          record, results_table, selection_table)
+from mtkd.results import (COLUMNS, append_record, config_of, is_recorded, load_records, method_name,
+                          optimizer_steps, parse_pairs, record, results_table, selection_table)
 
 
 def _args(**flags) -> dict:
@@ -57,7 +57,7 @@ def test_records_are_appended_found_again_and_summarised_over_seeds(tmp_path):
     assert not is_recorded(rows, config_of(_args(alpha=0, seed=1, lr=0.003)))
     assert not is_recorded(rows, config_of(args[1], selection=True))
     table = results_table(rows)
-    assert "| MobileNetV3 | 1 | labels | lr 0.001, step 30/0.5 | 100 | 0 1 2 | 42.00 ± 2.00 |  | 43.00 |" in table
+    assert "| MobileNetV3 | 1 | labels | lr 0.001, step 30/0.5 | 100 | 0 1 2 | 42.00 ± 2.00 |  |  | 43.00 |" in table
     assert "flowers 61.0 (69.8)" in table  # the student's mean on the teacher's classes, the teacher's own
     # A file with other columns is never appended to.
     other = tmp_path / "other.csv"
@@ -128,13 +128,33 @@ def test_a_distilled_recipe_shows_its_gain_over_labels_only_paired_by_seed(tmp_p
     for seed, acc in ((0, 0.43), (1, 0.44), (2, 0.47), (3, 0.50)):  # seed 3 has no labels-only run to pair with
         append_record(path, record(_summary(acc, seed), _args(alpha=0.5, seed=seed)))
     table = results_table(load_records(path))
-    # Differences 3, 2 and 3 points over seeds 0-2.
-    assert "| 0 1 2 3 | 46.00 ± 3.16 | +2.67 ± 0.58 (3 seeds) |" in table
+    # Differences 3, 2 and 3 points over seeds 0-2; with every label equal epochs are equal steps.
+    assert "| 0 1 2 3 | 46.00 ± 3.16 | +2.67 ± 0.58 (3 seeds) | +2.67 ± 0.58 (3 seeds) |" in table
     # Another label fraction has no labels-only runs to compare with: no gain.
     append_record(path, record({**_summary(0.30, 0), "pseudo_label_acc": 0.6},
                                _args(alpha=0.5, seed=0, label_fraction=0.1)))
     rows = results_table(load_records(path)).splitlines()
     row = next(line for line in rows if "| 0.1 |" in line)
-    assert "| 30.00 ± 0.00 |  |" in row
+    assert "| 30.00 ± 0.00 |  |  |" in row
     # How right the teachers' labels for the images used without one were; nothing where all labels are kept.
     assert row.endswith("| 60.0 |") and all(line.endswith(" |  |") for line in rows[2:] if "| 0.1 |" not in line)
+
+
+def test_few_labels_are_compared_with_labels_only_at_equal_epochs_and_at_equal_steps(tmp_path):
+    path = tmp_path / "study.csv"
+    few = {"labelled_images": 675, "unlabelled_images": 0}
+    # Labels only on 675 images: 22 batches an epoch; 192 epochs = 4,224 steps.
+    for epochs, accs in ((20, (0.38, 0.40)), (192, (0.50, 0.49))):
+        for seed, acc in enumerate(accs):
+            append_record(path, record({**_summary(acc, seed), **few},
+                                       _args(alpha=0, seed=seed, label_fraction=0.1, num_epochs=epochs)))
+    # Distilled on 675 labelled + 6,075 unlabelled images: 211 batches an epoch; 20 epochs = 4,220 steps.
+    for seed, acc in enumerate((0.56, 0.57)):
+        append_record(path, record({**_summary(acc, seed), "labelled_images": 675, "unlabelled_images": 6075},
+                                   _args(alpha=0.9, seed=seed, label_fraction=0.1, num_epochs=20)))
+    rows = load_records(path)
+    assert sorted(optimizer_steps(r) for r in rows) == [440, 440, 4220, 4220, 4224, 4224]
+    lines = results_table(rows).splitlines()
+    # Labels only at 20 epochs, then at 192, then the distilled student.
+    assert "| labels |" in lines[2] and "| 20 |" in lines[2] and "| 192 |" in lines[3]
+    assert "| 56.50 ± 0.71 | +17.50 ± 0.71 (2 seeds) | +7.00 ± 1.41 (2 seeds) |" in lines[4]
