@@ -39,7 +39,7 @@ from mtkd.loop import resolve_device  # noqa: E402
 from mtkd.evaluate import load_ensemble  # noqa: E402
 from mtkd.losses import coverage, local_labels  # noqa: E402
 from mtkd.report import console, print_error, step_progress  # noqa: E402
-from mtkd.stacking import Stacker, cross_validated_accuracy, fit_logistic  # noqa: E402
+from mtkd.stacking import Stacker, choose_l2, fit_logistic  # noqa: E402
 from mtkd.specialists import (PRECISION_RECORD, example_batch, teacher_dir, teacher_path,  # noqa: E402
                               teacher_precisions)
 
@@ -135,16 +135,18 @@ def teacher_features(ensemble, dataset, transform, device, what: str) -> torch.T
     return torch.cat(outs)
 
 
-def feature_probe(train: torch.Tensor, val: torch.Tensor, kept: torch.Tensor, num_classes: int) -> tuple:
-    """The logistic regression of the stacker on standardised features (statistics of every training image,
-    no label), its penalty chosen by cross-validation on the labelled ones; returns ``(l2, train predictions,
-    val predictions)``."""
+def standardised(train: torch.Tensor, val: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both feature sets standardised by the statistics of every training image (no label)."""
     mean, std = train.mean(0), train.std(0).clamp_min(1e-6)
-    train, val = (train - mean) / std, (val - mean) / std
+    return (train - mean) / std, (val - mean) / std
+
+
+def feature_probe(train: torch.Tensor, val: torch.Tensor, kept: torch.Tensor, num_classes: int) -> tuple:
+    """The logistic regression of the stacker on (standardised) features, its penalty chosen by
+    cross-validation on the labelled ones; returns ``(l2, train predictions, val predictions)``."""
     labelled = kept >= 0
     x, y = train[labelled], kept[labelled]
-    cv = {p: cross_validated_accuracy(x, y, num_classes, p) for p in FEATURE_L2_GRID}
-    l2 = max(FEATURE_L2_GRID, key=lambda p: (round(cv[p], 6), p))
+    l2, _ = choose_l2(x, y, num_classes, FEATURE_L2_GRID)
     weight, bias = fit_logistic(x, y, num_classes, l2)
     return l2, (train @ weight.T + bias).argmax(1), (val @ weight.T + bias).argmax(1)
 
@@ -155,8 +157,8 @@ def stacker_readings(ensemble, train_set, train_logits: list[torch.Tensor], val_
     """For each label fraction and seed: the stacker fitted on the labels that run keeps (``keep_labels``),
     on the training images whose label is hidden its accuracy and how often its class is in the right group
     (some teacher holds both it and the label), the same two for the label-free specialist combination, and
-    the stacker's validation accuracy; with ``features`` (train, val) the same regression on them
-    (``features_*``)."""
+    the stacker's validation accuracy; with ``features`` (train, val; standardised) the same regression on
+    them (``features_*``)."""
     ids = [i.cpu() for i in ensemble.class_ids]
     truth_all = train_set.labels
     device = ensemble.weights.device  # the logits are on the CPU, the ensemble's class ids where it runs
@@ -260,9 +262,9 @@ def main(args) -> dict:
     if args.label_fractions:  # the plain images' logits, as train.py fits on (kept with --teacher_cache)
         plain = teacher_logits(ensemble, {"train": data.train, "val": data.val}, transform, device,
                                args.teacher_cache, task.name)
-        features = ((teacher_features(ensemble, data.train, transform, device, "train"),
-                     teacher_features(ensemble, data.val, transform, device, "val")) if args.stack_features
-                    else None)
+        features = (standardised(teacher_features(ensemble, data.train, transform, device, "train"),
+                                 teacher_features(ensemble, data.val, transform, device, "val"))
+                    if args.stack_features else None)
         out["stacked"] = stacker_readings(ensemble, data.train, plain["train"], plain["val"], data.val.labels,
                                           args.label_fractions, args.stack_seeds, features)
     return out

@@ -317,13 +317,12 @@ class LogitKD(Term):
 
     def forward(self, ctx: StepContext) -> dict[str, Tensor]:
         T = self.temperature(ctx.epoch)
-        if not self.aggregation.weighted:
-            return {"loss_soft": self.aggregation.soft(ctx, None, T), "temperature": torch.tensor(T)}
-        w = ctx.teacher_weights()
+        w = ctx.teacher_weights() if self.aggregation.weighted else None
         out = {"loss_soft": self.aggregation.soft(ctx, w, T), "temperature": torch.tensor(T)}
-        names, *_ = ctx.all_teachers()
-        for name, mean in zip(names, w.detach().mean(0)):
-            out[f"weight_{name}"] = mean
+        if w is not None:  # the weights used, per teacher
+            names, *_ = ctx.all_teachers()
+            for name, mean in zip(names, w.detach().mean(0)):
+                out[f"weight_{name}"] = mean
         return out
 
 
