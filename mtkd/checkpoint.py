@@ -93,8 +93,8 @@ CHECKPOINT_VERSION = 1
 STUDENT_KEYS = ("model", "distiller", "optimizer", "scheduler", "scaler", "epoch", "val_acc", "best_val_acc",
                 "best_epoch", "rng", "args", "task", "student_model", "class_names", "precision",
                 "teacher_precisions", "precision_device", "init", "image_size", "version")
-TEACHER_KEYS = ("model", "architecture", "classes", "task", "metrics", "epochs", "recipe", "input", "init",
-                "version")
+TEACHER_KEYS = ("model", "architecture", "classes", "dustbin", "task", "metrics", "epochs", "recipe", "input", "init",
+                "pretrained_layout", "version")
 # What each reader needs (older checkpoints may lack the rest).
 FOR_RESUME = ("model", "optimizer", "scheduler", "epoch", "rng")
 FOR_STUDENT = ("model", "student_model", "class_names", "task")  # evaluation, export

@@ -107,6 +107,10 @@ def get_args_parser(task_names: list[str] | None = None) -> argparse.ArgumentPar
                         "images of the task's other classes; kept as <name>-dustbin.pt beside the plain teachers "
                         "(trained when missing); each weighs itself per image by its probability that the image is "
                         "its own")
+    p.add_argument("--dustbin_from_plain", action="store_true",
+                   help="with --teacher_dustbin: a dustbin teacher to be trained starts from the plain teacher beside "
+                        "it (its weights and class outputs kept, the 'other' output new; Hinton et al. start each "
+                        "specialist from the generalist) and is fine-tuned for --teacher_epochs at --teacher_lr")
     p.add_argument("--num_workers", type=nonneg_int, default=0,
                    help="DataLoader worker processes (in-memory tasks are fastest with 0)")
     kd = p.add_argument_group("distillation methods")

@@ -42,14 +42,21 @@ KEY = ("task", "student", "method", "alpha", "temperature", "label_fraction", "e
 def method_name(args) -> str:
     """``labels`` (alpha 0, no feature terms) or ``aggregation/weighting/kd_loss`` (``aggregation/kd_loss``
     where the aggregation weighs the teachers itself: ``stacked``; ``+feat`` with feature matching, ``+at``
-    with attention transfer, ``+dustbin`` from teachers with a dustbin)."""
+    with attention transfer, ``+dustbin`` from teachers with a dustbin, ``+dustbin(plain)`` from dustbin teachers
+    started from the plain ones: ``--dustbin_from_plain``)."""
     features, attention = getattr(args, "feature_weight", 0), getattr(args, "attention_weight", 0)
     if args.alpha == 0 and not features and not attention:
         return "labels"
     weighting = [args.teacher_weighting] if AGGREGATIONS.get(args.aggregation).weighted else []
     name = "/".join([args.aggregation, *weighting, args.kd_loss])
     return (name + ("+feat" if features else "") + ("+at" if attention else "")
-            + ("+dustbin" if getattr(args, "teacher_dustbin", False) else ""))
+            + _dustbin_suffix(args))
+
+
+def _dustbin_suffix(args) -> str:
+    if not getattr(args, "teacher_dustbin", False):
+        return ""
+    return "+dustbin(plain)" if getattr(args, "dustbin_from_plain", False) else "+dustbin"
 
 
 def git_commit(root: Path | None = None) -> str:

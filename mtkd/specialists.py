@@ -40,13 +40,14 @@ class TeacherRecipe:
     deterministic: bool = False
     num_workers: int = 0
     optimizer: str = "adam"
+    dustbin_from_plain: bool = False  # a dustbin teacher starts from the plain teacher beside it
 
     @classmethod
     def from_args(cls, args) -> "TeacherRecipe":
         lr = args.lr if args.teacher_lr is None else args.teacher_lr
         wd = args.weight_decay if args.teacher_weight_decay is None else args.teacher_weight_decay
         return cls(args.teacher_epochs, lr, wd, args.batch_size, args.seed, args.amp, args.deterministic,
-                   args.num_workers, args.teacher_optimizer)
+                   args.num_workers, args.teacher_optimizer, getattr(args, "dustbin_from_plain", False))
 
     def record(self) -> dict:
         """What a teacher checkpoint says of how it was trained."""
@@ -164,17 +165,68 @@ def teacher_precisions(ensemble: TeacherEnsemble, paths: list[Path], example: to
     return out
 
 
+def plain_start(spec, task: TaskSpec, output_dir: str | Path) -> tuple[nn.Module, str, bool]:
+    """What a dustbin teacher starts from under ``--dustbin_from_plain``: the plain teacher beside it (an mtkd
+    checkpoint or weights trained elsewhere), a description of it, and whether it has a pretrained model's
+    layout (``models.create_model``)."""
+    plain = replace(spec, dustbin=False)
+    path = teacher_path(output_dir, task, plain)
+    if not path.exists():
+        raise UserError(f"teacher {spec.name!r}: --dustbin_from_plain starts its dustbin teacher from the plain "
+                        f"teacher {path}, which does not exist. Fix: train or copy the plain teacher there first "
+                        "(a run without --teacher_dustbin trains it), or drop --dustbin_from_plain.")
+    model, state = load_teacher(plain, task, path)
+    return model, f"plain teacher {path}", _pretrained_layout(state)
+
+
+def _pretrained_layout(state: dict | None) -> bool:
+    """Whether an mtkd teacher checkpoint's model has a pretrained model's layout (``models.create_model``)."""
+    if state is None:
+        return False
+    return bool(state.get("pretrained_layout", state.get("init", "random") != "random"))
+
+
+def grow_classifier(model: nn.Module, plain: nn.Module, who: str) -> None:
+    """Copy ``plain``'s weights into ``model``, the same network with more outputs: every weight but the
+    classifier's as it is, the classifier's rows for ``plain``'s outputs into its first rows (the rest keep
+    their fresh initialisation)."""
+    head = model.get_classifier()
+    names = {f"{n}.{p}" for n, m in model.named_modules() if m is head for p in ("weight", "bias")}
+    own, theirs = model.state_dict(), plain.state_dict()
+    bad = [k for k in own if k not in theirs or (k not in names and own[k].shape != theirs[k].shape)]
+    if bad or len(theirs) != len(own):
+        raise UserError(f"{who}: the plain teacher's network is not the one its dustbin teacher is built as "
+                        f"(first difference at {bad[0] if bad else 'the keys'}): e.g. another stem. Fix: set the "
+                        "teacher's adapt_small_input / image_size in the task file to how the plain teacher was "
+                        "built, or drop --dustbin_from_plain.")
+    grown = {k: v.clone() for k, v in theirs.items()}
+    for k in names:
+        rows = theirs[k].shape[0]
+        grown[k] = own[k].clone()
+        grown[k][:rows] = theirs[k].to(own[k].dtype)
+    model.load_state_dict(grown)
+
+
 def train_teacher(spec, task: TaskSpec, data: TaskData, recipe: TeacherRecipe, device: torch.device,
-                  path: Path) -> tuple[nn.Module, dict]:
+                  path: Path, start: tuple[nn.Module, str, bool] | None = None) -> tuple[nn.Module, dict]:
     """Train one specialist on its classes by ``recipe``; keep the weights of its best validation epoch.
 
     A teacher with a dustbin trains (and is chosen) on ``with_others``: its classes and as many images of
     the task's other classes, labelled "other". Its reported accuracies are on its own classes' images,
-    choosing among its own classes (as a plain teacher's), beside ``dustbin_val_acc`` (its own task, val)."""
+    choosing among its own classes (as a plain teacher's), beside ``dustbin_val_acc`` (its own task, val).
+    ``start`` (``plain_start``): the plain teacher it starts from, its description and layout."""
     own = _teacher_data(spec, task, data, recipe.seed)
-    if spec.pretrained:
-        console.print(f"teacher {spec.name}: starting from {init_description(spec.pretrained)}", soft_wrap=True)
-    model = create_teacher(spec, task, pretrained=True).to(device)
+    if start is not None:
+        plain, init, layout = start
+        console.print(f"teacher {spec.name}: starting from {init}", soft_wrap=True)
+        model = create_teacher(spec, task, layout_of_pretrained=layout)
+        grow_classifier(model, plain, f"teacher {spec.name!r}")
+        model = model.to(device)
+    else:
+        if spec.pretrained:
+            console.print(f"teacher {spec.name}: starting from {init_description(spec.pretrained)}", soft_wrap=True)
+        model = create_teacher(spec, task, pretrained=True).to(device)
+        init, layout = init_description(spec.pretrained), spec.pretrained is not None
     net = _with_input(model, spec, task).to(device)
     optimizer = create_optimizer(model, recipe.optimizer, recipe.lr, recipe.weight_decay)
     scheduler = EpochScheduler(optimizer, "cosine", recipe.epochs)
@@ -211,7 +263,7 @@ def train_teacher(spec, task: TaskSpec, data: TaskData, recipe: TeacherRecipe, d
     save_checkpoint({"model": model.state_dict(), "architecture": spec.architecture,
                      "classes": list(spec.classes), "dustbin": spec.dustbin, "task": task.name, "metrics": metrics,
                      "epochs": recipe.epochs, "recipe": recipe.record(), "input": input_record(spec, task),
-                     "init": init_description(spec.pretrained), "version": CHECKPOINT_VERSION}, path)
+                     "init": init, "pretrained_layout": layout, "version": CHECKPOINT_VERSION}, path)
     return model, metrics
 
 
@@ -240,8 +292,7 @@ def load_teacher(spec, task: TaskSpec, path: Path) -> tuple[nn.Module, dict | No
     if state is None:  # weights from elsewhere say which stem they have
         spec = follow_stem(spec, task, weights)
     # A teacher mtkd fine-tuned from pretrained weights has their layout (models.create_model).
-    model = create_teacher(spec, task, layout_of_pretrained=state is not None and
-                           state.get("init", "random") != "random")
+    model = create_teacher(spec, task, layout_of_pretrained=_pretrained_layout(state))
     load_fitting_state(model, weights, f"{who}, checkpoint {path}", len(spec.classes) + int(spec.dustbin))
     return model, state
 
@@ -338,7 +389,8 @@ def prepare_teachers(task: TaskSpec, data: TaskData, output_dir: str | Path, rec
         else:
             console.print(f"[bold]Training teacher {spec.name}[/] ({spec.architecture}, "
                           f"classes {' '.join(spec.classes)})")
-            model, metrics = train_teacher(spec, task, data, recipe, device, path)
+            start = plain_start(spec, task, output_dir) if spec.dustbin and recipe.dustbin_from_plain else None
+            model, metrics = train_teacher(spec, task, data, recipe, device, path, start)
             status = "trained"
         models.append(model)
         rows.append(_teacher_row(spec, model, metrics, status))

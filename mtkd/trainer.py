@@ -267,6 +267,9 @@ def _resolve(args: Namespace, explicit: set[str]):
         task = resolve_task(args.task)
     if getattr(args, "teacher_dustbin", False):
         task = task.with_dustbins()
+    elif getattr(args, "dustbin_from_plain", False):
+        raise UserError("--dustbin_from_plain says how teachers with a dustbin start, but --teacher_dustbin is not "
+                        "given. Fix: add --teacher_dustbin, or drop --dustbin_from_plain.")
     for spec in task.teachers:  # fail before any data is read
         check_architecture(spec.architecture)
     return args, task, run_dir, last

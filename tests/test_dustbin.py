@@ -149,3 +149,58 @@ def argparse_namespace(args: dict):
     from argparse import Namespace
 
     return Namespace(**args)
+
+
+def test_grow_classifier_keeps_the_plain_teachers_weights_and_adds_a_fresh_output():
+    from mtkd.errors import UserError
+    from mtkd.models import create_model
+    from mtkd.specialists import grow_classifier
+
+    torch.manual_seed(0)
+    plain, grown = create_model("resnet10t", 2, 3, 16), create_model("resnet10t", 3, 3, 16)
+    fresh = {k: v.clone() for k, v in grown.state_dict().items()}
+    grow_classifier(grown, plain, "teacher 'cats'")
+    mine, theirs = grown.state_dict(), plain.state_dict()
+    assert all(torch.equal(mine[k], theirs[k]) for k in theirs if not k.startswith("fc."))
+    assert torch.equal(mine["fc.weight"][:2], theirs["fc.weight"]) and torch.equal(mine["fc.bias"][:2], theirs["fc.bias"])
+    assert torch.equal(mine["fc.weight"][2], fresh["fc.weight"][2]) and torch.equal(mine["fc.bias"][2], fresh["fc.bias"][2])
+    x = torch.rand(4, 3, 16, 16)
+    grown.eval(), plain.eval()
+    assert torch.allclose(grown(x)[:, :2], plain(x), atol=1e-6)  # on its own classes it starts as the plain one
+    with pytest.raises(UserError, match="not the one its dustbin teacher is built as"):
+        grow_classifier(create_model("resnet18", 3, 3, 16), plain, "teacher 'cats'")  # another network
+
+
+def test_train_py_starts_dustbin_teachers_from_the_plain_ones_with_dustbin_from_plain(animals, tmp_path, capsys):
+    out = tmp_path / "runs"
+    base = ["--task", str(animals), "--teacher_epochs", "1", "--num_epochs", "1", "--student_model", "MobileNetV3",
+            "--alpha", "0.5", "--aggregation", "combination", "--output_dir", str(out)]
+    dustbin = base + ["--teacher_dustbin", "--dustbin_from_plain", "--teacher_lr", "1e-12"]
+    # Without the plain teachers there is nothing to start from: one message, exit 2, nothing written.
+    assert train.main(dustbin + ["--run", "none"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "--dustbin_from_plain starts its dustbin teacher from the plain teacher" in err and "Fix:" in err
+    assert not list(tmp_path.rglob("*-dustbin.pt"))
+    assert train.main(base + ["--run", "plain"]) == 0  # trains the plain teachers
+    teachers = out / "Taskanimals" / "teachers"
+    plain = {"cats": load_checkpoint(teachers / "cats.pt"), "stripes": load_checkpoint(tmp_path / "teachers/stripes.pt")}
+    capsys.readouterr()
+    assert train.main(dustbin + ["--run", "grown"]) == 0
+    assert "starting from plain teacher" in " ".join(capsys.readouterr().out.split())
+    for name, path in (("cats", teachers / "cats-dustbin.pt"), ("stripes", tmp_path / "teachers/stripes-dustbin.pt")):
+        state, before = load_checkpoint(path), plain[name]["model"]
+        assert state["dustbin"] is True and state["init"].startswith("plain teacher")
+        assert state["pretrained_layout"] is False
+        # At a learning rate of 1e-12 one epoch moves nothing measurably: the weights are the plain teacher's.
+        assert torch.allclose(state["model"]["conv1.0.weight"], before["conv1.0.weight"], atol=1e-7)
+        assert torch.allclose(state["model"]["fc.weight"][:2], before["fc.weight"], atol=1e-7)
+        assert state["model"]["fc.weight"].shape[0] == 3
+    run = next((out / "Taskanimals").glob("*_grown"))
+    assert method_name(argparse_namespace(json.loads((run / "args.json").read_text()))) \
+        == "combination/fixed/kl+dustbin(plain)"
+    capsys.readouterr()
+    assert train.main(dustbin + ["--run", "again"]) == 0  # the dustbin teachers are reused, not grown again
+    assert "reused" in " ".join(capsys.readouterr().out.split())
+    # The flag alone says nothing: exit 2 before any data is read.
+    assert train.main(base + ["--dustbin_from_plain", "--run", "alone"]) == 2
+    assert "Fix: add --teacher_dustbin" in " ".join(capsys.readouterr().err.split())
