@@ -124,7 +124,8 @@ class CheckpointSaver:
             raise ValueError(f"a student checkpoint needs {missing}")
         if is_best:
             save_checkpoint(state, self.run_dir / "best.pt")
-        self._keep_top_k(state, state["epoch"], state["val_acc"])
+        if state["val_acc"] is not None:  # None: an epoch without validation (--eval_every)
+            self._keep_top_k(state, state["epoch"], state["val_acc"])
         save_checkpoint(state, self.run_dir / "last.pt")
 
     def _keep_top_k(self, state: dict, epoch: int, val_acc: float) -> None:

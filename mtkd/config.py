@@ -161,6 +161,9 @@ def get_args_parser(task_names: list[str] | None = None) -> argparse.ArgumentPar
     tr.add_argument("--compile", action="store_true", help="torch.compile the student")
     tr.add_argument("--deterministic", action="store_true",
                     help="deterministic algorithms only (bit-exact reruns and resumes; slower on GPU)")
+    tr.add_argument("--eval_every", type=positive_int, default=1, metavar="N",
+                    help="validate after every N-th epoch and the last (many short epochs: few labels); the best "
+                         "checkpoint, top-k, early stopping and the plateau schedule see validated epochs only")
     tr.add_argument("--early_stopping", type=nonneg_int, default=0, metavar="PATIENCE",
                     help="stop after PATIENCE epochs without a better validation accuracy; 0 = off")
     tr.add_argument("--save_top_k", type=positive_int, default=1, metavar="K",

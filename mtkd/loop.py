@@ -136,17 +136,24 @@ class LoopConfig:
     num_workers: int = 0
     grad_accum: int = 1
     clip_grad: float = 0.0
+    eval_every: int = 1  # validate after every N-th epoch (and the last)
 
     @classmethod
     def from_args(cls, args) -> "LoopConfig":
-        return cls(args.batch_size, args.seed, args.num_workers, args.grad_accum, args.clip_grad)
+        return cls(args.batch_size, args.seed, args.num_workers, args.grad_accum, args.clip_grad,
+                   getattr(args, "eval_every", 1))
+
+    def validates(self, epoch: int, epochs: int) -> bool:
+        """Whether ``fit`` validates after ``epoch`` of ``epochs``: every ``eval_every``-th, and the last."""
+        return epoch % self.eval_every == 0 or epoch == epochs
 
 
 def fit(step: nn.Module, data: TaskData, *, epochs: int, optimizer, scheduler, loop: LoopConfig,
         device: torch.device, transform: BatchTransform, on_epoch, val_model: nn.Module,
         title: str, rng: RunRng, start_epoch: int = 1, stop=None, dist: DistInfo = DistInfo(),
         precision: Precision = FP32, scaler: torch.amp.GradScaler | None = None) -> None:
-    """Train ``step`` for epochs ``start_epoch..epochs``; after each, evaluate ``val_model``, call ``on_epoch``.
+    """Train ``step`` for epochs ``start_epoch..epochs``; after each, evaluate ``val_model`` (every
+    ``loop.eval_every``-th epoch and the last: ``val`` is None after the others) and call ``on_epoch``.
 
     ``precision`` is the student's (``val_model`` is evaluated in it too);
     ``scaler`` a ``GradScaler`` for fp16, owned by the caller so that its state
@@ -179,11 +186,14 @@ def fit(step: nn.Module, data: TaskData, *, epochs: int, optimizer, scheduler, l
                                     stop=stop, reduce=reduce,
                                     agree=partial(all_reduce_max, dist) if dist.enabled else None)
             sync_buffers(dist, val_model)
-            val = evaluate(val_model, val_loader, transform, device, reduce=reduce, precision=precision)
-            scheduler.step(val["acc"])
+            val = None
+            if loop.validates(epoch, epochs):
+                val = evaluate(val_model, val_loader, transform, device, reduce=reduce, precision=precision)
+            scheduler.step(val["acc"] if val else None)  # a plateau schedule steps on validated epochs only
             seconds = time.perf_counter() - start
             if dist.is_main:
+                shown = f"{val['acc']:.4f}" if val else "   -  "
                 console.print(f"{title} {epoch:>3}/{epochs}  loss {train['loss']:.4f}  acc {train['acc']:.4f}  "
-                              f"val {val['acc']:.4f}  lr {lr:.1e}  {seconds:.1f}s", soft_wrap=True)
+                              f"val {shown}  lr {lr:.1e}  {seconds:.1f}s", soft_wrap=True)
             if on_epoch(epoch, train, val, lr, seconds):
                 break

@@ -56,7 +56,8 @@ class EpochScheduler:
         if self.warmup is not None and self.epoch <= self.warmup_epochs:
             self.warmup.step()
         elif isinstance(self.main, torch.optim.lr_scheduler.ReduceLROnPlateau):  # it needs the metric
-            self.main.step(metric)
+            if metric is not None:  # (--eval_every: its patience counts validations)
+                self.main.step(metric)
         else:
             self.main.step()
 

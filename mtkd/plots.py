@@ -56,17 +56,22 @@ def _column(rows: list[dict], key: str) -> np.ndarray:
     return np.array([float(r[key]) for r in rows])
 
 
+def _series(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(epochs, values)`` of the rows where ``key`` was measured (validation: every ``--eval_every`` epochs)."""
+    kept = [r for r in rows if r.get(key, "") != ""]
+    return _column(kept, "epoch"), _column(kept, key)
+
+
 def run_curves_figure(rows: list[dict], title: str):
     """Loss (train total / hard / soft, val) and accuracy (train, val) per epoch."""
-    epochs = _column(rows, "epoch")
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for key in ("train_loss", "train_loss_hard", "train_loss_soft", "val_loss"):
         if key in rows[0]:
-            loss_ax.plot(epochs, _column(rows, key), label=key)
+            loss_ax.plot(*_series(rows, key), label=key)
     loss_ax.set(xlabel="epoch", ylabel="loss", title="loss")
     loss_ax.legend()
     for key in ("train_acc", "val_acc"):
-        acc_ax.plot(epochs, _column(rows, key), label=key)
+        acc_ax.plot(*_series(rows, key), label=key)
     acc_ax.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
     acc_ax.legend()
     fig.suptitle(title)
@@ -75,10 +80,9 @@ def run_curves_figure(rows: list[dict], title: str):
 
 
 def topk_curves_figure(rows: list[dict], title: str):
-    epochs = _column(rows, "epoch")
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(epochs, _column(rows, "val_acc"), label="val top-1")
-    ax.plot(epochs, _column(rows, "val_top3"), label="val top-3")
+    ax.plot(*_series(rows, "val_acc"), label="val top-1")
+    ax.plot(*_series(rows, "val_top3"), label="val top-3")
     ax.set(xlabel="epoch", ylabel="accuracy", title=title)
     ax.legend()
     fig.tight_layout()
@@ -89,9 +93,8 @@ def comparison_figure(runs: dict[str, list[dict]], title: str):
     """Validation accuracy and loss per epoch of several runs, side by side."""
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for name, rows in runs.items():
-        epochs = _column(rows, "epoch")
-        acc_ax.plot(epochs, _column(rows, "val_acc"), label=name)
-        loss_ax.plot(epochs, _column(rows, "val_loss"), label=name)
+        acc_ax.plot(*_series(rows, "val_acc"), label=name)
+        loss_ax.plot(*_series(rows, "val_loss"), label=name)
     acc_ax.set(xlabel="epoch", ylabel="validation accuracy", title="validation accuracy")
     loss_ax.set(xlabel="epoch", ylabel="validation loss", title="validation loss")
     acc_ax.legend()

@@ -27,14 +27,14 @@ from .terms import AGGREGATIONS
 # The columns of a study file, in order (see README, Results).
 COLUMNS = (
     "task", "student", "method", "aggregation", "weighting", "kd_loss", "alpha", "temperature",
-    "label_fraction", "labelled_images", "unlabelled_images", "epochs", "lr", "optimizer", "scheduler",
+    "label_fraction", "labelled_images", "unlabelled_images", "epochs", "eval_every", "lr", "optimizer", "scheduler",
     "scheduler_step", "scheduler_gamma", "warmup_epochs", "batch_size", "weight_decay", "cache_views", "seed",
     "init", "selection", "best_epoch", "best_val_acc", "test_acc", "student_on_teachers", "teachers_test_acc",
     "ensemble_test_acc", "pseudo_label_acc", "wall_time_s", "train_images_per_s", "precision",
     "teacher_precisions", "device", "cpu", "bf16_units", "threads", "torch", "commit", "run_dir", "finished",
 )
 # What makes two records the same run (a sweep skips a configuration already recorded).
-KEY = ("task", "student", "method", "alpha", "temperature", "label_fraction", "epochs", "lr", "optimizer",
+KEY = ("task", "student", "method", "alpha", "temperature", "label_fraction", "epochs", "eval_every", "lr", "optimizer",
        "scheduler", "scheduler_step", "scheduler_gamma", "warmup_epochs", "batch_size", "weight_decay",
        "cache_views", "seed", "init", "selection")
 
@@ -106,7 +106,8 @@ def config_of(args: dict, selection: bool = False) -> dict:
         "task": Path(task).stem if str(task).endswith(".toml") else task, "student": args["student_model"],
         "method": method, "aggregation": args["aggregation"], "weighting": args["teacher_weighting"],
         "kd_loss": args["kd_loss"], "alpha": args["alpha"], "temperature": args["temperature"],
-        "label_fraction": args["label_fraction"], "epochs": args["num_epochs"], "lr": args["lr"],
+        "label_fraction": args["label_fraction"], "epochs": args["num_epochs"],
+        "eval_every": args.get("eval_every", 1), "lr": args["lr"],
         "optimizer": args["optimizer"], "scheduler": args["scheduler"], "scheduler_step": args["scheduler_step"],
         "scheduler_gamma": args["scheduler_gamma"], "warmup_epochs": args["warmup_epochs"],
         "batch_size": args["batch_size"], "weight_decay": args["weight_decay"],
@@ -190,6 +191,8 @@ def _setting(r: dict) -> str:
     if r["method"] != "labels":
         parts += [f"alpha {float(r['alpha']):g}", f"T {float(r['temperature']):g}",
                   f"cache {r['cache_views']} views" if int(r["cache_views"]) else "online"]
+    if int(r.get("eval_every") or 1) > 1:
+        parts.append(f"val every {r['eval_every']} epochs")
     return ", ".join(parts)
 
 

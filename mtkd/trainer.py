@@ -186,7 +186,7 @@ class StudentRun:
         self.best = {"val_acc": state["best_val_acc"], "epoch": state["best_epoch"]}
         return state["epoch"] + 1
 
-    def checkpoint(self, epoch: int, val_acc: float) -> dict:
+    def checkpoint(self, epoch: int, val_acc: float | None) -> dict:
         """A student checkpoint of the run after ``epoch`` (a collective under DDP: see ``state_dict``)."""
         return student_checkpoint(
             **self.state_dict(), epoch=epoch, val_acc=val_acc, args=vars(self.args), task=self.task.name,
@@ -392,22 +392,26 @@ class EpochRecorder:
     def __init__(self, run: StudentRun, writer, saver: CheckpointSaver):
         self.run, self.writer, self.saver = run, writer, saver
 
-    def __call__(self, epoch: int, train: dict, val: dict, lr: float, seconds: float) -> bool:
+    def __call__(self, epoch: int, train: dict, val: dict | None, lr: float, seconds: float) -> bool:
+        """``val`` None: an epoch without validation (``--eval_every``): no best, top-k or early-stopping
+        decision; its metrics.csv row has empty val columns; last.pt is written as after any epoch."""
         run, best = self.run, self.run.best
-        if val["acc"] > best["val_acc"]:
+        if val is not None and val["acc"] > best["val_acc"]:
             best.update(val_acc=val["acc"], epoch=epoch)
-        state = run.checkpoint(epoch, val["acc"])
+        state = run.checkpoint(epoch, val["acc"] if val else None)
         if run.dist.is_main:
-            row = {"epoch": epoch, **{f"train_{k}": v for k, v in train.items()}, "val_loss": val["loss"],
-                   "val_acc": val["acc"], "val_top3": val["top3"], "lr": lr, "time_s": seconds}
+            measured = {"val_loss": val["loss"], "val_acc": val["acc"], "val_top3": val["top3"]} if val else \
+                {"val_loss": "", "val_acc": "", "val_top3": ""}
+            row = {"epoch": epoch, **{f"train_{k}": v for k, v in train.items()}, **measured, "lr": lr,
+                   "time_s": seconds}
             for key, value in row.items():
-                if key != "epoch":
+                if key != "epoch" and value != "":
                     tag = key.replace("_", "/", 1) if key.startswith(("train_", "val_")) else key
                     self.writer.add_scalar(tag, value, epoch)
             append_metrics(run.run_dir / "metrics.csv", row)
             self.saver.save(state, is_best=best["epoch"] == epoch)
         patience = run.config.early_stopping
-        if patience and epoch - best["epoch"] >= patience:
+        if val is not None and patience and epoch - best["epoch"] >= patience:
             console.print(f"[bold]Early stopping[/]: no better validation accuracy for {patience} "
                           f"epochs (best {best['val_acc']:.4f} at epoch {best['epoch']})")
             return True

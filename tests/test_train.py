@@ -410,3 +410,42 @@ def test_the_students_auto_precision_is_recorded_for_the_next_run_on_this_machin
     record = PrecisionRecord(smoke_run["output_dir"] / "TaskB" / "teachers" / "precisions.json", torch.device("cpu"))
     entry = record.known["student ResNet18, batch 32x1x8x8, random"]
     assert entry["precision"] == smoke_run["summary"]["precision"] and entry["batch"] == [32, 1, 8, 8]
+
+
+def test_eval_every_validates_every_nth_epoch_and_the_last_and_chooses_among_those(smoke_run, tmp_path):
+    """--eval_every 2 over 5 epochs: validation after epochs 2, 4 and 5 only; the other metrics.csv rows have
+    empty val columns; the best, top-k and plateau schedule see validated epochs only; curves are drawn."""
+    out = _runs_with_teachers(smoke_run, tmp_path)
+    flags = ["--student_model", "MobileNetV3", "--batch_size", "256", "--alpha", "0", "--num_epochs", "5",
+             "--eval_every", "2", "--save_top_k", "2", "--scheduler", "plateau", "--scheduler_step", "1",
+             "--output_dir", str(out), "--run", "sparse"]
+    assert train.main(flags) == 0
+    run_dir = next((out / "TaskB").glob("*_sparse"))
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3", "4", "5"]
+    assert [r["val_acc"] != "" for r in rows] == [False, True, False, True, True]
+    assert all(r["train_loss"] != "" for r in rows)
+    val = {int(r["epoch"]): float(r["val_acc"]) for r in rows if r["val_acc"]}
+    summary = json.loads((run_dir / "summary.json").read_text())
+    best = max(val, key=lambda e: (val[e], -e))
+    assert summary["best_epoch"] == best and summary["best_val_acc"] == pytest.approx(val[best])
+    assert load_checkpoint(run_dir / "best.pt")["epoch"] == best
+    assert load_checkpoint(run_dir / "last.pt")["epoch"] == 5
+    kept = json.loads((run_dir / "top" / "index.json").read_text())
+    assert {e["epoch"] for e in kept} <= set(val) and len(kept) == 2
+    # Plateau, patience 1 counted in validations: three validations cannot lower the rate before epoch 5 ends
+    # (counted in epochs, with the last accuracy repeated, they could).
+    assert len({r["lr"] for r in rows}) == 1
+    assert (run_dir / "curves.png").is_file() and (run_dir / "top1_top3.png").is_file()
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("val/acc")] == [2, 4, 5]
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4, 5]
+
+
+def test_loop_validates_every_nth_epoch_and_the_last():
+    from mtkd.loop import LoopConfig
+
+    loop = LoopConfig(32, 0, eval_every=3)
+    assert [e for e in range(1, 8) if loop.validates(e, 7)] == [3, 6, 7]
+    assert all(LoopConfig(32, 0).validates(e, 7) for e in range(1, 8))
