@@ -183,6 +183,12 @@ def stem_in_weights(state: dict) -> tuple[bool, int] | None:
     return None
 
 
+def classifier_keys(model: nn.Module, params: tuple[str, ...] = ("weight",)) -> list[str]:
+    """The state-dict keys of the model's classifier (timm's ``get_classifier``): its ``params``."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    return [f"{n}.{p}" for n, m in model.named_modules() if m is head and n for p in params]
+
+
 def load_fitting_state(model: nn.Module, state: dict, who: str, outputs: int) -> None:
     """Load ``state`` into ``model`` (strictly), or raise one ``UserError`` that says why it does not fit."""
     own = model.state_dict()
@@ -192,8 +198,7 @@ def load_fitting_state(model: nn.Module, state: dict, who: str, outputs: int) ->
     if not (missing or unexpected or shapes):
         model.load_state_dict(state)
         return
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
-    head_keys = [f"{n}.weight" for n, m in model.named_modules() if m is head and n]
+    head_keys = classifier_keys(model)
     if len(missing) + len(unexpected) > len(own) // 2:
         raise UserError(f"{who}: the weights do not belong to {type(model).__name__} "
                         f"({len(missing)} of its {len(own)} keys missing, e.g. {missing[:2]}; {len(unexpected)} "

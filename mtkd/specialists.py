@@ -16,8 +16,8 @@ from .engine import evaluate
 from .errors import UserError
 from .loop import LoopConfig, RunRng, fit, seed_everything
 from .optim import EpochScheduler, create_optimizer
-from .models import (SMALL_INPUT, count_parameters, create_teacher, init_description, load_fitting_state,
-                     stem_in_weights)
+from .models import (SMALL_INPUT, classifier_keys, count_parameters, create_teacher, init_description,
+                     load_fitting_state, stem_in_weights)
 from .precision import (FP32, NOT_SAVED, MachineRecord, Precision, PrecisionRecord, SavedPrecisions, keep_saved,
                         recorded_choice, resolve_precision)
 from .report import console, step_progress
@@ -190,8 +190,7 @@ def grow_classifier(model: nn.Module, plain: nn.Module, who: str) -> None:
     """Copy ``plain``'s weights into ``model``, the same network with more outputs: every weight but the
     classifier's as it is, the classifier's rows for ``plain``'s outputs into its first rows (the rest keep
     their fresh initialisation)."""
-    head = model.get_classifier()
-    names = {f"{n}.{p}" for n, m in model.named_modules() if m is head for p in ("weight", "bias")}
+    names = set(classifier_keys(model, ("weight", "bias")))
     own, theirs = model.state_dict(), plain.state_dict()
     bad = [k for k in own if k not in theirs or (k not in names and own[k].shape != theirs[k].shape)]
     if bad or len(theirs) != len(own):
