@@ -43,7 +43,8 @@ def method_name(args) -> str:
     """``labels`` (alpha 0, no feature terms) or ``aggregation/weighting/kd_loss`` (``aggregation/kd_loss``
     where the aggregation weighs the teachers itself: ``stacked``; ``+feat`` with feature matching, ``+at``
     with attention transfer, ``+dustbin`` from teachers with a dustbin, ``+dustbin(plain)`` from dustbin teachers
-    started from the plain ones: ``--dustbin_from_plain``)."""
+    started from the plain ones: ``--dustbin_from_plain``; a record reads which from the teachers' checkpoints,
+    ``taught_by``)."""
     features, attention = getattr(args, "feature_weight", 0), getattr(args, "attention_weight", 0)
     if args.alpha == 0 and not features and not attention:
         return "labels"
@@ -57,6 +58,18 @@ def _dustbin_suffix(args) -> str:
     if not getattr(args, "teacher_dustbin", False):
         return ""
     return "+dustbin(plain)" if getattr(args, "dustbin_from_plain", False) else "+dustbin"
+
+
+def taught_by(method: str, teachers: list[dict]) -> str:
+    """``method`` with its dustbin suffix as the teachers' checkpoints tell it (the summary's ``init`` of each):
+    ``--dustbin_from_plain`` only says how a missing dustbin teacher would start, so a run given it that reuses
+    dustbin teachers trained from scratch was taught by ``+dustbin`` teachers. Unchanged without a dustbin, or
+    when a teacher's ``init`` is not known (summaries written before it was recorded)."""
+    inits = [t.get("init") for t in teachers]
+    if "+dustbin" not in method or any(i in (None, "unknown") for i in inits):
+        return method
+    plain = all(str(i).startswith("plain teacher") for i in inits)
+    return method.rsplit("+dustbin", 1)[0] + ("+dustbin(plain)" if plain else "+dustbin")
 
 
 def git_commit(root: Path | None = None) -> str:
@@ -118,10 +131,10 @@ def config_of(args: dict, selection: bool = False) -> dict:
 
 def record(summary: dict, args: dict, selection: bool = False) -> dict:
     """One study row from a finished run's ``summary.json`` and resolved arguments (``args.json``)."""
-    teachers = summary["teachers"]
+    teachers, config = summary["teachers"], config_of(args, selection)
     where = summary.get("machine", {})
     row = {
-        **config_of(args, selection), "task": summary["task"],
+        **config, "task": summary["task"], "method": taught_by(config["method"], teachers),
         "labelled_images": summary["labelled_images"], "unlabelled_images": summary["unlabelled_images"],
         "best_epoch": summary["best_epoch"], "best_val_acc": summary["best_val_acc"], "test_acc": summary["test_acc"],
         "student_on_teachers": _pairs({t["name"]: t["student_test_acc"] for t in teachers}),

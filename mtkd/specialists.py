@@ -66,10 +66,12 @@ def teacher_path(output_dir: str | Path, task: TaskSpec, spec) -> Path:
     return path.with_name(f"{path.stem}-dustbin{path.suffix}") if spec.dustbin else path
 
 
-def _teacher_row(spec, model, metrics: dict, status: str) -> dict:
+def _teacher_row(spec, model, metrics: dict, status: str, init: str) -> dict:
+    """One teacher's line of the run's summary; ``init``: what its weights started from, as its checkpoint
+    records it (``external`` for weights trained elsewhere, ``unknown`` for a checkpoint that predates it)."""
     return {"name": spec.name, "architecture": spec.architecture, "classes": list(spec.classes),
             "weight": spec.weight, "params": count_parameters(model), "val_acc": metrics["val_acc"],
-            "test_acc": metrics["test_acc"], "status": status}
+            "test_acc": metrics["test_acc"], "status": status, "init": init}
 
 
 def example_batch(dataset, transform: BatchTransform, device: torch.device, n: int) -> torch.Tensor:
@@ -380,8 +382,9 @@ def prepare_teachers(task: TaskSpec, data: TaskData, output_dir: str | Path, rec
         # A teacher trained elsewhere is never overwritten, --retrain_teachers or not.
         if path.exists() and (not retrain or _is_external(path)):
             model, state = load_teacher(spec, task, path)
-            metrics, status = ((state["metrics"], "reused") if state is not None
-                               else (_measured(spec, task, model, data, device, path, output_dir), "external"))
+            metrics, status, init = ((state["metrics"], "reused", state.get("init", "unknown")) if state is not None
+                                     else (_measured(spec, task, model, data, device, path, output_dir), "external",
+                                           "external"))
         elif path.suffix == ".safetensors":
             raise UserError(f"teacher {spec.name!r}: checkpoint {path} not found (mtkd trains missing teachers, "
                             "but writes its own format, not .safetensors). Fix: check the path, or name a .pt file.")
@@ -390,9 +393,9 @@ def prepare_teachers(task: TaskSpec, data: TaskData, output_dir: str | Path, rec
                           f"classes {' '.join(spec.classes)})")
             start = plain_start(spec, task, output_dir) if spec.dustbin and recipe.dustbin_from_plain else None
             model, metrics = train_teacher(spec, task, data, recipe, device, path, start)
-            status = "trained"
+            status, init = "trained", start[1] if start is not None else init_description(spec.pretrained)
         models.append(model)
-        rows.append(_teacher_row(spec, model, metrics, status))
+        rows.append(_teacher_row(spec, model, metrics, status, init))
     ensemble = create_ensemble(task, models).to(device)
     example = example_batch(data.train, BatchTransform.for_task(task).to(device), device, recipe.batch_size)
     ensemble.set_precisions(teacher_precisions(ensemble, paths, example, recipe.amp, recipe.deterministic,

@@ -13,7 +13,7 @@ from mtkd.checkpoint import load_checkpoint
 from mtkd.data import ImageTensorDataset, with_others
 from mtkd.distill import Distiller
 from mtkd.evaluate import evaluate_task
-from mtkd.results import method_name
+from mtkd.results import method_name, record
 from mtkd.taskfile import load_task_file
 from mtkd.teachers import TeacherEnsemble
 from mtkd.terms import KDConfig
@@ -136,9 +136,17 @@ def test_train_py_trains_dustbin_teachers_beside_the_plain_ones_and_distils_from
     assert all(0 <= t["overall_accuracy"] <= 1 for t in results["teachers"])
     # A second run reuses them and the cache; a run without the flag does not take them for plain teachers.
     capsys.readouterr()
-    assert train.main(flags + ["--run", "second"]) == 0
+    assert train.main(flags + ["--dustbin_from_plain", "--run", "second"]) == 0
     printed = " ".join(capsys.readouterr().out.split())
     assert "reused" in printed and "Training teacher" not in printed
+    # --dustbin_from_plain says how a missing dustbin teacher would start; these were trained from scratch,
+    # and the record says so (from the checkpoints), not what the flag says.
+    second = next((out / "Taskanimals").glob("*_second"))
+    args = json.loads((second / "args.json").read_text())
+    assert method_name(argparse_namespace(args)) == "combination/fixed/kl+dustbin(plain)"
+    summary = json.loads((second / "summary.json").read_text())
+    assert [t["init"] for t in summary["teachers"]] == ["random", "random"]
+    assert record(summary, args)["method"] == "combination/fixed/kl+dustbin"
     cats.rename(cats.with_name("cats.pt"))
     plain = [f for f in flags if f != "--teacher_dustbin"]
     assert train.main(plain + ["--run", "plain"]) == 2
@@ -201,6 +209,12 @@ def test_train_py_starts_dustbin_teachers_from_the_plain_ones_with_dustbin_from_
     capsys.readouterr()
     assert train.main(dustbin + ["--run", "again"]) == 0  # the dustbin teachers are reused, not grown again
     assert "reused" in " ".join(capsys.readouterr().out.split())
+    for name in ("grown", "again"):  # trained then, reused now: both read their start from the checkpoints
+        done = next((out / "Taskanimals").glob(f"*_{name}"))
+        summary = json.loads((done / "summary.json").read_text())
+        assert all(t["init"].startswith("plain teacher") for t in summary["teachers"])
+        assert record(summary, json.loads((done / "args.json").read_text()))["method"] \
+            == "combination/fixed/kl+dustbin(plain)"
     # The flag alone says nothing: exit 2 before any data is read.
     assert train.main(base + ["--dustbin_from_plain", "--run", "alone"]) == 2
     assert "Fix: add --teacher_dustbin" in " ".join(capsys.readouterr().err.split())
