@@ -60,16 +60,15 @@ def _dustbin_suffix(args) -> str:
     return "+dustbin(plain)" if getattr(args, "dustbin_from_plain", False) else "+dustbin"
 
 
-def taught_by(method: str, teachers: list[dict]) -> str:
-    """``method`` with its dustbin suffix as the teachers' checkpoints tell it (the summary's ``init`` of each):
-    ``--dustbin_from_plain`` only says how a missing dustbin teacher would start, so a run given it that reuses
-    dustbin teachers trained from scratch was taught by ``+dustbin`` teachers. Unchanged without a dustbin, or
-    when a teacher's ``init`` is not known (summaries written before it was recorded)."""
+def taught_by(args: dict, teachers: list[dict]) -> dict:
+    """A run's resolved arguments with ``dustbin_from_plain`` as the teachers' checkpoints tell it (the
+    summary's ``init`` of each): the flag only says how a missing dustbin teacher would start, so a run given it
+    that reuses dustbin teachers trained from scratch was taught by ``+dustbin`` teachers. Unchanged without a
+    dustbin, or when a teacher's ``init`` is not known (summaries written before it was recorded)."""
     inits = [t.get("init") for t in teachers]
-    if "+dustbin" not in method or any(i in (None, "unknown") for i in inits):
-        return method
-    plain = all(str(i).startswith("plain teacher") for i in inits)
-    return method.rsplit("+dustbin", 1)[0] + ("+dustbin(plain)" if plain else "+dustbin")
+    if not args.get("teacher_dustbin") or any(i in (None, "unknown") for i in inits):
+        return args
+    return {**args, "dustbin_from_plain": all(str(i).startswith("plain teacher") for i in inits)}
 
 
 def git_commit(root: Path | None = None) -> str:
@@ -131,10 +130,10 @@ def config_of(args: dict, selection: bool = False) -> dict:
 
 def record(summary: dict, args: dict, selection: bool = False) -> dict:
     """One study row from a finished run's ``summary.json`` and resolved arguments (``args.json``)."""
-    teachers, config = summary["teachers"], config_of(args, selection)
+    teachers = summary["teachers"]
     where = summary.get("machine", {})
     row = {
-        **config, "task": summary["task"], "method": taught_by(config["method"], teachers),
+        **config_of(taught_by(args, teachers), selection), "task": summary["task"],
         "labelled_images": summary["labelled_images"], "unlabelled_images": summary["unlabelled_images"],
         "best_epoch": summary["best_epoch"], "best_val_acc": summary["best_val_acc"], "test_acc": summary["test_acc"],
         "student_on_teachers": _pairs({t["name"]: t["student_test_acc"] for t in teachers}),

@@ -209,8 +209,9 @@ def grow_classifier(model: nn.Module, plain: nn.Module, who: str) -> None:
 
 
 def train_teacher(spec, task: TaskSpec, data: TaskData, recipe: TeacherRecipe, device: torch.device,
-                  path: Path, start: tuple[nn.Module, str, bool] | None = None) -> tuple[nn.Module, dict]:
+                  path: Path, start: tuple[nn.Module, str, bool] | None = None) -> tuple[nn.Module, dict, str]:
     """Train one specialist on its classes by ``recipe``; keep the weights of its best validation epoch.
+    Returns the teacher, its metrics and what its weights started from (as its checkpoint records it).
 
     A teacher with a dustbin trains (and is chosen) on ``with_others``: its classes and as many images of
     the task's other classes, labelled "other". Its reported accuracies are on its own classes' images,
@@ -265,7 +266,7 @@ def train_teacher(spec, task: TaskSpec, data: TaskData, recipe: TeacherRecipe, d
                      "classes": list(spec.classes), "dustbin": spec.dustbin, "task": task.name, "metrics": metrics,
                      "epochs": recipe.epochs, "recipe": recipe.record(), "input": input_record(spec, task),
                      "init": init, "pretrained_layout": layout, "version": CHECKPOINT_VERSION}, path)
-    return model, metrics
+    return model, metrics, init
 
 
 def load_teacher(spec, task: TaskSpec, path: Path) -> tuple[nn.Module, dict | None]:
@@ -382,9 +383,11 @@ def prepare_teachers(task: TaskSpec, data: TaskData, output_dir: str | Path, rec
         # A teacher trained elsewhere is never overwritten, --retrain_teachers or not.
         if path.exists() and (not retrain or _is_external(path)):
             model, state = load_teacher(spec, task, path)
-            metrics, status, init = ((state["metrics"], "reused", state.get("init", "unknown")) if state is not None
-                                     else (_measured(spec, task, model, data, device, path, output_dir), "external",
-                                           "external"))
+            if state is not None:
+                metrics, status, init = state["metrics"], "reused", state.get("init", "unknown")
+            else:
+                metrics, status, init = (_measured(spec, task, model, data, device, path, output_dir), "external",
+                                         "external")
         elif path.suffix == ".safetensors":
             raise UserError(f"teacher {spec.name!r}: checkpoint {path} not found (mtkd trains missing teachers, "
                             "but writes its own format, not .safetensors). Fix: check the path, or name a .pt file.")
@@ -392,8 +395,8 @@ def prepare_teachers(task: TaskSpec, data: TaskData, output_dir: str | Path, rec
             console.print(f"[bold]Training teacher {spec.name}[/] ({spec.architecture}, "
                           f"classes {' '.join(spec.classes)})")
             start = plain_start(spec, task, output_dir) if spec.dustbin and recipe.dustbin_from_plain else None
-            model, metrics = train_teacher(spec, task, data, recipe, device, path, start)
-            status, init = "trained", start[1] if start is not None else init_description(spec.pretrained)
+            model, metrics, init = train_teacher(spec, task, data, recipe, device, path, start)
+            status = "trained"
         models.append(model)
         rows.append(_teacher_row(spec, model, metrics, status, init))
     ensemble = create_ensemble(task, models).to(device)
