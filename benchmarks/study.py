@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from mtkd.results import (append_record, config_of, images_per_second, is_recorded, load_records,  # noqa: E402
-                          machine, record, results_table, selection_table)
+                          machine, platform_of, record, results_table, selection_table)
 from mtkd.runs import read_metrics  # noqa: E402
 
 BLOCK = re.compile(r"(<!-- results: (?P<name>[\w.-]+\.csv) -->\n)(?P<body>.*?)(<!-- end results -->)", re.S)
@@ -76,10 +76,10 @@ def main(argv=None) -> int:
                       "Fix: pass the folder of a run that ran to its end.", file=sys.stderr)
                 return 2
             saved = json.loads(args_path.read_text())
-            if is_recorded(load_records(args.to), config_of(saved, args.selection)):
+            summary = json.loads(summary_path.read_text())
+            if is_recorded(load_records(args.to), config_of(saved, args.selection), platform_of(summary)):
                 print(f"{run_dir}: already recorded in {args.to}")
                 continue
-            summary = json.loads(summary_path.read_text())
             if args.commit and "commit" not in summary:
                 summary["commit"] = args.commit
             if "train_images_per_s" not in summary:  # runs from before it was recorded: from their metrics

@@ -117,13 +117,23 @@ def _timm_model(architecture: str, num_classes: int, in_chans: int, pretrained: 
     from .checkpoint import load_weights_file
 
     state, _ = load_weights_file(pretrained, f"pretrained weights for {architecture}")
+    def misfit(detail: str) -> UserError:
+        return UserError(f"pretrained weights {pretrained} do not fit {architecture} ({detail}). Fix: pass the "
+                         f"weights of exactly this timm architecture, in timm's format.")
+
     try:
-        return timm.create_model(architecture, pretrained=True, num_classes=num_classes, in_chans=in_chans,
-                                 pretrained_cfg_overlay={"state_dict": state})
-    except RuntimeError as e:
-        detail = " ".join(str(e).split())[:300]
-        raise UserError(f"pretrained weights {pretrained} do not fit {architecture} ({detail}). Fix: pass the "
-                        f"weights of exactly this timm architecture, in timm's format.") from None
+        model = timm.create_model(architecture, pretrained=True, num_classes=num_classes, in_chans=in_chans,
+                                  pretrained_cfg_overlay={"state_dict": dict(state)})
+    except (RuntimeError, KeyError, ValueError) as e:  # a size mismatch; a key timm adapts is missing (older timm)
+        raise misfit(" ".join(str(e).split())[:300] if not isinstance(e, KeyError) else f"no weight {e}") from None
+    # With a new classifier timm loads non-strictly: a weight missing from the file would stay random, silently.
+    head = model.pretrained_cfg.get("classifier") or ()
+    head = (head,) if isinstance(head, str) else tuple(head)
+    missing = [k for k in model.state_dict() if k not in state and not k.endswith("num_batches_tracked")
+               and not any(k.startswith(h + ".") for h in head)]
+    if missing:
+        raise misfit(f"{len(missing)} weight(s) missing from the file, e.g. {', '.join(missing[:3])}")
+    return model
 
 
 def init_description(pretrained: str | None) -> str:

@@ -84,12 +84,28 @@ def git_commit(root: Path | None = None) -> str:
     return head + ("+dirty" if dirty else "")
 
 
-def machine() -> dict:
-    """Where a run ran: the CPU model, its bf16 units, torch's thread count and version."""
+def machine(device=None) -> dict:
+    """Where a run ran: the CPU model, its bf16 units, torch's thread count and version, and the GPU's name when
+    ``device`` (a ``torch.device``) is a CUDA device."""
     import torch
 
-    return {"cpu": cpu_model(), "bf16_units": cpu_bf16_units() or "none", "threads": torch.get_num_threads(),
-            "torch": torch.__version__}
+    where = {"cpu": cpu_model(), "bf16_units": cpu_bf16_units() or "none", "threads": torch.get_num_threads(),
+             "torch": torch.__version__}
+    if device is not None and device.type == "cuda":
+        where["gpu"] = torch.cuda.get_device_name(device)
+    return where
+
+
+def device_of(summary: dict) -> str:
+    """The study's ``device`` cell: ``cpu``, or ``cuda`` with the GPU's name (``cuda (NVIDIA H200)``)."""
+    gpu = summary.get("machine", {}).get("gpu")
+    return f"{summary['device'].split(':')[0]} ({gpu})" if gpu else summary["device"]
+
+
+def platform_of(row: dict) -> str:
+    """``GPU`` for a study row that ran on CUDA, else ``CPU``: the tables never pool the two (their precision and
+    kernels differ), and gains are paired within one."""
+    return "GPU" if str(row.get("device", "")).startswith("cuda") else "CPU"
 
 
 def images_per_second(metrics: list[dict], images: int) -> float:
@@ -142,7 +158,7 @@ def record(summary: dict, args: dict, selection: bool = False) -> dict:
         "wall_time_s": round(summary["wall_time_s"], 1),
         "train_images_per_s": round(summary.get("train_images_per_s", math.nan), 1),
         "precision": summary["precision"], "teacher_precisions": ";".join(t.get("precision", "?") for t in teachers),
-        "device": summary["device"], "cpu": where.get("cpu", "?"), "bf16_units": where.get("bf16_units", "?"),
+        "device": device_of(summary), "cpu": where.get("cpu", "?"), "bf16_units": where.get("bf16_units", "?"),
         "threads": where.get("threads", "?"), "torch": where.get("torch", "?"),
         "commit": summary.get("commit", "unknown"), "run_dir": summary["run_dir"],
         "finished": summary.get("finished", ""),
@@ -161,9 +177,11 @@ def key_of(row: dict) -> tuple:
     return tuple(str(row[k]) for k in KEY)
 
 
-def is_recorded(rows: list[dict], row: dict) -> bool:
-    """Whether ``rows`` already hold a run of ``row``'s configuration (``KEY``)."""
-    return any(all(_same(r.get(k), row.get(k)) for k in KEY) for r in rows)
+def is_recorded(rows: list[dict], row: dict, platform: str | None = None) -> bool:
+    """Whether ``rows`` already hold a run of ``row``'s configuration (``KEY``); with ``platform`` (``GPU`` or
+    ``CPU``), one that ran there (the same recipe on the other platform is another run)."""
+    return any(all(_same(r.get(k), row.get(k)) for k in KEY) for r in rows
+               if platform is None or platform_of(r) == platform)
 
 
 def load_records(path: str | Path) -> list[dict]:
@@ -235,24 +253,26 @@ def results_table(rows: list[dict]) -> str:
     """The main runs: test accuracy mean ± std over seeds per (student, method, setting), the student on each
     teacher's classes (mean) next to the teachers' own, and the teacher ensemble.
 
-    A selection run of a recipe that has main runs (every ``KEY`` but seed and selection equal) is one of its
-    seeds, unless a main run has that seed: the run that chose the recipe is not run twice."""
+    A selection run of a recipe that has main runs (every ``KEY`` but seed and selection equal, on the same
+    platform) is one of its seeds, unless a main run has that seed: the run that chose the recipe is not run twice.
+    Runs on a GPU and on CPUs are separate rows (column "on"), each paired with labels only on its own platform."""
     main = [r for r in rows if r["selection"] != "True"]
-    recipes = {_recipe(r) for r in main}
-    seeds = {(_recipe(r), r["seed"]) for r in main}
-    main += [r for r in rows if r["selection"] == "True" and _recipe(r) in recipes
-             and (_recipe(r), r["seed"]) not in seeds]
+    recipes = {(_recipe(r), platform_of(r)) for r in main}
+    seeds = {(_recipe(r), platform_of(r), r["seed"]) for r in main}
+    main += [r for r in rows if r["selection"] == "True" and (_recipe(r), platform_of(r)) in recipes
+             and (_recipe(r), platform_of(r), r["seed"]) not in seeds]
     groups: dict[tuple, list[dict]] = {}
     for r in main:
-        groups.setdefault((r["student"], float(r["label_fraction"]), r["method"], _setting(r), r["epochs"]),
-                          []).append(r)
-    lines = ["| student | labels | method | setting | epochs | seeds | test acc (mean ± std) | gain over labels only "
-             "(points, paired by seed) | same, labels only at equal optimiser steps | best val (mean) | "
+        groups.setdefault((r["student"], float(r["label_fraction"]), r["method"], _setting(r), r["epochs"],
+                           platform_of(r)), []).append(r)
+    lines = ["| student | labels | method | setting | epochs | on | seeds | test acc (mean ± std) | gain over labels "
+             "only (points, paired by seed) | same, labels only at equal optimiser steps | best val (mean) | "
              "student on each teacher's classes (teacher) | pseudo-labels right (mean) |",
-             "|---|---:|---|---|---:|---|---:|---:|---:|---:|---|---:|"]
-    for (student, fraction, method, setting, epochs), rs in sorted(groups.items(), key=lambda kv: (
-            kv[0][0], -kv[0][1], kv[0][2] != "labels", kv[0][2], int(kv[0][4]), kv[0][3])):
-        labels_only = [(k, g) for k, g in groups.items() if k[2] == "labels" and k[:2] == (student, fraction)]
+             "|---|---:|---|---|---:|---|---|---:|---:|---:|---:|---|---:|"]
+    for (student, fraction, method, setting, epochs, on), rs in sorted(groups.items(), key=lambda kv: (
+            kv[0][0], kv[0][5], -kv[0][1], kv[0][2] != "labels", kv[0][2], int(kv[0][4]), kv[0][3])):
+        labels_only = [(k, g) for k, g in groups.items()
+                       if k[2] == "labels" and k[:2] == (student, fraction) and k[5] == on]
         gain = "" if method == "labels" else _paired_gain(rs, [g for k, g in labels_only if k[4] == epochs])
         # Labels only trains on the labelled images alone: at equal epochs it takes fewer steps than a student
         # that also learns from the unlabelled ones (within 1%: the last short batch of an epoch).
@@ -270,7 +290,7 @@ def results_table(rows: list[dict]) -> str:
         # How often the teachers' label for an image used without its own is right (runs that distil only).
         pseudo = [float(r["pseudo_label_acc"]) for r in rs if r["pseudo_label_acc"] != "" and method != "labels"]
         pseudo_cell = f"{100 * statistics.mean(pseudo):.1f}" if pseudo else ""
-        lines.append(f"| {student} | {fraction:g} | {method} | {setting} | {epochs} | {seeds} | "
+        lines.append(f"| {student} | {fraction:g} | {method} | {setting} | {epochs} | {on} | {seeds} | "
                      f"{_mean_std([float(r['test_acc']) for r in rs])} | {gain} | {gain_steps} | "
                      f"{statistics.mean(100 * float(r['best_val_acc']) for r in rs):.2f} | {per_teacher} | "
                      f"{pseudo_cell} |")

@@ -472,7 +472,7 @@ def finish_run(run: StudentRun, writer) -> dict:
         "pseudo_label_acc": ensemble_rows["stacked" if stacker is not None else "combination"].get("unlabelled_acc"),
         "stacker_l2": stacker.l2.item() if stacker is not None else None,
         "device": str(device), "skipped_files": len(data.skipped), "wall_time_s": time.perf_counter() - run.started,
-        "train_images_per_s": images_per_second(read_metrics(run.run_dir), sum(run.counts)), "machine": machine(),
+        "train_images_per_s": images_per_second(read_metrics(run.run_dir), sum(run.counts)), "machine": machine(device),
         "commit": run.commit,
         "finished": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }

@@ -105,6 +105,13 @@ def test_pretrained_weights_that_do_not_fit_are_one_message(tmp_path):
     _, path = _imagenet_weights(tmp_path, "resnet10t")
     with pytest.raises(UserError, match="do not fit resnet18"):
         create_student("ResNet18", task, pretrained=str(path))
+    # A file that lacks a weight is no fit either (timm loads non-strictly under a new classifier, and older timm
+    # fails on the first convolution it adapts with a KeyError).
+    state, path = _imagenet_weights(tmp_path, "resnet18")
+    for name in ("conv1.weight", "layer3.0.bn1.running_mean"):
+        torch.save({k: v for k, v in state.items() if k != name}, tmp_path / "partial.pth")
+        with pytest.raises(UserError, match=f"do not fit resnet18 .*{name}"):
+            create_student("ResNet18", task, pretrained=str(tmp_path / "partial.pth"))
     (tmp_path / "notes.pth").write_text("not weights")
     with pytest.raises(UserError, match="cannot load .*notes.pth"):
         create_student("ResNet18", task, pretrained=str(tmp_path / "notes.pth"))

@@ -57,7 +57,7 @@ def test_records_are_appended_found_again_and_summarised_over_seeds(tmp_path):
     assert not is_recorded(rows, config_of(_args(alpha=0, seed=1, lr=0.003)))
     assert not is_recorded(rows, config_of(args[1], selection=True))
     table = results_table(rows)
-    assert "| MobileNetV3 | 1 | labels | lr 0.001, step 30/0.5 | 100 | 0 1 2 | 42.00 ± 2.00 |  |  | 43.00 |" in table
+    assert "| MobileNetV3 | 1 | labels | lr 0.001, step 30/0.5 | 100 | CPU | 0 1 2 | 42.00 ± 2.00 |  |  | 43.00 |" in table
     assert "flowers 61.0 (69.8)" in table  # the student's mean on the teacher's classes, the teacher's own
     # A file with other columns is never appended to.
     other = tmp_path / "other.csv"
@@ -114,7 +114,7 @@ def test_the_selection_run_of_a_chosen_recipe_is_one_of_its_seeds(tmp_path):
     for seed, acc in ((1, 0.42), (2, 0.44)):
         append_record(path, record(_summary(acc, seed), _args(**chosen, seed=seed)))
     table = results_table(load_records(path))
-    assert "| lr 0.001, cosine | 100 | 0 1 2 | 42.00 ± 2.00 |" in table
+    assert "| lr 0.001, cosine | 100 | CPU | 0 1 2 | 42.00 ± 2.00 |" in table
     assert "lr 0.003" not in table  # a recipe without main runs stays a selection run only
     # A main run of seed 0 wins over the selection run of seed 0.
     append_record(path, record(_summary(0.50, 0), _args(**chosen, seed=0)))
@@ -158,3 +158,26 @@ def test_few_labels_are_compared_with_labels_only_at_equal_epochs_and_at_equal_s
     # Labels only at 20 epochs, then at 192, then the distilled student.
     assert "| labels |" in lines[2] and "| 20 |" in lines[2] and "| 192 |" in lines[3]
     assert "| 56.50 ± 0.71 | +17.50 ± 0.71 (2 seeds) | +7.00 ± 1.41 (2 seeds) |" in lines[4]
+
+
+def test_runs_on_a_gpu_are_rows_of_their_own_paired_with_labels_only_on_a_gpu(tmp_path):
+    path = tmp_path / "study.csv"
+    gpu = {"device": "cuda:0", "machine": {"cpu": "Host CPU", "bf16_units": "none", "threads": 2, "torch": "2.x",
+                                           "gpu": "NVIDIA H200"}}
+    for seed, acc in ((0, 0.40), (1, 0.42)):
+        append_record(path, record(_summary(acc, seed), _args(alpha=0, seed=seed)))
+        append_record(path, record({**_summary(acc + 0.10, seed), **gpu}, _args(alpha=0, seed=seed)))
+        append_record(path, record({**_summary(acc + 0.13, seed), **gpu}, _args(alpha=0.5, seed=seed)))
+    # The same recipe and seed on another platform is another run, recorded beside the first.
+    rows = load_records(path)
+    assert len(rows) == 6 and [r["device"] for r in rows[:2]] == ["cpu", "cuda (NVIDIA H200)"]
+    lines = results_table(rows).splitlines()
+    cpu = next(line for line in lines if "| CPU |" in line)
+    gpu_labels, gpu_kd = (line for line in lines if "| GPU |" in line)
+    assert "| 0 1 | 41.00 ± 1.41 |" in cpu and "| 0 1 | 51.00 ± 1.41 |" in gpu_labels
+    # The distilled GPU runs gain 3 points over labels only on the GPU, not 13 over the CPU runs.
+    assert "| 0 1 | 54.00 ± 1.41 | +3.00 ± 0.00 (2 seeds) |" in gpu_kd
+    # A sweep or a record skips a recipe only where it already ran on the same platform.
+    cpu_only = [r for r in rows if r["device"] == "cpu"]
+    assert is_recorded(cpu_only, config_of(_args(alpha=0, seed=0)), "CPU")
+    assert not is_recorded(cpu_only, config_of(_args(alpha=0, seed=0)), "GPU")

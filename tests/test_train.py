@@ -53,7 +53,9 @@ def test_smoke_run_summary_is_consistent(smoke_run):
     ensemble.set_precisions([Precision.parse(t["precision"]) for t in s["teachers"]])  # as the run had them
     test = create_loader(load_task_data(task).test, 512, train=False)
     for method in ("combination", "mixture"):
-        acc = evaluate(EnsembleClassifier(ensemble, method), test, BatchTransform.for_task(task), torch.device("cpu"))
+        # On the run's device: the teachers' bf16 kernels differ between devices (one image moved on a GPU).
+        acc = evaluate(EnsembleClassifier(ensemble, method), test, BatchTransform.for_task(task),
+                       torch.device(s["device"]))
         assert s["ensemble"][method]["test_acc"] == pytest.approx(acc["acc"], abs=1e-6)  # float32 mean; an image is 3e-3
     assert s["ensemble_test_acc"] == s["ensemble"]["combination"]["test_acc"]
 
