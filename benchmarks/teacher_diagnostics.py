@@ -14,7 +14,8 @@ these teachers and data (the augmented views of every training image the student
   teacher whose classes hold the label, and the accuracy over all classes of routing each image to that
   teacher's top class, beside the ensemble's ``combination`` and ``mixture`` readings;
 * with ``--label_fractions F ...``: the stacker ``train.py --aggregation stacked --label_fraction F`` fits
-  (``mtkd.stacking``; the labelled images drawn as the run draws them, for each ``--stack_seeds`` seed),
+  (``mtkd.stacking``; the labelled images drawn as the run draws them, for each ``--stack_seeds`` seed, and
+  shrunk toward each ``--stacker_priors``),
   measured on the training images whose label it did not see (the pseudo-labels' accuracy, and how often
   their class is in the right teacher's group) and on the validation split; with ``--stack_features`` also
   the same logistic regression on the teachers' pooled features (the input of their classifiers, each
@@ -39,7 +40,7 @@ from mtkd.loop import resolve_device  # noqa: E402
 from mtkd.evaluate import load_ensemble  # noqa: E402
 from mtkd.losses import coverage, local_labels  # noqa: E402
 from mtkd.report import console, print_error, step_progress  # noqa: E402
-from mtkd.stacking import Stacker, choose_l2, fit_logistic  # noqa: E402
+from mtkd.stacking import PRIORS, Stacker, choose_l2, fit_logistic  # noqa: E402
 from mtkd.specialists import (PRECISION_RECORD, example_batch, teacher_dir, teacher_path,  # noqa: E402
                               teacher_precisions)
 
@@ -64,6 +65,8 @@ def get_args_parser():
                         "measure it on the rest (pseudo-labels) and on validation")
     p.add_argument("--stack_seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="the --seed of each run whose labelled images the stacker is fitted on")
+    p.add_argument("--stacker_priors", nargs="+", choices=PRIORS, default=["zero"],
+                   help="with --label_fractions: the stacker shrunk toward each of these (train.py --stacker_prior)")
     p.add_argument("--stack_features", action="store_true",
                    help="with --label_fractions: fit the same regression on the teachers' pooled features too")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
@@ -153,12 +156,13 @@ def feature_probe(train: torch.Tensor, val: torch.Tensor, kept: torch.Tensor, nu
 
 def stacker_readings(ensemble, train_set, train_logits: list[torch.Tensor], val_logits: list[torch.Tensor],
                      val_labels: torch.Tensor, fractions: list[float], seeds: list[int],
-                     features: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[dict]:
+                     features: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     priors: tuple[str, ...] = ("zero",)) -> list[dict]:
     """For each label fraction and seed: the stacker fitted on the labels that run keeps (``keep_labels``),
     on the training images whose label is hidden its accuracy and how often its class is in the right group
     (some teacher holds both it and the label), the same two for the label-free specialist combination, and
-    the stacker's validation accuracy; with ``features`` (train, val; standardised) the same regression on
-    them (``features_*``)."""
+    the stacker's validation accuracy, for each of ``priors`` (``--stacker_prior``); with ``features`` (train,
+    val; standardised) the same regression on them (``features_*``, in the first prior's row)."""
     ids = [i.cpu() for i in ensemble.class_ids]
     truth_all = train_set.labels
     device = ensemble.weights.device  # the logits are on the CPU, the ensemble's class ids where it runs
@@ -167,26 +171,27 @@ def stacker_readings(ensemble, train_set, train_logits: list[torch.Tensor], val_
     for fraction in fractions:
         for seed in seeds:
             kept = keep_labels(train_set, fraction, seed).labels
-            stacker = Stacker(sum(z.shape[1] for z in train_logits), ensemble.num_classes)
-            info = stacker.fit(train_logits, kept)
             hidden = kept < 0
-            row = {"label_fraction": fraction, "seed": seed, "labelled": info["images"], "l2": info["l2"],
-                   "fit_acc": info["fit_acc"]}
-            with torch.no_grad():
-                if hidden.any():
-                    truth = truth_all[hidden]
-                    for name, pred in (("unlabelled", stacker([z[hidden] for z in train_logits]).argmax(1)),
-                                       ("combination", combined[hidden])):
-                        row[f"{name}_acc"] = (pred == truth).float().mean().item()
-                        row[f"{name}_group_acc"] = (coverage(ids, pred) & coverage(ids, truth)).any(1).float(
-                        ).mean().item()
-                row["val_acc"] = (stacker(val_logits).argmax(1) == val_labels).float().mean().item()
-            if features is not None:
-                row["features_l2"], pred, val_pred = feature_probe(*features, kept, ensemble.num_classes)
-                if hidden.any():
-                    row["features_unlabelled_acc"] = (pred[hidden] == truth_all[hidden]).float().mean().item()
-                row["features_val_acc"] = (val_pred == val_labels).float().mean().item()
-            rows.append(row)
+            for prior in priors:
+                stacker = Stacker.for_ensemble(ensemble, prior)
+                info = stacker.fit(train_logits, kept)
+                row = {"label_fraction": fraction, "seed": seed, "prior": prior, "labelled": info["images"],
+                       "l2": info["l2"], "fit_acc": info["fit_acc"]}
+                with torch.no_grad():
+                    if hidden.any():
+                        truth = truth_all[hidden]
+                        for name, pred in (("unlabelled", stacker([z[hidden] for z in train_logits]).argmax(1)),
+                                           ("combination", combined[hidden])):
+                            row[f"{name}_acc"] = (pred == truth).float().mean().item()
+                            row[f"{name}_group_acc"] = (coverage(ids, pred) & coverage(ids, truth)).any(
+                                1).float().mean().item()
+                    row["val_acc"] = (stacker(val_logits).argmax(1) == val_labels).float().mean().item()
+                if features is not None and prior == priors[0]:
+                    row["features_l2"], pred, val_pred = feature_probe(*features, kept, ensemble.num_classes)
+                    if hidden.any():
+                        row["features_unlabelled_acc"] = (pred[hidden] == truth_all[hidden]).float().mean().item()
+                    row["features_val_acc"] = (val_pred == val_labels).float().mean().item()
+                rows.append(row)
     return rows
 
 
@@ -211,19 +216,19 @@ def print_tables(out: dict) -> None:
     if out.get("stacked"):
         t = Table(title="the stacker (--aggregation stacked) fitted on a fraction of the training labels")
         features = "features_val_acc" in out["stacked"][0]
-        for col in ("labels", "seed", "labelled images", "L2", "acc on them", "pseudo-labels right",
+        for col in ("labels", "seed", "prior", "labelled images", "L2", "acc on them", "pseudo-labels right",
                     "right group", "(combination: right / group)", "val acc",
                     *(("(on features: L2 / right / val)",) if features else ())):
             t.add_column(col, justify="right")
         nan = float("nan")
         for r in out["stacked"]:
-            t.add_row(f"{r['label_fraction']:g}", str(r["seed"]), str(r["labelled"]), f"{r['l2']:g}",
+            t.add_row(f"{r['label_fraction']:g}", str(r["seed"]), r["prior"], str(r["labelled"]), f"{r['l2']:g}",
                       f"{r['fit_acc']:.2%}", f"{r.get('unlabelled_acc', nan):.2%}",
                       f"{r.get('unlabelled_group_acc', nan):.2%}",
                       f"{r.get('combination_acc', nan):.2%} / {r.get('combination_group_acc', nan):.2%}",
                       f"{r['val_acc']:.2%}",
                       *((f"{r['features_l2']:g} / {r.get('features_unlabelled_acc', nan):.2%} / "
-                         f"{r['features_val_acc']:.2%}",) if features else ()))
+                         f"{r['features_val_acc']:.2%}" if "features_l2" in r else "",) if features else ()))
         console.print(t)
 
 
@@ -266,7 +271,8 @@ def main(args) -> dict:
                                  teacher_features(ensemble, data.val, transform, device, "val"))
                     if args.stack_features else None)
         out["stacked"] = stacker_readings(ensemble, data.train, plain["train"], plain["val"], data.val.labels,
-                                          args.label_fractions, args.stack_seeds, features)
+                                          args.label_fractions, args.stack_seeds, features,
+                                          tuple(args.stacker_priors))
     return out
 
 

@@ -11,6 +11,7 @@ from .terms import AGGREGATIONS, KD_LOSSES
 from .losses import WEIGHTINGS
 from .optim import OPTIMIZERS, SCHEDULERS
 from .precision import AMP_MODES
+from .stacking import PRIORS
 from .models import HUB, list_students
 
 
@@ -120,6 +121,10 @@ def get_args_parser(task_names: list[str] | None = None) -> argparse.ArgumentPar
                          "renormalised over its classes), combination (Hinton's specialist combination, label-free), "
                          "stacked (the teachers calibrated into one classifier by the labelled images: a logistic "
                          "regression over all their outputs, fitted before training)")
+    kd.add_argument("--stacker_prior", default="zero", choices=PRIORS,
+                    help="with --aggregation stacked: what the stacker's L2 penalty shrinks its weights toward: zero, "
+                         "or the teachers' specialist combination (with few labels it then falls back to the "
+                         "combination where the labels cannot beat it; the cross-validation chooses how far)")
     kd.add_argument("--teacher_weighting", default="fixed", choices=WEIGHTINGS,
                     help="fixed (task or --teacher_weights), confidence (CA-MKD), entropy (EBKD), per sample")
     kd.add_argument("--teacher_weights", type=weights_list, default=None, metavar="W1,W2,...",

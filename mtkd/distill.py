@@ -55,7 +55,7 @@ class Distiller(nn.Module):
         self.register_buffer("fixed_weights", fixed, persistent=False)
         self.terms = nn.ModuleDict(create_terms(config, student, self.ensemble))
         # --aggregation stacked: the teachers calibrated by the labels (fitted by the trainer before training).
-        self.stacker = (Stacker(sum(self.ensemble.output_sizes), self.ensemble.num_classes)
+        self.stacker = (Stacker.for_ensemble(self.ensemble, config.stacker_prior, fixed)
                         if self.ensemble is not None and config.aggregation == "stacked" else None)
 
     def term(self, name: str) -> Term | None:

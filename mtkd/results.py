@@ -41,7 +41,8 @@ KEY = ("task", "student", "method", "alpha", "temperature", "label_fraction", "e
 
 def method_name(args) -> str:
     """``labels`` (alpha 0, no feature terms) or ``aggregation/weighting/kd_loss`` (``aggregation/kd_loss``
-    where the aggregation weighs the teachers itself: ``stacked``; ``+feat`` with feature matching, ``+at``
+    where the aggregation weighs the teachers itself: ``stacked``, ``stacked(combination)`` with
+    ``--stacker_prior combination``; ``+feat`` with feature matching, ``+at``
     with attention transfer, ``+dustbin`` from teachers with a dustbin, ``+dustbin(plain)`` from dustbin teachers
     started from the plain ones: ``--dustbin_from_plain``; a record reads which from the teachers' checkpoints,
     ``taught_by``)."""
@@ -49,7 +50,9 @@ def method_name(args) -> str:
     if args.alpha == 0 and not features and not attention:
         return "labels"
     weighting = [args.teacher_weighting] if AGGREGATIONS.get(args.aggregation).weighted else []
-    name = "/".join([args.aggregation, *weighting, args.kd_loss])
+    prior = getattr(args, "stacker_prior", "zero")
+    aggregation = args.aggregation + (f"({prior})" if args.aggregation == "stacked" and prior != "zero" else "")
+    name = "/".join([aggregation, *weighting, args.kd_loss])
     return (name + ("+feat" if features else "") + ("+at" if attention else "")
             + _dustbin_suffix(args))
 

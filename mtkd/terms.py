@@ -52,6 +52,7 @@ class KDConfig:
     temperature_final: float | None = None  # linear schedule over the epochs when set
     epochs: int = 1
     aggregation: str = "consensus"
+    stacker_prior: str = "zero"  # --aggregation stacked: what its penalty shrinks toward (stacking.PRIORS)
     weighting: str = "fixed"
     teacher_weights: list[float] | None = None  # overrides the task's weights
     kd_loss: str = "kl"
@@ -72,6 +73,7 @@ class KDConfig:
             weights = [float(w) for w in weights.split(",")]
         return cls(alpha=args.alpha, temperature=args.temperature, temperature_final=args.temperature_final,
                    epochs=args.num_epochs, aggregation=args.aggregation, weighting=args.teacher_weighting,
+                   stacker_prior=getattr(args, "stacker_prior", "zero"),
                    teacher_weights=weights, kd_loss=args.kd_loss, dkd_alpha=args.dkd_alpha, dkd_beta=args.dkd_beta,
                    dkd_warmup=args.dkd_warmup, feature_weight=args.feature_weight,
                    feature_layers=[s.strip() for s in str(args.feature_layers).split(",") if s.strip()],

@@ -61,6 +61,10 @@ def check_kd_args(args: Namespace, task: TaskSpec) -> KDConfig:
         raise UserError(f"--teacher_weights has {len(kd.teacher_weights)} weights but task {task.name} has "
                         f"{len(task.teachers)} teachers ({', '.join(t.name for t in task.teachers)}). "
                         "Fix: give one weight per teacher, in that order.")
+    if kd.stacker_prior != "zero" and kd.aggregation != "stacked":
+        raise UserError(f"--stacker_prior {kd.stacker_prior} says what the stacker of --aggregation stacked shrinks "
+                        f"toward, but --aggregation is {kd.aggregation}. Fix: add --aggregation stacked, or drop "
+                        "--stacker_prior.")
     if kd.aggregation == "stacked" and kd.ema_decay > 0:
         raise UserError("--aggregation stacked reads the task's teachers through the stacker fitted before "
                         "training, so --ema_teacher (a teacher that changes as the student trains) would take no "

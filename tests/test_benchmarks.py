@@ -91,19 +91,22 @@ def test_teacher_diagnostics_measure_the_trained_teachers(smoke_run):
     flags = ["--task", "B", "--output_dir", str(out_dir), "--train_images", "64", "--temperatures", "1", "4",
              "--teacher_cache", str(out_dir / "cache")]
     out = diag.main(diag.get_args_parser().parse_args(flags + ["--cache_views", "2", "--label_fractions", "0.5",
-                                                               "--stack_seeds", "0", "1", "--stack_features"]))
+                                                               "--stack_seeds", "0", "1", "--stack_features",
+                                                               "--stacker_priors", "zero", "combination"]))
     assert out["splits"]["train, 2 cached views"]["images"] == 2 * len(data.train)
-    # The stacker of --aggregation stacked, fitted on the labels each seed's run keeps, read on the others.
-    assert [(r["label_fraction"], r["seed"]) for r in out["stacked"]] == [(0.5, 0), (0.5, 1)]
+    # The stacker of --aggregation stacked, fitted on the labels each seed's run keeps, read on the others,
+    # shrunk toward zero and toward the teachers' combination.
+    assert [(r["label_fraction"], r["seed"], r["prior"]) for r in out["stacked"]] == [
+        (0.5, 0, "zero"), (0.5, 0, "combination"), (0.5, 1, "zero"), (0.5, 1, "combination")]
     half = count_labelled(keep_labels(data.train, 0.5, 0))[0]
     for r in out["stacked"]:
         assert r["labelled"] == half and r["l2"] > 0
         # A right class is always in the right group.
         assert 0 <= r["unlabelled_acc"] <= r["unlabelled_group_acc"] <= 1
         assert 0 <= r["combination_acc"] <= r["combination_group_acc"] <= 1 and 0 <= r["val_acc"] <= 1
-        # The same regression on the teachers' pooled features, its penalty from the wider grid.
-        assert r["features_l2"] in diag.FEATURE_L2_GRID
-        assert 0 <= r["features_unlabelled_acc"] <= 1 and 0 <= r["features_val_acc"] <= 1
+        if r["prior"] == "zero":  # the same regression on the teachers' pooled features, from the wider grid
+            assert r["features_l2"] in diag.FEATURE_L2_GRID
+            assert 0 <= r["features_unlabelled_acc"] <= 1 and 0 <= r["features_val_acc"] <= 1
     with pytest.raises(UserError, match="needs --label_fractions"):
         diag.main(diag.get_args_parser().parse_args(flags + ["--stack_features"]))
     with pytest.raises(UserError, match="no cache of these teachers and data with 3 views"):

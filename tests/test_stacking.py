@@ -131,7 +131,75 @@ def test_train_py_fits_the_stacker_on_the_labelled_images_and_reports_it(amalgam
     assert train.main(flags + ["--run", "plain"]) == 0
     plain = load_checkpoint(next((out / "Taskanimals").glob("*_plain")) / "last.pt")["distiller"]
     assert torch.allclose(plain["stacker.linear.weight"], state["stacker.linear.weight"], atol=1e-4)
+    # Shrunk toward the teachers' combination: the penalty is chosen among the longer grid, the method named so.
+    from mtkd.stacking import L2_GRID_TOWARD
+
+    assert train.main(flags + ["--teacher_cache", str(cache), "--stacker_prior", "combination", "--run", "toward"]) == 0
+    toward = json.loads(next((out / "Taskanimals").glob("*_toward/summary.json")).read_text())
+    assert toward["stacker_l2"] in L2_GRID_TOWARD
+    args = json.loads(next((out / "Taskanimals").glob("*_toward/args.json")).read_text())
+    from mtkd.results import record
+
+    assert record(toward, args)["method"] == "stacked(combination)/kl"
     # A teacher that changes as the student trains cannot join a stacker fitted before: one message, exit 2.
     capsys.readouterr()
     assert train.main(flags + ["--ema_teacher", "0.99"]) == 2
     assert "--aggregation stacked" in capsys.readouterr().err
+
+
+def _ensemble(dustbin, class_ids=([0, 1, 2], [3, 4], [5, 6, 7, 8]), weights=(1.0, 2.0, 1.0)):
+    """An ensemble of stand-in teachers (only its class sets, weights and dustbins are read)."""
+    return TeacherEnsemble([nn.Identity() for _ in class_ids], [list(c) for c in class_ids], list(weights), 9,
+                           dustbin=list(dustbin))
+
+
+@pytest.mark.parametrize("dustbin", [(False, False, False), (True, True, True), (True, False, True)])
+def test_the_combination_prior_is_the_specialist_combination(dustbin):
+    from mtkd.stacking import combination_prior
+
+    ensemble = _ensemble(dustbin)
+    g = torch.Generator().manual_seed(1)
+    logits = [torch.randn(64, n, generator=g) * 3 for n in ensemble.output_sizes]
+    logits[0][:5, -1] = 40.0  # an image far outside a dustbin teacher's home: its home probability floors at 1e-6
+    stacker = Stacker.for_ensemble(ensemble, "combination")
+    assert stacker.linear.in_features == sum(ensemble.output_sizes) + sum(dustbin)
+    w, b = combination_prior(ensemble.class_ids, list(dustbin), ensemble.weights, 9)
+    with torch.no_grad():
+        stacker.linear.weight.copy_(w)
+        stacker.linear.bias.copy_(b)
+    expected = ensemble.combine(logits, "combination")  # Newton's method over the teachers, weights x home
+    assert torch.allclose(F.log_softmax(stacker(logits), 1), expected, atol=1e-4)
+
+
+def test_toward_the_combination_the_penalty_pulls_to_it_and_the_labels_away_from_it():
+    from mtkd.stacking import L2_GRID_TOWARD
+
+    ensemble = _ensemble((True, True, True))
+    g = torch.Generator().manual_seed(2)
+    logits = [torch.randn(90, n, generator=g) * 2 for n in ensemble.output_sizes]
+    y = torch.arange(90) % 9
+    stacker = Stacker.for_ensemble(ensemble, "combination")
+    w0, b0 = stacker.prior_weight.clone(), stacker.prior_bias.clone()
+    stacker.fit(logits, y, l2=0.05)
+    # The optimum of mean CE + l2 ||W - W_0||^2: its gradient (written out in numpy, float64) vanishes.
+    x = stacker.features(logits).double().numpy()
+    w, b = stacker.linear.weight.double().numpy(), stacker.linear.bias.double().numpy()
+    z = x @ w.T + b
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    onehot = np.eye(9)[y.numpy()]
+    grad_w = (p - onehot).T @ x / len(y) + 2 * 0.05 * (w - w0.double().numpy())
+    assert np.abs(grad_w).max() < 5e-4 and np.abs((p - onehot).mean(0)).max() < 5e-4  # float32 L-BFGS
+    # A large penalty keeps the weights at the combination's (the biases still fit the labels); a small one
+    # lets the labels move them: the labels here are noise, so the fit strays far.
+    far = Stacker.for_ensemble(ensemble, "combination")
+    far.fit(logits, y, l2=1e-4)
+    near = Stacker.for_ensemble(ensemble, "combination")
+    near.fit(logits, y, l2=100.0)
+    assert (near.linear.weight - w0).abs().max() < 0.02 < (far.linear.weight - w0).abs().max()
+    # The cross-validation chooses among penalties up to (almost) the combination itself; the prior is rebuilt
+    # from the teachers, never saved.
+    info = Stacker.for_ensemble(ensemble, "combination").fit(logits, y)
+    assert set(info["cv_acc"]) == set(L2_GRID_TOWARD)
+    assert set(near.state_dict()) == {"linear.weight", "linear.bias", "l2"}
+    assert torch.equal(b0, Stacker.for_ensemble(ensemble, "combination").prior_bias)
