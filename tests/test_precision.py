@@ -17,7 +17,7 @@ def _fake_timer(speeds):
     """A timer that reports ``speeds[str(precision)]`` and records what it was asked."""
     asked = []
 
-    def timer(model, example, precision, train):
+    def timer(model, example, precision, train, steps=3):
         asked.append((str(precision), train))
         return speeds[str(precision)]
 
@@ -91,6 +91,23 @@ def test_precision_round_trips_and_prepares_layouts():
         assert model(x).dtype == torch.float32
     with pytest.raises(ValueError):
         Precision.parse("fp32")
+
+
+def test_auto_times_the_candidates_round_robin_so_a_burst_of_load_slows_no_one_candidate():
+    from mtkd.precision import TIMING_ROUNDS
+
+    speeds = {"fp32/NCHW": 20, "fp32/NHWC": 21, "bf16/NHWC": 38, "bf16/NCHW": 34}
+    calls = []
+
+    def timer(model, example, precision, train, steps=3):  # another process runs while calls 2-3 are timed
+        calls.append((str(precision), steps))
+        return speeds[str(precision)] / (4 if len(calls) in (3, 4) else 1)
+
+    p, measured = resolve_precision("auto", CPU, _model(), torch.randn(2, 3, 4, 4), timer=timer,
+                                    bf16_units=lambda: "avx512_bf16")
+    assert p == Precision("bf16", True) and measured == speeds  # each candidate's best round
+    assert len(calls) == 4 * TIMING_ROUNDS and all(steps == 1 for _, steps in calls)
+    assert [name for name, _ in calls[:4]] == [name for name, _ in calls[4:8]]  # round robin
 
 
 def test_timing_leaves_the_model_and_the_random_state_alone():
