@@ -32,12 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .teachers import home_probabilities
+
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1)  # the penalties the cross-validation chooses among
 L2_GRID_TOWARD = L2_GRID + (1.0, 10.0, 100.0)  # toward a prior: up to (almost) the prior itself
 FOLDS = 5
 MAX_ITER = 200  # L-BFGS iterations per fit
 PRIORS = ("zero", "combination")  # --stacker_prior: what the penalty shrinks the weights toward
-LOG_HOME_FLOOR = -13.815510557964274  # log(1e-6): the floor of a home probability (teachers.home_probabilities)
 
 
 class Stacker(nn.Module):
@@ -76,9 +77,11 @@ class Stacker(nn.Module):
         """The regression's inputs: every teacher's outputs side by side, then the log home probability of
         each teacher marked in ``home``."""
         zs = [z.float() for z in teacher_logits]
-        logs = [(torch.logsumexp(z[:, :-1], 1) - torch.logsumexp(z, 1)).clamp_min(LOG_HOME_FLOOR)[:, None]
-                for z, h in zip(zs, self.home) if h]
-        return torch.cat(zs + logs, 1)
+        if not any(self.home):
+            return torch.cat(zs, 1)
+        # The combination's own home probabilities (floored as it floors them), of the teachers marked.
+        home = home_probabilities(zs, self.home)[:, torch.tensor(self.home)]
+        return torch.cat(zs + [home.log()], 1)
 
     @property
     def fitted(self) -> bool:
