@@ -138,6 +138,7 @@ def test_missing_cifar_exits_2_with_one_message(tmp_path, monkeypatch):
     (["--teacher_weights", "1,2"], "--teacher_weights has 2 weights but task B has 3 teachers"),
     (["--teacher_cache", "c", "--feature_weight", "1"], "--teacher_cache stores the teachers' logits only"),
     (["--teacher_cache", "c", "--attention_weight", "1"], "but --attention_weight needs their features"),
+    (["--stacker_prior", "combination"], "but --aggregation is consensus. Fix: add --aggregation stacked"),
 ])
 def test_distillation_flags_that_do_not_fit_the_task_exit_2(flags, message, tmp_path, capsys):
     assert train.main(flags + ["--output_dir", str(tmp_path / "runs")]) == 2
