@@ -237,7 +237,9 @@ def optimizer_steps(r: dict) -> int:
 
 
 def _recipe(r: dict) -> tuple:
-    return tuple(str(r[k]) for k in KEY if k not in ("seed", "selection"))
+    """A run's recipe (every ``KEY`` but seed and selection) and the platform it ran on: the runs that pool as
+    seeds of one row."""
+    return tuple(str(r[k]) for k in KEY if k not in ("seed", "selection")) + (platform_of(r),)
 
 
 def selection_table(rows: list[dict]) -> str:
@@ -260,10 +262,10 @@ def results_table(rows: list[dict]) -> str:
     platform) is one of its seeds, unless a main run has that seed: the run that chose the recipe is not run twice.
     Runs on a GPU and on CPUs are separate rows (column "on"), each paired with labels only on its own platform."""
     main = [r for r in rows if r["selection"] != "True"]
-    recipes = {(_recipe(r), platform_of(r)) for r in main}
-    seeds = {(_recipe(r), platform_of(r), r["seed"]) for r in main}
-    main += [r for r in rows if r["selection"] == "True" and (_recipe(r), platform_of(r)) in recipes
-             and (_recipe(r), platform_of(r), r["seed"]) not in seeds]
+    recipes = {_recipe(r) for r in main}
+    seeds = {(_recipe(r), r["seed"]) for r in main}
+    main += [r for r in rows
+             if r["selection"] == "True" and _recipe(r) in recipes and (_recipe(r), r["seed"]) not in seeds]
     groups: dict[tuple, list[dict]] = {}
     for r in main:
         groups.setdefault((r["student"], float(r["label_fraction"]), r["method"], _setting(r), r["epochs"],
