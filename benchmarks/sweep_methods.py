@@ -27,8 +27,8 @@ import tasks  # noqa: E402,F401
 from mtkd.config import get_args_parser  # noqa: E402
 from mtkd.terms import AGGREGATIONS  # noqa: E402
 from mtkd.losses import WEIGHTINGS  # noqa: E402
-from mtkd.results import (append_record, config_of, is_recorded, load_records, platform_of, record,  # noqa: E402
-                          results_table, selection_table)
+from mtkd.results import (append_record, is_recorded, load_records, planned_config, platform_of,  # noqa: E402
+                          record, results_table, selection_table)
 from mtkd.loop import resolve_device  # noqa: E402
 from mtkd.spec import list_tasks  # noqa: E402
 from mtkd.trainer import run  # noqa: E402
@@ -80,7 +80,7 @@ def main(argv=None):
     path = Path(own.results or Path(base.output_dir) / "sweep.csv")
     for args in [] if own.table_only else configurations(base, own):
         on = platform_of({"device": str(resolve_device(args.device))})
-        if is_recorded(load_records(path), config_of(vars(args), own.selection), on):
+        if is_recorded(load_records(path), planned_config(vars(args), own.selection), on):
             continue
         summary = run(args)
         append_record(path, record(summary, vars(args), own.selection))

@@ -147,6 +147,19 @@ def config_of(args: dict, selection: bool = False) -> dict:
     }
 
 
+def planned_config(args: dict, selection: bool = False) -> dict:
+    """``config_of`` a run about to start, as ``record`` will write it: its dustbin teachers' start read from
+    their checkpoints on disk (``taught_by``); a teacher it will train starts as ``--dustbin_from_plain`` says."""
+    if args.get("teacher_dustbin") and not args.get("retrain_teachers"):
+        from .specialists import saved_inits
+        from .taskfile import resolve_task
+
+        by_flag = "plain teacher" if args.get("dustbin_from_plain") else "random"
+        inits = saved_inits(resolve_task(str(args["task"])).with_dustbins(), args["output_dir"])
+        args = taught_by(args, [{"init": by_flag if t["init"] is None else t["init"]} for t in inits])
+    return config_of(args, selection)
+
+
 def record(summary: dict, args: dict, selection: bool = False) -> dict:
     """One study row from a finished run's ``summary.json`` and resolved arguments (``args.json``)."""
     teachers = summary["teachers"]

@@ -269,6 +269,18 @@ def train_teacher(spec, task: TaskSpec, data: TaskData, recipe: TeacherRecipe, d
     return model, metrics, init
 
 
+def saved_inits(task: TaskSpec, output_dir: str | Path) -> list[dict]:
+    """What each of ``task``'s teachers started from, as its checkpoint under ``output_dir`` records it
+    (``{"init": ...}``: ``"unknown"`` for weights from elsewhere or an older checkpoint, None where there is
+    none yet and a run would train it): what a run reusing them would be taught by, known before it runs."""
+    inits = []
+    for spec in task.teachers:
+        path = teacher_path(output_dir, task, spec)
+        state = load_weights_file(path, f"teacher {spec.name!r}")[1] if path.is_file() else {"init": None}
+        inits.append({"init": (state or {}).get("init", "unknown")})
+    return inits
+
+
 def load_teacher(spec, task: TaskSpec, path: Path) -> tuple[nn.Module, dict | None]:
     """The teacher from an mtkd teacher checkpoint, or from a state dict trained elsewhere; and the mtkd
     checkpoint (None for the latter)."""

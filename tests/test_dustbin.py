@@ -13,7 +13,7 @@ from mtkd.checkpoint import load_checkpoint
 from mtkd.data import ImageTensorDataset, with_others
 from mtkd.distill import Distiller
 from mtkd.evaluate import evaluate_task
-from mtkd.results import method_name, record
+from mtkd.results import method_name, planned_config, record
 from mtkd.taskfile import load_task_file
 from mtkd.teachers import TeacherEnsemble
 from mtkd.terms import KDConfig
@@ -147,6 +147,13 @@ def test_train_py_trains_dustbin_teachers_beside_the_plain_ones_and_distils_from
     summary = json.loads((second / "summary.json").read_text())
     assert [t["init"] for t in summary["teachers"]] == ["random", "random"]
     assert record(summary, args)["method"] == "combination/fixed/kl+dustbin"
+    # A sweep knows it before the run (it skips what is recorded): from the checkpoints on disk, and where
+    # there are none yet, from the flag that will start them.
+    assert planned_config(args)["method"] == "combination/fixed/kl+dustbin"
+    stripes.rename(stripes.with_name("away.pt"))  # cats-dustbin.pt is under --output_dir, stripes' is its own
+    assert planned_config({**args, "output_dir": str(tmp_path / "none")})["method"] == \
+        "combination/fixed/kl+dustbin(plain)"
+    stripes.with_name("away.pt").rename(stripes)
     cats.rename(cats.with_name("cats.pt"))
     plain = [f for f in flags if f != "--teacher_dustbin"]
     assert train.main(plain + ["--run", "plain"]) == 2
