@@ -276,7 +276,10 @@ def saved_inits(task: TaskSpec, output_dir: str | Path) -> list[dict]:
     inits = []
     for spec in task.teachers:
         path = teacher_path(output_dir, task, spec)
-        state = load_weights_file(path, f"teacher {spec.name!r}")[1] if path.is_file() else {"init": None}
+        if not path.is_file():
+            inits.append({"init": None})
+            continue
+        state = load_weights_file(path, f"teacher {spec.name!r}")[1]  # None: weights from elsewhere
         inits.append({"init": (state or {}).get("init", "unknown")})
     return inits
 
