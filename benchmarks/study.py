@@ -20,8 +20,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from mtkd.results import (append_record, config_of, images_per_second, is_recorded, load_records,  # noqa: E402
-                          machine, platform_of, record, results_table, selection_table, taught_by)
+from mtkd.results import (append_record, finished_config, images_per_second, is_recorded, load_records,  # noqa: E402
+                          machine, platform_of, record, results_table, selection_table)
 from mtkd.runs import read_metrics  # noqa: E402
 
 BLOCK = re.compile(r"(<!-- results: (?P<name>[\w.-]+\.csv) -->\n)(?P<body>.*?)(<!-- end results -->)", re.S)
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
                 return 2
             saved = json.loads(args_path.read_text())
             summary = json.loads(summary_path.read_text())
-            if is_recorded(load_records(args.to), config_of(taught_by(saved, summary["teachers"]), args.selection),
+            if is_recorded(load_records(args.to), finished_config(summary, saved, args.selection),
                            platform_of(summary)):
                 print(f"{run_dir}: already recorded in {args.to}")
                 continue

@@ -160,12 +160,18 @@ def planned_config(args: dict, selection: bool = False) -> dict:
     return config_of(args, selection)
 
 
+def finished_config(summary: dict, args: dict, selection: bool = False) -> dict:
+    """``config_of`` a finished run, its dustbin teachers' start read from its ``summary.json`` (``taught_by``):
+    the ``KEY`` columns ``record`` writes for it."""
+    return config_of(taught_by(args, summary["teachers"]), selection)
+
+
 def record(summary: dict, args: dict, selection: bool = False) -> dict:
     """One study row from a finished run's ``summary.json`` and resolved arguments (``args.json``)."""
     teachers = summary["teachers"]
     where = summary.get("machine", {})
     row = {
-        **config_of(taught_by(args, teachers), selection), "task": summary["task"],
+        **finished_config(summary, args, selection), "task": summary["task"],
         "labelled_images": summary["labelled_images"], "unlabelled_images": summary["unlabelled_images"],
         "best_epoch": summary["best_epoch"], "best_val_acc": summary["best_val_acc"], "test_acc": summary["test_acc"],
         "student_on_teachers": _pairs({t["name"]: t["student_test_acc"] for t in teachers}),
