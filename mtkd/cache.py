@@ -55,6 +55,8 @@ def cache_key(ensemble: TeacherEnsemble, dataset: ImageTensorDataset | FileImage
     _hash_teachers(h, ensemble)
     dataset.fingerprint(h)
     h.update(f"pad={transform.crop_padding} flip={transform.hflip}".encode())
+    if transform.cutout:  # keys of caches without Cutout stay as they were
+        h.update(f" cutout={transform.cutout}".encode())
     hash_tensor(h, transform.mean.float())
     hash_tensor(h, transform.std.float())
     return h.hexdigest()

@@ -102,6 +102,9 @@ def get_args_parser(task_names: list[str] | None = None) -> argparse.ArgumentPar
                    help="learning rate of each teacher trained (default: --lr)")
     p.add_argument("--teacher_weight_decay", type=nonneg_float, default=None,
                    help="weight decay of each teacher trained (default: --weight_decay)")
+    p.add_argument("--teacher_cutout", type=nonneg_int, default=0, metavar="PX",
+                   help="Cutout for each teacher trained: a PX x PX square of every training view, at a random "
+                        "centre, set to the dataset mean (DeVries & Taylor 2017); 0 = off")
     p.add_argument("--retrain_teachers", action="store_true", help="train the teachers even if checkpoints exist")
     p.add_argument("--teacher_dustbin", action="store_true",
                    help="teachers with a dustbin (Hinton et al. 2015): one more output, 'other', trained on as many "

@@ -219,23 +219,27 @@ def create_loader(dataset: Dataset, batch_size: int, *, train: bool, seed: int =
 
 
 class BatchTransform(nn.Module):
-    """uint8 batch -> normalised float batch, with random crop / flip when training.
+    """uint8 batch -> normalised float batch, with random crop / flip (and Cutout) when training.
 
     Random crop: pad every image by ``crop_padding`` pixels (zeros) and cut out
     an ``H x W`` window at an offset drawn per image. Flip: mirror a random half
-    of the batch left-right. Both run as gathers on the batch's device.
+    of the batch left-right. Cutout (DeVries & Taylor, 2017; ``cutout`` > 0):
+    after crop and flip, a ``cutout x cutout`` square centred on a pixel drawn
+    per image, clipped at the borders, is set to the dataset mean (0 once
+    normalised). All run as gathers and masks on the batch's device.
     """
 
-    def __init__(self, mean, std, crop_padding: int = 0, hflip: bool = False):
+    def __init__(self, mean, std, crop_padding: int = 0, hflip: bool = False, cutout: int = 0):
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
         self.crop_padding = crop_padding
         self.hflip = hflip
+        self.cutout = cutout
 
     @classmethod
-    def for_task(cls, spec: TaskSpec) -> "BatchTransform":
-        return cls(spec.mean, spec.std, spec.crop_padding, spec.hflip)
+    def for_task(cls, spec: TaskSpec, cutout: int = 0) -> "BatchTransform":
+        return cls(spec.mean, spec.std, spec.crop_padding, spec.hflip, cutout)
 
     def forward(self, images: torch.Tensor, augment: bool = False,
                 generator: torch.Generator | None = None, params: dict | None = None) -> torch.Tensor:
@@ -246,13 +250,19 @@ class BatchTransform(nn.Module):
         return (x - self.mean.to(x.device)) / self.std.to(x.device)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """Random augmentation parameters for ``n`` images: crop offsets ``dy``, ``dx`` and ``flip``."""
+        """Random augmentation parameters for ``n`` images: crop offsets ``dy``, ``dx`` and ``flip``; with Cutout
+        also its centre ``cy``, ``cx`` as fractions of the height and width in [0, 1) (drawn last, so that the
+        other parameters are those drawn without it)."""
         p = self.crop_padding
         zeros = torch.zeros(n, dtype=torch.long)
         dy = torch.randint(0, 2 * p + 1, (n,), generator=generator) if p > 0 else zeros
         dx = torch.randint(0, 2 * p + 1, (n,), generator=generator) if p > 0 else zeros
         flip = torch.rand(n, generator=generator) < 0.5 if self.hflip else torch.zeros(n, dtype=torch.bool)
-        return {"dy": dy, "dx": dx, "flip": flip}
+        params = {"dy": dy, "dx": dx, "flip": flip}
+        if self.cutout > 0:
+            params["cy"] = torch.rand(n, generator=generator)
+            params["cx"] = torch.rand(n, generator=generator)
+        return params
 
     def apply(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
         """Crop (offsets into the zero-padded image) and flip a float batch, as gathers on its device."""
@@ -270,7 +280,22 @@ class BatchTransform(nn.Module):
         if self.hflip:
             flip = params["flip"].to(device)
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        if self.cutout > 0:
+            x = self._cut(x, params["cy"].to(device), params["cx"].to(device))
         return x
+
+    def _cut(self, x: torch.Tensor, cy: torch.Tensor, cx: torch.Tensor) -> torch.Tensor:
+        """Set each image's Cutout square (centre at fractions ``cy``, ``cx``) to the mean."""
+        _, _, h, w = x.shape
+        device = x.device
+        top = (cy * h).long().clamp_(max=h - 1) - self.cutout // 2
+        left = (cx * w).long().clamp_(max=w - 1) - self.cutout // 2
+        rows = torch.arange(h, device=device)[None, :]
+        cols = torch.arange(w, device=device)[None, :]
+        in_rows = (rows >= top[:, None]) & (rows < top[:, None] + self.cutout)
+        in_cols = (cols >= left[:, None]) & (cols < left[:, None] + self.cutout)
+        square = (in_rows[:, :, None] & in_cols[:, None, :])[:, None]
+        return torch.where(square, self.mean.to(device=device, dtype=x.dtype), x)
 
     def augment(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return self.apply(x, self.sample(len(x), generator))

@@ -28,8 +28,8 @@ from .teachers import OwnClasses, TeacherEnsemble, TeacherInput
 @dataclass(frozen=True)
 class TeacherRecipe:
     """How a missing teacher is trained: ``optimizer`` (``optim.OPTIMIZERS``) with ``lr`` / ``weight_decay``, a
-    cosine schedule over ``epochs``, no accumulation or clipping, whatever the student's options; precision by
-    the ``amp`` rule."""
+    cosine schedule over ``epochs``, the task's crop and flip (and a ``cutout``-pixel Cutout square when > 0),
+    no accumulation or clipping, whatever the student's options; precision by the ``amp`` rule."""
 
     epochs: int = 30
     lr: float = 1e-3
@@ -41,18 +41,20 @@ class TeacherRecipe:
     num_workers: int = 0
     optimizer: str = "adam"
     dustbin_from_plain: bool = False  # a dustbin teacher starts from the plain teacher beside it
+    cutout: int = 0  # side of the Cutout square in pixels; 0: off
 
     @classmethod
     def from_args(cls, args) -> "TeacherRecipe":
         lr = args.lr if args.teacher_lr is None else args.teacher_lr
         wd = args.weight_decay if args.teacher_weight_decay is None else args.teacher_weight_decay
         return cls(args.teacher_epochs, lr, wd, args.batch_size, args.seed, args.amp, args.deterministic,
-                   args.num_workers, args.teacher_optimizer, getattr(args, "dustbin_from_plain", False))
+                   args.num_workers, args.teacher_optimizer, getattr(args, "dustbin_from_plain", False),
+                   getattr(args, "teacher_cutout", 0))
 
     def record(self) -> dict:
         """What a teacher checkpoint says of how it was trained."""
         return {"optimizer": self.optimizer, "lr": self.lr, "weight_decay": self.weight_decay,
-                "batch_size": self.batch_size, "scheduler": "cosine", "seed": self.seed}
+                "batch_size": self.batch_size, "scheduler": "cosine", "seed": self.seed, "cutout": self.cutout}
 
 
 def teacher_dir(output_dir: str | Path, task: TaskSpec) -> Path:
@@ -232,7 +234,7 @@ def train_teacher(spec, task: TaskSpec, data: TaskData, recipe: TeacherRecipe, d
     net = _with_input(model, spec, task).to(device)
     optimizer = create_optimizer(model, recipe.optimizer, recipe.lr, recipe.weight_decay)
     scheduler = EpochScheduler(optimizer, "cosine", recipe.epochs)
-    transform = BatchTransform.for_task(task).to(device)
+    transform = BatchTransform.for_task(task, recipe.cutout).to(device)
     precision = choose_precision(recipe.amp, net, example_batch(own.train, transform, device, recipe.batch_size),
                                  True, recipe.deterministic, f"teacher {spec.name}")
     precision.prepare_model(net)

@@ -73,6 +73,10 @@ def check_kd_args(args: Namespace, task: TaskSpec) -> KDConfig:
         if args.teacher_cache and getattr(kd, flag) > 0:
             raise UserError(f"--teacher_cache stores the teachers' logits only, but --{flag} needs their "
                             "features on every step. Fix: drop one of the two.")
+    if getattr(args, "teacher_cutout", 0) >= task.image_size:
+        raise UserError(f"--teacher_cutout {args.teacher_cutout} would erase every pixel of task {task.name}'s "
+                        f"{task.image_size}x{task.image_size} images. Fix: give a square smaller than the image "
+                        f"(DeVries & Taylor use about a quarter to half its side: {task.image_size // 4}), or 0.")
     return kd
 
 

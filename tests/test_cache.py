@@ -60,6 +60,7 @@ def test_key_follows_teachers_data_and_augmentation_only():
     other.images[0, 0, 0, 0] ^= 1
     assert cache_key(ens, other, transform, 4) != key  # one pixel of the data
     assert cache_key(ens, data, BatchTransform([0.3], [0.4], crop_padding=1, hflip=True), 4) != key
+    assert cache_key(ens, data, BatchTransform([0.3], [0.4], crop_padding=2, hflip=True, cutout=2), 4) != key
     # Labels kept or dropped (--label_fraction) do not change what the teachers compute: one cache for all.
     assert cache_key(ens, keep_labels(data, 0.5, seed=1), transform, 4) == key
     # A teacher's own input does.

@@ -115,3 +115,26 @@ def test_random_crop_is_a_shifted_window_and_flip_mirrors():
     mirrored = [torch.equal(o, i.flip(-1)) for o, i in zip(out, x)]
     assert all(s or m for s, m in zip(same, mirrored))
     assert 10 < sum(mirrored) < 54
+
+
+def test_cutout_sets_a_clipped_square_to_the_mean_after_crop_and_flip():
+    mean, std = (0.25, 0.75), (0.5, 0.2)
+    images = torch.randint(0, 256, (300, 2, 8, 8), dtype=torch.uint8)
+    plain = BatchTransform(mean, std, crop_padding=2, hflip=True)
+    cut = BatchTransform(mean, std, crop_padding=2, hflip=True, cutout=4)
+    params = cut.sample(300, torch.Generator().manual_seed(0))
+    # Cutout's centres are drawn last: the same generator gives the crops and flips of a run without it.
+    without = plain.sample(300, torch.Generator().manual_seed(0))
+    assert set(params) == set(without) | {"cy", "cx"}
+    assert all(torch.equal(without[k], params[k]) for k in without)
+    before, after = plain(images, augment=True, params=params), cut(images, augment=True, params=params)
+    erased = (before != after).any(1)
+    sizes = []
+    for i in range(len(images)):
+        cy, cx = int(params["cy"][i] * 8), int(params["cx"][i] * 8)
+        square = torch.zeros(8, 8, dtype=torch.bool)
+        square[max(cy - 2, 0):cy + 2, max(cx - 2, 0):cx + 2] = True
+        assert torch.equal(erased[i], square), i  # only the square, centred where drawn, clipped at the borders
+        assert torch.all(after[i][:, square] == 0)  # the mean, normalised
+        sizes.append(int(square.sum()))
+    assert max(sizes) == 16 and min(sizes) <= 4  # whole squares inside, corners clipped at the borders

@@ -97,24 +97,31 @@ def test_teacher_recipe_flags_choose_how_missing_teachers_are_trained(tmp_path, 
     assert (default.optimizer, default.lr, default.weight_decay) == ("adam", 0.002, 0.0005)  # the student's
     recipe = specialists.TeacherRecipe.from_args(parser.parse_args(
         ["--lr", "0.002", "--teacher_optimizer", "sgd", "--teacher_lr", "0.05", "--teacher_weight_decay", "0.001",
-         "--teacher_epochs", "1"]))
-    made = []
+         "--teacher_epochs", "1", "--teacher_cutout", "3"]))
+    made, cutouts = [], []
     real = specialists.create_optimizer
+    real_transform = specialists.BatchTransform.for_task
 
     def spy(*args):
         made.append(real(*args))
         return made[-1]
 
+    def spy_transform(task, cutout=0):
+        cutouts.append(cutout)
+        return real_transform(task, cutout)
+
     monkeypatch.setattr(specialists, "create_optimizer", spy)
+    monkeypatch.setattr(specialists.BatchTransform, "for_task", spy_transform)
     task = tasks.get_task("B")
     path = tmp_path / "teacher.pt"
     specialists.train_teacher(task.teachers[0], task, load_task_data(task, tmp_path), recipe, torch.device("cpu"),
                               path)
     assert type(made[0]) is torch.optim.SGD
     assert made[0].defaults["lr"] == 0.05 and made[0].defaults["weight_decay"] == 0.001
+    assert cutouts[0] == 3  # the teacher's training views
     saved = load_checkpoint(path)
     assert saved["recipe"] == {"optimizer": "sgd", "lr": 0.05, "weight_decay": 0.001, "batch_size": 32,
-                               "scheduler": "cosine", "seed": 42}
+                               "scheduler": "cosine", "seed": 42, "cutout": 3}
     assert saved["epochs"] == 1
 
 
