@@ -1,14 +1,17 @@
 """Study records: add finished runs to a study file, print its tables, render them into the README.
 
     python benchmarks/study.py record RUN_DIR [RUN_DIR ...] --to results/task_a.csv [--selection]
+    python benchmarks/study.py teachers TEACHER.pt [TEACHER.pt ...] --to results/task_a_teachers.csv
     python benchmarks/study.py table results/task_a.csv
     python benchmarks/study.py readme [--check]
 
 ``record`` appends one row per run folder (its ``summary.json`` and
-``args.json``; a run already recorded is skipped). ``readme`` replaces the text
-between ``<!-- results: NAME.csv -->`` and ``<!-- end results -->`` in
-``README.md`` (and the pages under ``docs/``) by the tables of
-``results/NAME.csv``; with ``--check`` it changes nothing and exits 1 if a page
+``args.json``; a run already recorded is skipped). ``teachers`` appends one row
+per teacher checkpoint mtkd trained (its recipe, its accuracy on its own
+classes, where and how long it trained; a recipe already recorded is skipped).
+``readme`` replaces the text between ``<!-- results: NAME.csv -->`` and
+``<!-- end results -->`` in ``README.md`` (and the pages under ``docs/``) by
+the tables of ``results/NAME.csv``; with ``--check`` it changes nothing and exits 1 if a page
 and its data disagree.
 """
 import argparse
@@ -20,14 +23,20 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from mtkd.results import (append_record, finished_config, images_per_second, is_recorded, load_records,  # noqa: E402
-                          machine, platform_of, record, results_table, selection_table)
+from mtkd.checkpoint import load_weights_file  # noqa: E402
+from mtkd.errors import UserError  # noqa: E402
+from mtkd.results import (TEACHER_COLUMNS, append_record, finished_config, images_per_second,  # noqa: E402
+                          is_recorded, load_records, machine, platform_of, record, results_table, selection_table,
+                          teacher_is_recorded, teacher_record, teacher_table)
 from mtkd.runs import read_metrics  # noqa: E402
 
 BLOCK = re.compile(r"(<!-- results: (?P<name>[\w.-]+\.csv) -->\n)(?P<body>.*?)(<!-- end results -->)", re.S)
 
 
 def tables(rows: list[dict]) -> str:
+    if rows and "teacher" in rows[0]:  # a teachers' study file
+        return "Teachers (accuracy on each teacher's own classes; chosen on val acc only):\n\n" + \
+            teacher_table(rows) + "\n"
     text = "Main runs (test accuracy, mean ± std over seeds; the selection run that chose a recipe is its seed 0; " \
            "accuracies on each teacher's classes are the student's, the teacher's own in brackets; the teachers " \
            "were trained on every label of their own classes, also where the student has fewer (labels < 1); " \
@@ -62,6 +71,9 @@ def main(argv=None) -> int:
     rec.add_argument("--same_machine", action="store_true",
                      help="for runs whose summary.json does not record their machine: they ran on this one")
     rec.add_argument("--threads", type=int, help="with --same_machine: the threads each run used")
+    tea = sub.add_parser("teachers", help="append teacher checkpoints mtkd trained to a teachers' study file")
+    tea.add_argument("checkpoints", nargs="+", type=Path)
+    tea.add_argument("--to", required=True, type=Path, metavar="FILE.csv")
     tab = sub.add_parser("table", help="print a study file's tables")
     tab.add_argument("file", type=Path)
     rd = sub.add_parser("readme", help="render results/*.csv into README.md and docs/*.md")
@@ -94,6 +106,8 @@ def main(argv=None) -> int:
             append_record(args.to, record(summary, saved, args.selection))
             print(f"{run_dir}: recorded in {args.to}")
         return 0
+    if args.command == "teachers":
+        return record_teachers(args.checkpoints, args.to)
     if args.command == "table":
         print(tables(load_records(args.file)))
         return 0
@@ -111,6 +125,30 @@ def main(argv=None) -> int:
         print("out of date with results/: " + ", ".join(str(p) for p in stale) +
               ". Fix: python benchmarks/study.py readme", file=sys.stderr)
         return 1
+    return 0
+
+
+def record_teachers(paths: list[Path], to: Path) -> int:
+    for path in paths:
+        if not path.is_file():
+            print(f"error: teacher checkpoint {path} not found. Fix: pass the .pt files under "
+                  "OUTPUT_DIR/Task<X>/teachers/ that train.py wrote.", file=sys.stderr)
+            return 2
+        try:
+            state = load_weights_file(path, f"teacher {path.stem!r}")[1]
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if state is None:
+            print(f"error: {path} holds weights trained elsewhere (a plain state dict): no recipe to record. Fix: "
+                  "pass teacher checkpoints that train.py wrote.", file=sys.stderr)
+            return 2
+        row = teacher_record(state, path)
+        if teacher_is_recorded(load_records(to), row):
+            print(f"{path}: already recorded in {to}")
+            continue
+        append_record(to, row, TEACHER_COLUMNS)
+        print(f"{path}: recorded in {to}")
     return 0
 
 

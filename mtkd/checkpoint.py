@@ -94,7 +94,7 @@ STUDENT_KEYS = ("model", "distiller", "optimizer", "scheduler", "scaler", "epoch
                 "best_epoch", "rng", "args", "task", "student_model", "class_names", "precision",
                 "teacher_precisions", "precision_device", "init", "image_size", "version")
 TEACHER_KEYS = ("model", "architecture", "classes", "dustbin", "task", "metrics", "epochs", "recipe", "input", "init",
-                "pretrained_layout", "version")
+                "pretrained_layout", "training", "version")
 # What each reader needs (older checkpoints may lack the rest).
 FOR_RESUME = ("model", "optimizer", "scheduler", "epoch", "rng")
 FOR_STUDENT = ("model", "student_model", "class_names", "task")  # evaluation, export

@@ -38,6 +38,16 @@ KEY = ("task", "student", "method", "alpha", "temperature", "label_fraction", "e
        "scheduler", "scheduler_step", "scheduler_gamma", "warmup_epochs", "batch_size", "weight_decay",
        "cache_views", "seed", "init", "selection")
 
+# The columns of a teachers' study file: one row per teacher mtkd trained (its checkpoint), accuracies on its own
+# classes as fractions.
+TEACHER_COLUMNS = (
+    "task", "teacher", "architecture", "classes", "dustbin", "init", "optimizer", "lr", "weight_decay", "batch_size",
+    "epochs", "cutout", "seed", "best_epoch", "val_acc", "test_acc", "dustbin_val_acc", "train_seconds", "precision",
+    "device", "cpu", "bf16_units", "threads", "torch", "commit", "checkpoint", "finished",
+)
+TEACHER_KEY = ("task", "teacher", "architecture", "dustbin", "init", "optimizer", "lr", "weight_decay", "batch_size",
+               "epochs", "cutout", "seed")
+
 
 def method_name(args) -> str:
     """``labels`` (alpha 0, no feature terms) or ``aggregation/weighting/kd_loss`` (``aggregation/kd_loss``
@@ -93,7 +103,7 @@ def machine(device=None) -> dict:
     import torch
 
     where = {"cpu": cpu_model(), "bf16_units": cpu_bf16_units() or "none", "threads": torch.get_num_threads(),
-             "torch": torch.__version__}
+             "torch": str(torch.__version__)}  # a plain str: teacher checkpoints keep it (weights_only)
     if device is not None and device.type == "cuda":
         where["gpu"] = torch.cuda.get_device_name(device)
     return where
@@ -206,6 +216,57 @@ def is_recorded(rows: list[dict], row: dict, platform: str | None = None) -> boo
                if platform is None or platform_of(r) == platform)
 
 
+def teacher_record(state: dict, path: str | Path) -> dict:
+    """A teachers' study row from the mtkd teacher checkpoint ``state`` at ``path`` (``specialists.train_teacher``):
+    its recipe, its accuracy on its own classes, and, where the checkpoint keeps them (``training``), where and how
+    long it trained. The teacher's name is the file's (``trees`` for ``trees.pt`` and ``trees-dustbin.pt``)."""
+    recipe, metrics = state.get("recipe") or {}, state["metrics"]
+    training = state.get("training") or {}
+    where = training.get("machine") or {}
+    name = Path(path).stem
+    return {
+        "task": state.get("task", ""), "teacher": name.removesuffix("-dustbin") if state.get("dustbin") else name,
+        "architecture": state["architecture"], "classes": " ".join(state["classes"]),
+        "dustbin": bool(state.get("dustbin", False)), "init": state.get("init", "unknown"),
+        "optimizer": recipe.get("optimizer", ""), "lr": recipe.get("lr", ""),
+        "weight_decay": recipe.get("weight_decay", ""), "batch_size": recipe.get("batch_size", ""),
+        "epochs": state.get("epochs", ""), "cutout": recipe.get("cutout", 0), "seed": recipe.get("seed", ""),
+        "best_epoch": metrics.get("best_epoch", ""), "val_acc": metrics["val_acc"], "test_acc": metrics["test_acc"],
+        "dustbin_val_acc": metrics.get("dustbin_val_acc", ""), "train_seconds": training.get("seconds", ""),
+        "precision": training.get("precision", ""),
+        "device": f"cuda ({where['gpu']})" if where.get("gpu") else ("cpu" if where else ""),
+        "cpu": where.get("cpu", ""), "bf16_units": where.get("bf16_units", ""), "threads": where.get("threads", ""),
+        "torch": where.get("torch", ""), "commit": training.get("commit", ""), "checkpoint": str(path),
+        "finished": training.get("finished", ""),
+    }
+
+
+def teacher_is_recorded(rows: list[dict], row: dict) -> bool:
+    """Whether ``rows`` already hold a teacher of ``row``'s recipe (``TEACHER_KEY``)."""
+    return any(all(_same(r.get(k), row.get(k)) for k in TEACHER_KEY) for r in rows)
+
+
+def teacher_table(rows: list[dict]) -> str:
+    """The teachers' study as a markdown table: per teacher, each recipe with its accuracies on its own classes."""
+    lines = ["| teacher | architecture | recipe | epochs | seed | best epoch | val acc | test acc | training time | on |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in sorted(rows, key=lambda r: (r["teacher"], r["dustbin"], -float(r["val_acc"]))):
+        recipe = f"{r['optimizer']} lr {float(r['lr']):g}, wd {float(r['weight_decay']):g}, batch {r['batch_size']}"
+        recipe += f", Cutout {r['cutout']}" if int(r["cutout"] or 0) else ""
+        recipe += ", dustbin" if r["dustbin"] == "True" else ""
+        if r["init"].startswith("plain teacher"):
+            recipe += ", from the plain teacher"
+        elif r["init"] not in ("random", ""):
+            recipe += f", from {r['init']}"
+        seconds = float(r["train_seconds"] or "nan")
+        seconds = "" if math.isnan(seconds) else f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+        on = r["device"] if r["device"].startswith("cuda") else f"{r['cpu']}, {r['threads']} thread(s)"
+        lines.append(f"| {r['teacher']} | {r['architecture']} | {recipe} | {r['epochs']} | {r['seed']} | "
+                     f"{r['best_epoch']} | {100 * float(r['val_acc']):.2f} | {100 * float(r['test_acc']):.2f} | "
+                     f"{seconds} | {on} |")
+    return "\n".join(lines)
+
+
 def load_records(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.exists():
@@ -214,18 +275,19 @@ def load_records(path: str | Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def append_record(path: str | Path, row: dict) -> None:
-    """Append one row (the header first when the file is new); a file with other columns is an error."""
+def append_record(path: str | Path, row: dict, columns: tuple[str, ...] = COLUMNS) -> None:
+    """Append one row (the header ``columns`` first when the file is new); a file with other columns is an
+    error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists() or path.stat().st_size == 0
     if not new:
         with path.open(newline="") as f:
             header = next(csv.reader(f), [])
-        if tuple(header) != COLUMNS:
-            raise ValueError(f"{path} has other columns than a study file; write to a new file")
+        if tuple(header) != columns:
+            raise ValueError(f"{path} has other columns than a study file of this kind; write to a new file")
     with path.open("a", newline="") as f:
-        out = csv.DictWriter(f, fieldnames=COLUMNS)
+        out = csv.DictWriter(f, fieldnames=columns)
         if new:
             out.writeheader()
         out.writerow(row)

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass, replace
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -21,6 +23,7 @@ from .models import (SMALL_INPUT, classifier_keys, count_parameters, create_teac
 from .precision import (FP32, NOT_SAVED, MachineRecord, Precision, PrecisionRecord, SavedPrecisions, keep_saved,
                         recorded_choice, resolve_precision)
 from .report import console, step_progress
+from .results import git_commit, machine
 from .spec import TaskSpec
 from .teachers import OwnClasses, TeacherEnsemble, TeacherInput
 
@@ -251,11 +254,13 @@ def train_teacher(spec, task: TaskSpec, data: TaskData, recipe: TeacherRecipe, d
                         model={k: v.detach().clone() for k, v in model.state_dict().items()})
 
     seed_everything(recipe.seed)
+    started = time.perf_counter()
     fit(Distiller(net), own, epochs=recipe.epochs, optimizer=optimizer, scheduler=scheduler,
         loop=LoopConfig(recipe.batch_size, recipe.seed, recipe.num_workers), device=device, transform=transform,
         on_epoch=on_epoch, val_model=net, title=f"teacher {spec.name}", rng=RunRng(recipe.seed),
         precision=precision, scaler=scaler)
     writer.close()
+    seconds = time.perf_counter() - started
     model.load_state_dict(best["model"])
     if spec.dustbin:
         metrics = {**_own_accuracy(spec, task, net, data, device, precision), "best_epoch": best["epoch"],
@@ -267,8 +272,15 @@ def train_teacher(spec, task: TaskSpec, data: TaskData, recipe: TeacherRecipe, d
     save_checkpoint({"model": model.state_dict(), "architecture": spec.architecture,
                      "classes": list(spec.classes), "dustbin": spec.dustbin, "task": task.name, "metrics": metrics,
                      "epochs": recipe.epochs, "recipe": recipe.record(), "input": input_record(spec, task),
-                     "init": init, "pretrained_layout": layout, "version": CHECKPOINT_VERSION}, path)
+                     "init": init, "pretrained_layout": layout, "training": training_record(seconds, precision, device),
+                     "version": CHECKPOINT_VERSION}, path)
     return model, metrics, init
+
+
+def training_record(seconds: float, precision, device: torch.device) -> dict:
+    """Where and how fast a teacher was trained, as its checkpoint keeps it (``results.teacher_record``)."""
+    return {"seconds": round(seconds, 1), "precision": str(precision), "machine": machine(device),
+            "commit": git_commit(), "finished": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
 
 
 def saved_inits(task: TaskSpec, output_dir: str | Path) -> list[dict]:

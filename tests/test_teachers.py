@@ -88,9 +88,11 @@ def test_teacher_precisions_are_recorded_per_machine_and_kept_on_resume(tmp_path
 def test_teacher_recipe_flags_choose_how_missing_teachers_are_trained(tmp_path, monkeypatch):
     import tasks
     from mtkd import specialists
+    from conftest import run_script
     from mtkd.checkpoint import load_checkpoint
     from mtkd.config import get_args_parser
     from mtkd.data import load_task_data
+    from mtkd.results import load_records
 
     parser = get_args_parser(tasks.list_tasks())
     default = specialists.TeacherRecipe.from_args(parser.parse_args(["--lr", "0.002"]))
@@ -123,6 +125,25 @@ def test_teacher_recipe_flags_choose_how_missing_teachers_are_trained(tmp_path, 
     assert saved["recipe"] == {"optimizer": "sgd", "lr": 0.05, "weight_decay": 0.001, "batch_size": 32,
                                "scheduler": "cosine", "seed": 42, "cutout": 3}
     assert saved["epochs"] == 1
+    assert saved["training"]["seconds"] > 0 and saved["training"]["machine"]["threads"] >= 1
+
+    # The teachers' study file: one row per recipe, rendered into the pages that name it.
+    study = tmp_path / "results" / "teachers.csv"
+    assert run_script("benchmarks/study.py", "teachers", path, "--to", study).returncode == 0
+    row, = load_records(study)
+    assert (row["teacher"], row["optimizer"], row["lr"], row["cutout"], row["epochs"]) == ("teacher", "sgd", "0.05",
+                                                                                           "3", "1")
+    assert float(row["val_acc"]) == saved["metrics"]["val_acc"]
+    assert row["precision"] == saved["training"]["precision"] != ""
+    assert "already recorded" in run_script("benchmarks/study.py", "teachers", path, "--to", study).stdout
+    (tmp_path / "README.md").write_text("<!-- results: teachers.csv -->\n<!-- end results -->\n")
+    assert run_script("benchmarks/study.py", "readme", "--root", tmp_path).returncode == 0
+    assert f"| teacher | {saved['architecture']} | sgd lr 0.05, wd 0.001, batch 32, Cutout 3 | 1 | 42 |" in \
+        (tmp_path / "README.md").read_text()
+    torch.save(saved["model"], tmp_path / "elsewhere.pt")
+    refused = run_script("benchmarks/study.py", "teachers", tmp_path / "elsewhere.pt", "--to", study)
+    assert refused.returncode == 2 and "weights trained elsewhere" in refused.stderr
+    assert len(load_records(study)) == 1
 
 
 def test_pre_logits_are_what_each_teachers_classifier_reads():
