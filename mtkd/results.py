@@ -171,9 +171,11 @@ def planned_config(args: dict, selection: bool = False) -> dict:
 
 
 def finished_config(summary: dict, args: dict, selection: bool = False) -> dict:
-    """``config_of`` a finished run, its dustbin teachers' start read from its ``summary.json`` (``taught_by``):
-    the ``KEY`` columns ``record`` writes for it."""
-    return config_of(taught_by(args, summary["teachers"]), selection)
+    """``config_of`` a finished run, its dustbin teachers' start read from its ``summary.json`` (``taught_by``),
+    and its teachers' own test accuracies (``teachers_test_acc``): the columns ``record`` writes for it that
+    tell it from other runs."""
+    return {**config_of(taught_by(args, summary["teachers"]), selection),
+            "teachers_test_acc": _pairs({t["name"]: t["test_acc"] for t in summary["teachers"]})}
 
 
 def record(summary: dict, args: dict, selection: bool = False) -> dict:
@@ -185,7 +187,6 @@ def record(summary: dict, args: dict, selection: bool = False) -> dict:
         "labelled_images": summary["labelled_images"], "unlabelled_images": summary["unlabelled_images"],
         "best_epoch": summary["best_epoch"], "best_val_acc": summary["best_val_acc"], "test_acc": summary["test_acc"],
         "student_on_teachers": _pairs({t["name"]: t["student_test_acc"] for t in teachers}),
-        "teachers_test_acc": _pairs({t["name"]: t["test_acc"] for t in teachers}),
         "ensemble_test_acc": summary["ensemble_test_acc"], "pseudo_label_acc": "" if summary.get("pseudo_label_acc") is None else summary["pseudo_label_acc"],
         "wall_time_s": round(summary["wall_time_s"], 1),
         "train_images_per_s": round(summary.get("train_images_per_s", math.nan), 1),
@@ -209,11 +210,20 @@ def key_of(row: dict) -> tuple:
     return tuple(str(row[k]) for k in KEY)
 
 
+def teachers_of(r: dict) -> str:
+    """The teachers a distilled run was taught by, as the study tells them apart: their own test accuracies
+    (``teachers_test_acc``). Empty for labels only, which they teach nothing."""
+    return "" if r["method"] == "labels" else r.get("teachers_test_acc", "")
+
+
 def is_recorded(rows: list[dict], row: dict, platform: str | None = None) -> bool:
     """Whether ``rows`` already hold a run of ``row``'s configuration (``KEY``); with ``platform`` (``GPU`` or
-    ``CPU``), one that ran there (the same recipe on the other platform is another run)."""
-    return any(all(_same(r.get(k), row.get(k)) for k in KEY) for r in rows
-               if platform is None or platform_of(r) == platform)
+    ``CPU``), one that ran there (the same recipe on the other platform is another run). A finished run's row
+    (``finished_config``: it knows its teachers) distilled from other teachers (``teachers_of``) is another run;
+    a planned one (``planned_config``) is compared by its flags alone."""
+    known = "teachers_test_acc" in row
+    return any(all(_same(r.get(k), row.get(k)) for k in KEY) and (not known or teachers_of(r) == teachers_of(row))
+               for r in rows if platform is None or platform_of(r) == platform)
 
 
 def teacher_record(state: dict, path: str | Path) -> dict:
@@ -260,7 +270,8 @@ def teacher_table(rows: list[dict]) -> str:
             recipe += f", from {r['init']}"
         seconds = float(r["train_seconds"] or "nan")
         seconds = "" if math.isnan(seconds) else f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
-        on = r["device"] if r["device"].startswith("cuda") else f"{r['cpu']}, {r['threads']} thread(s)"
+        on = r["device"] if r["device"].startswith("cuda") else \
+            f"{r['cpu']}, {r['threads']} thread(s)" if r["cpu"] else "not recorded"
         lines.append(f"| {r['teacher']} | {r['architecture']} | {recipe} | {r['epochs']} | {r['seed']} | "
                      f"{r['best_epoch']} | {100 * float(r['val_acc']):.2f} | {100 * float(r['test_acc']):.2f} | "
                      f"{seconds} | {on} |")
@@ -318,9 +329,9 @@ def optimizer_steps(r: dict) -> int:
 
 
 def _recipe(r: dict) -> tuple:
-    """A run's recipe (every ``KEY`` but seed and selection) and the platform it ran on: the runs that pool as
-    seeds of one row."""
-    return tuple(str(r[k]) for k in KEY if k not in ("seed", "selection")) + (platform_of(r),)
+    """A run's recipe (every ``KEY`` but seed and selection), the platform it ran on and its teachers
+    (``teachers_of``): the runs that pool as seeds of one row."""
+    return tuple(str(r[k]) for k in KEY if k not in ("seed", "selection")) + (platform_of(r), teachers_of(r))
 
 
 def selection_table(rows: list[dict]) -> str:
@@ -341,7 +352,9 @@ def results_table(rows: list[dict]) -> str:
 
     A selection run of a recipe that has main runs (every ``KEY`` but seed and selection equal, on the same
     platform) is one of its seeds, unless a main run has that seed: the run that chose the recipe is not run twice.
-    Runs on a GPU and on CPUs are separate rows (column "on"), each paired with labels only on its own platform."""
+    Runs on a GPU and on CPUs are separate rows (column "on"), each paired with labels only on its own platform;
+    runs distilled from other teachers are separate rows too (the teachers' accuracies in brackets tell them apart),
+    paired with the same labels-only runs."""
     main = [r for r in rows if r["selection"] != "True"]
     recipes = {_recipe(r) for r in main}
     seeds = {(_recipe(r), r["seed"]) for r in main}
@@ -350,13 +363,13 @@ def results_table(rows: list[dict]) -> str:
     groups: dict[tuple, list[dict]] = {}
     for r in main:
         groups.setdefault((r["student"], float(r["label_fraction"]), r["method"], _setting(r), r["epochs"],
-                           platform_of(r)), []).append(r)
+                           platform_of(r), teachers_of(r)), []).append(r)
     lines = ["| student | labels | method | setting | epochs | on | seeds | test acc (mean ± std) | gain over labels "
              "only (points, paired by seed) | same, labels only at equal optimiser steps | best val (mean) | "
              "student on each teacher's classes (teacher) | pseudo-labels right (mean) |",
              "|---|---:|---|---|---:|---|---|---:|---:|---:|---:|---|---:|"]
-    for (student, fraction, method, setting, epochs, on), rs in sorted(groups.items(), key=lambda kv: (
-            kv[0][0], kv[0][5], -kv[0][1], kv[0][2] != "labels", kv[0][2], int(kv[0][4]), kv[0][3])):
+    for (student, fraction, method, setting, epochs, on, _), rs in sorted(groups.items(), key=lambda kv: (
+            kv[0][0], kv[0][5], -kv[0][1], kv[0][2] != "labels", kv[0][2], int(kv[0][4]), kv[0][3], kv[0][6])):
         labels_only = [(k, g) for k, g in groups.items()
                        if k[2] == "labels" and k[:2] == (student, fraction) and k[5] == on]
         gain = "" if method == "labels" else _paired_gain(rs, [g for k, g in labels_only if k[4] == epochs])

@@ -5,8 +5,8 @@ import pytest
 
 from conftest import ROOT, run_script
 from mtkd.config import get_args_parser
-from mtkd.results import (COLUMNS, append_record, config_of, is_recorded, load_records, method_name,
-                          optimizer_steps, parse_pairs, record, results_table, selection_table)
+from mtkd.results import (COLUMNS, append_record, config_of, finished_config, is_recorded, load_records,
+                          method_name, optimizer_steps, parse_pairs, record, results_table, selection_table)
 
 
 def _args(**flags) -> dict:
@@ -181,3 +181,23 @@ def test_runs_on_a_gpu_are_rows_of_their_own_paired_with_labels_only_on_a_gpu(tm
     cpu_only = [r for r in rows if r["device"] == "cpu"]
     assert is_recorded(cpu_only, config_of(_args(alpha=0, seed=0)), "CPU")
     assert not is_recorded(cpu_only, config_of(_args(alpha=0, seed=0)), "GPU")
+
+
+def test_runs_taught_by_other_teachers_are_rows_of_their_own(tmp_path):
+    path = tmp_path / "study.csv"
+    stronger = [{**t, "test_acc": t["test_acc"] + 0.1} for t in _summary(0.4, 0)["teachers"]]
+    for seed in (0, 1):
+        append_record(path, record(_summary(0.40 + seed / 100, seed), _args(alpha=0, seed=seed)))
+        append_record(path, record(_summary(0.41 + seed / 100, seed), _args(alpha=0.5, seed=seed)))
+    rows = load_records(path)
+    assert is_recorded(rows, finished_config(_summary(0.3, 0), _args(alpha=0.5, seed=0)))
+    assert not is_recorded(rows, finished_config({**_summary(0.3, 0), "teachers": stronger}, _args(alpha=0.5, seed=0)))
+    # Labels only is the same run whichever teachers sat beside it: they teach it nothing.
+    assert is_recorded(rows, finished_config({**_summary(0.3, 0), "teachers": stronger}, _args(alpha=0, seed=0)))
+    for seed in (0, 1):
+        append_record(path, record({**_summary(0.45 + seed / 100, seed), "teachers": stronger},
+                                   _args(alpha=0.5, seed=seed)))
+    lines = [line for line in results_table(load_records(path)).splitlines() if "| MobileNetV3 |" in line]
+    assert len(lines) == 3  # labels only, and one distilled row per set of teachers
+    assert "| 0 1 | 41.50 ± 0.71 | +1.00 ± 0.00 (2 seeds) |" in lines[1] and "trees 50.0 (66.2)" in lines[1]
+    assert "| 0 1 | 45.50 ± 0.71 | +5.00 ± 0.00 (2 seeds) |" in lines[2] and "trees 50.0 (76.2)" in lines[2]
