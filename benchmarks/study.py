@@ -27,7 +27,7 @@ from mtkd.checkpoint import load_weights_file  # noqa: E402
 from mtkd.errors import UserError  # noqa: E402
 from mtkd.results import (TEACHER_COLUMNS, append_record, finished_config, images_per_second,  # noqa: E402
                           is_recorded, load_records, machine, platform_of, record, results_table, selection_table,
-                          teacher_is_recorded, teacher_record, teacher_table)
+                          teacher_is_recorded, teacher_record, teacher_table, utc_stamp)
 from mtkd.runs import read_metrics  # noqa: E402
 
 BLOCK = re.compile(r"(<!-- results: (?P<name>[\w.-]+\.csv) -->\n)(?P<body>.*?)(<!-- end results -->)", re.S)
@@ -99,8 +99,7 @@ def main(argv=None) -> int:
                 summary["train_images_per_s"] = images_per_second(
                     read_metrics(run_dir), summary["labelled_images"] + summary["unlabelled_images"])
             if "finished" not in summary:
-                summary["finished"] = datetime.fromtimestamp(summary_path.stat().st_mtime, timezone.utc).strftime(
-                    "%Y-%m-%dT%H:%M:%SZ")
+                summary["finished"] = utc_stamp(datetime.fromtimestamp(summary_path.stat().st_mtime, timezone.utc))
             if args.same_machine and "machine" not in summary:
                 summary["machine"] = {**machine(), **({"threads": args.threads} if args.threads else {})}
             append_record(args.to, record(summary, saved, args.selection))

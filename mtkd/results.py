@@ -18,6 +18,7 @@ import csv
 import math
 import statistics
 import subprocess
+from datetime import datetime, timezone
 from pathlib import Path
 
 from .models import init_description
@@ -95,6 +96,11 @@ def git_commit(root: Path | None = None) -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return head + ("+dirty" if dirty else "")
+
+
+def utc_stamp(when: datetime | None = None) -> str:
+    """``when`` (default: now) as the records write it: UTC, to the second, ``2026-12-05T03:12:00Z``."""
+    return (when or datetime.now(timezone.utc)).astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def machine(device=None) -> dict:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ from .models import (SMALL_INPUT, classifier_keys, count_parameters, create_teac
 from .precision import (FP32, NOT_SAVED, MachineRecord, Precision, PrecisionRecord, SavedPrecisions, keep_saved,
                         recorded_choice, resolve_precision)
 from .report import console, step_progress
-from .results import git_commit, machine
+from .results import git_commit, machine, utc_stamp
 from .spec import TaskSpec
 from .teachers import OwnClasses, TeacherEnsemble, TeacherInput
 
@@ -280,7 +279,7 @@ def train_teacher(spec, task: TaskSpec, data: TaskData, recipe: TeacherRecipe, d
 def training_record(seconds: float, precision, device: torch.device) -> dict:
     """Where and how fast a teacher was trained, as its checkpoint keeps it (``results.teacher_record``)."""
     return {"seconds": round(seconds, 1), "precision": str(precision), "machine": machine(device),
-            "commit": git_commit(), "finished": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+            "commit": git_commit(), "finished": utc_stamp()}
 
 
 def saved_inits(task: TaskSpec, output_dir: str | Path) -> list[dict]:

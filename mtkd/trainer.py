@@ -13,7 +13,6 @@ import os
 import signal
 import time
 from argparse import Namespace
-from datetime import datetime, timezone
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from .metrics import restricted_accuracy
 from .models import check_architecture, count_parameters, create_student, init_description
 from .optim import EpochScheduler, create_optimizer, optimizer_kwargs, scheduler_kwargs
 from .report import console, run_summary_table, teachers_table
-from .results import git_commit, images_per_second, machine
+from .results import git_commit, images_per_second, machine, utc_stamp
 from .runs import (append_metrics, create_run_dir, log_hparams, open_resume, read_metrics, truncate_metrics,
                    write_run_curves)
 from .precision import Precision, PrecisionRecord, SavedPrecisions, keep_saved, recorded_choice
@@ -74,8 +73,9 @@ def check_kd_args(args: Namespace, task: TaskSpec) -> KDConfig:
             raise UserError(f"--teacher_cache stores the teachers' logits only, but --{flag} needs their "
                             "features on every step. Fix: drop one of the two.")
     if getattr(args, "teacher_cutout", 0) >= task.image_size:
-        raise UserError(f"--teacher_cutout {args.teacher_cutout} would erase every pixel of task {task.name}'s "
-                        f"{task.image_size}x{task.image_size} images. Fix: give a square smaller than the image "
+        raise UserError(f"--teacher_cutout {args.teacher_cutout} is not smaller than task {task.name}'s "
+                        f"{task.image_size}x{task.image_size} images: such a square erases from a quarter to all of "
+                        "each view. Fix: give a square smaller than the image "
                         f"(DeVries & Taylor use about a quarter to half its side: {task.image_size // 4}), or 0.")
     return kd
 
@@ -482,7 +482,7 @@ def finish_run(run: StudentRun, writer) -> dict:
         "device": str(device), "skipped_files": len(data.skipped), "wall_time_s": time.perf_counter() - run.started,
         "train_images_per_s": images_per_second(read_metrics(run.run_dir), sum(run.counts)), "machine": machine(device),
         "commit": run.commit,
-        "finished": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "finished": utc_stamp(),
     }
     log_hparams(writer, vars(run.args), {"hparam/best_val_acc": summary["best_val_acc"],
                                      "hparam/test_acc": summary["test_acc"]})

@@ -52,7 +52,7 @@ CASES = [
     ("invalid task file", ["train.py", "--task", "{tmp}/bad.toml"], "bad.toml: unknown key 'colour' in the task"),
     ("dataset folder missing", ["train.py", "--task", "{tmp}/t.toml"], "dataset folder {tmp}/missing does not exist"),
     ("Cutout as large as the images", ["train.py", "--teacher_cutout", "8"],
-     "--teacher_cutout 8 would erase every pixel of task B's 8x8 images"),
+     "--teacher_cutout 8 is not smaller than task B's 8x8 images"),
     ("no such device", ["train.py", "--device", "tpu"], "--device 'tpu' is not a device"),
     ("missing checkpoint", ["evaluation_taskb.py", "--checkpoint", "{tmp}/none.pt"], "checkpoint not found: {tmp}/none.pt"),
     ("corrupt checkpoint", ["evaluation_taskb.py", "--checkpoint", "{tmp}/bad.pt"], "cannot load checkpoint {tmp}/bad.pt: it is corrupt"),
