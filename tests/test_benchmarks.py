@@ -146,3 +146,55 @@ def test_teacher_diagnostics_read_a_dustbin_as_one_more_home_ground_score():
     assert out["home_ground"]["dustbin"] == {"group_acc": 1.0, "acc": 1.0}
     assert out["home_ground"]["max_prob"]["group_acc"] == 0.5  # without the dustbin, b wins image 0 too
     assert out["own_classes"]["a"]["T1"]["acc"] == 1.0  # own classes: the dustbin output left out
+
+
+def test_teacher_ensemble_averages_members_that_err_on_different_images():
+    import pytest
+    import torch
+
+    bench = load("teacher_ensemble")
+    labels = torch.tensor([0, 1, 1])
+    # Member 0 is confidently right on images 0 and 1 and narrowly wrong on 2; member 1 the reverse on 0.
+    a = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.55, 0.45]])
+    b = torch.tensor([[0.45, 0.55], [0.3, 0.7], [0.1, 0.9]])
+    # Member 0 on the mirrored images: right on 2, narrowly wrong on 1; averaged with its plain reading, both right.
+    a_mirror = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8]])
+    out = bench.readings([(a, a_mirror), (b, b)], labels)
+    assert [s["acc"] for s in out["single"]] == pytest.approx([2 / 3, 2 / 3])
+    assert [s["flip_acc"] for s in out["single"]] == pytest.approx([1.0, 2 / 3])
+    assert out["ensembles"] == [{"members": [0, 1], "acc": 1.0, "flip_acc": 1.0}]
+
+
+def test_teacher_ensemble_reads_one_checkpoint_twice_as_itself(smoke_run):
+    import tasks
+    from mtkd.data import load_task_data
+    from mtkd.specialists import teacher_path
+
+    bench = load("teacher_ensemble")
+    task = tasks.get_task("B")
+    spec = task.teachers[0]
+    path = teacher_path(smoke_run["output_dir"], task, spec)
+    out = bench.main(bench.get_args_parser().parse_args([str(path), str(path), "--task", "B",
+                                                        "--teacher", spec.name]))
+    data = load_task_data(task)
+    ids = task.class_indices(spec.classes)
+    # The teacher's own classes' images only.
+    assert out["images"] == {s: len(data.split(s).select_classes(ids)) for s in ("val", "test")}
+    assert out["images"]["val"] < len(data.val)
+    for r in out["splits"].values():
+        first, second = r["single"]
+        assert first == second and 0 < first["acc"] <= 1
+        assert r["ensembles"] == [{"members": [0, 1], **first}]
+    bench.print_tables(out)
+
+
+def test_teacher_ensemble_names_a_wrong_teacher_or_missing_checkpoint(tmp_path):
+    from conftest import run_script
+
+    proc = run_script("benchmarks/teacher_ensemble.py", tmp_path / "none.pt", "--task", "B", "--teacher", "trees")
+    assert proc.returncode == 2 and "has no teacher 'trees'" in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = run_script("benchmarks/teacher_ensemble.py", tmp_path / "none.pt", "--task", "B",
+                      "--teacher", "digits_0123")
+    assert proc.returncode == 2 and "teacher checkpoints not found" in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
