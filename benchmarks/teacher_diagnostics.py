@@ -23,7 +23,6 @@ these teachers and data (the augmented views of every training image the student
   other groups' images than their logits say.
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -39,7 +38,7 @@ from mtkd.errors import UserError  # noqa: E402
 from mtkd.loop import resolve_device  # noqa: E402
 from mtkd.evaluate import load_ensemble  # noqa: E402
 from mtkd.losses import coverage, local_labels  # noqa: E402
-from mtkd.report import console, print_error, step_progress  # noqa: E402
+from mtkd.report import console, run_reading, step_progress  # noqa: E402
 from mtkd.stacking import PRIORS, Stacker, choose_l2, fit_logistic  # noqa: E402
 from mtkd.specialists import (PRECISION_RECORD, example_batch, teacher_dir, teacher_path,  # noqa: E402
                               teacher_precisions)
@@ -277,15 +276,4 @@ def main(args) -> dict:
 
 
 if __name__ == "__main__":
-    args = get_args_parser().parse_args()
-    if args.json:  # stdout holds the JSON object alone; messages and progress go to stderr
-        console.file = sys.stderr
-    try:
-        result = main(args)
-    except UserError as e:
-        print_error(e)
-        sys.exit(e.exit_code)
-    if args.json:
-        print(json.dumps(result, indent=1))
-    else:
-        print_tables(result)
+    run_reading(main, get_args_parser().parse_args(), print_tables)

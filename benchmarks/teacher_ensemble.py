@@ -13,7 +13,6 @@ on mirrored views, before it spends the hours.
 """
 import argparse
 import itertools
-import json
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root
 import tasks  # noqa: E402
 from mtkd.data import BatchTransform, load_task_data  # noqa: E402
 from mtkd.errors import UserError  # noqa: E402
-from mtkd.report import console, print_error  # noqa: E402
+from mtkd.report import console, run_reading  # noqa: E402
 from mtkd.specialists import load_teacher, teacher_input  # noqa: E402
 
 
@@ -111,15 +110,4 @@ def print_tables(out: dict) -> None:
 
 
 if __name__ == "__main__":
-    args = get_args_parser().parse_args()
-    if args.json:
-        console.file = sys.stderr
-    try:
-        result = main(args)
-    except UserError as e:
-        print_error(e)
-        sys.exit(e.exit_code)
-    if args.json:
-        print(json.dumps(result, indent=1))
-    else:
-        print_tables(result)
+    run_reading(main, get_args_parser().parse_args(), print_tables)

@@ -23,6 +23,27 @@ def print_error(message: str) -> None:
     error_console.print(f"[bold red]error:[/] {escape(str(message))}")
 
 
+def run_reading(main, args, show) -> None:
+    """A reading script's ``__main__``: ``main(args)``'s result printed by ``show``, or with ``args.json`` as
+    JSON alone on stdout (messages and progress then go to stderr); a ``UserError`` is one message and its
+    exit code."""
+    import json
+
+    from .errors import UserError
+
+    if args.json:
+        console.file = sys.stderr
+    try:
+        result = main(args)
+    except UserError as e:
+        print_error(e)
+        sys.exit(e.exit_code)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        show(result)
+
+
 def create_progress(disable: bool = False) -> Progress:
     """A progress display whose bars show ``metrics`` (live loss / accuracy)."""
     return Progress(
