@@ -1,6 +1,7 @@
 """Console output: progress bars, per-epoch lines and summary tables (rich)."""
 from __future__ import annotations
 
+import json
 import sys
 import time
 from contextlib import contextmanager
@@ -11,6 +12,8 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
                            TimeRemainingColumn)
 from rich.table import Table
 from rich.text import Text
+
+from .errors import UserError
 
 # Rich assumes 80 columns when output is not a terminal; logs and CI read better wider.
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
@@ -27,10 +30,6 @@ def run_reading(main, args, show) -> None:
     """A reading script's ``__main__``: ``main(args)``'s result printed by ``show``, or with ``args.json`` as
     JSON alone on stdout (messages and progress then go to stderr); a ``UserError`` is one message and its
     exit code."""
-    import json
-
-    from .errors import UserError
-
     if args.json:
         console.file = sys.stderr
     try:
