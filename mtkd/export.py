@@ -76,7 +76,9 @@ def onnx_runner(path: Path):
 
 
 def torchscript_runner(path: Path):
-    module = torch.jit.load(str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # deprecated upstream, as in export_torchscript
+        module = torch.jit.load(str(path))
     return lambda x: module(x).detach().numpy()
 
 
