@@ -132,15 +132,29 @@ def cpu_bf16_units(flags: set[str] | None = None) -> str | None:
     return None
 
 
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``'s ``model name``; the platform's processor elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                return value.strip()
-    except OSError:
-        pass
+def cpu_model(cpuinfo: str | None = None) -> str:
+    """The CPU's model name (``/proc/cpuinfo``'s ``model name``; the platform's processor elsewhere).
+
+    With its x86 family and model where ``/proc/cpuinfo`` gives them: a virtual
+    machine often names only the vendor's line ("AMD EPYC"), which is the same
+    string for an AMD Zen 4 (family 25) and a Zen 5 (family 26).
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    fields = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():  # the first processor's block is enough
+            break
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    if "model name" in fields:
+        name = fields["model name"]
+        if "cpu family" in fields and "model" in fields:
+            name += f" (family {fields['cpu family']}, model {fields['model']})"
+        return name
     import platform
 
     return platform.processor() or platform.machine()

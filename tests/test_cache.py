@@ -150,7 +150,8 @@ def test_teacher_logits_on_plain_images_are_kept_and_read_back(tmp_path, monkeyp
     assert sum(calls) == 57 and len(list(tmp_path.glob("TaskT-eval-*.pt"))) == 2
     for z, live in zip(first["a"], forward(ens, transform(data.images))):
         assert z.dtype == torch.float32 and torch.equal(z, live)
-    assert all(torch.equal(a[:7], b) for a, b in zip(first["a"], first["b"]))
+    # The same images in another batch: equal up to the order of float sums (oneDNN picks kernels by batch size).
+    assert all(torch.allclose(a[:7], b, rtol=1e-5, atol=1e-5) for a, b in zip(first["a"], first["b"]))
     # A later run (new objects, same teachers and images) reads them back: the teachers do not run.
     ens2, data2, _ = make_setup()
     again = teacher_logits(ens2, {"a": data2}, transform, cpu, tmp_path, "T")

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from mtkd.precision import FP32, Precision, candidates, cpu_bf16_units, resolve_precision, time_precision
+from mtkd.precision import FP32, Precision, candidates, cpu_bf16_units, cpu_model, resolve_precision, time_precision
 
 CPU = torch.device("cpu")
 
@@ -32,6 +32,17 @@ def _fake_timer(speeds):
 ])
 def test_cpu_bf16_units_from_flags(flags, expected):
     assert cpu_bf16_units(flags) == expected
+
+
+ZEN4 = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\n"
+ZEN5 = ZEN4.replace("25", "26").replace(": 17", ": 2")
+
+
+def test_the_cpu_model_tells_apart_cpus_a_virtual_machine_names_alike():
+    assert cpu_model(ZEN4) == "AMD EPYC (family 25, model 17)"
+    assert cpu_model(ZEN5 + "\nprocessor\t: 1\ncpu family\t: 99\n") == "AMD EPYC (family 26, model 2)"
+    assert cpu_model("processor\t: 0\nmodel name\t: Some CPU\n") == "Some CPU"  # no family given: the name alone
+    assert cpu_model("") != ""  # no /proc/cpuinfo: the platform's name
 
 
 def test_a_cpu_without_bf16_units_keeps_fp32():
