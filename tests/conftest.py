@@ -1,5 +1,7 @@
+import fcntl
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,14 +25,27 @@ def run_script(*args, cwd=ROOT, timeout=900):
 
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory):
-    """One short Task B run of train.py (teachers trained for 2 epochs), shared by the tests."""
+    """One short Task B run of train.py (teachers trained for 2 epochs), shared by the tests.
+
+    Trained once per test session: under pytest-xdist the first worker to get here trains it (the others wait
+    on a lock) into the folder the workers share, and each worker works on its own copy of it, so what one
+    worker's tests add (a second run, evaluation files) never reaches another's.
+    """
+    shared = tmp_path_factory.getbasetemp().parent if "PYTEST_XDIST_WORKER" in os.environ else \
+        tmp_path_factory.getbasetemp()
+    built = shared / "smoke_run"
+    with open(shared / "smoke_run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (built / "stdout.txt").exists():
+            proc = run_script("train.py", "--task", "B", "--teacher_epochs", "2", "--num_epochs", "2",
+                              "--student_model", "ResNet18", "--output_dir", built / "runs", "--run", "smoke")
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+            (built / "stdout.txt").write_text(proc.stdout)
     out = tmp_path_factory.mktemp("runs")
-    proc = run_script("train.py", "--task", "B", "--teacher_epochs", "2", "--num_epochs", "2",
-                      "--student_model", "ResNet18", "--output_dir", out, "--run", "smoke")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    shutil.copytree(built / "runs", out, dirs_exist_ok=True)
     run_dirs = [p for p in (out / "TaskB").iterdir() if p.name != "teachers"]
     assert len(run_dirs) == 1
-    return {"output_dir": out, "run_dir": run_dirs[0], "stdout": proc.stdout,
+    return {"output_dir": out, "run_dir": run_dirs[0], "stdout": (built / "stdout.txt").read_text(),
             "summary": json.loads((run_dirs[0] / "summary.json").read_text())}
 
 
