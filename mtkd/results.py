@@ -53,8 +53,10 @@ TEACHER_KEY = ("task", "teacher", "architecture", "dustbin", "init", "optimizer"
 def method_name(args) -> str:
     """``labels`` (alpha 0, no feature terms) or ``aggregation/weighting/kd_loss`` (``aggregation/kd_loss``
     where the aggregation weighs the teachers itself: ``stacked``, ``stacked(combination)`` with
-    ``--stacker_prior combination``; ``+feat`` with feature matching, ``+at``
-    with attention transfer, ``+dustbin`` from teachers with a dustbin, ``+dustbin(plain)`` from dustbin teachers
+    ``--stacker_prior combination``; ``dkd(a=.. b=.. warm=..)`` with DKD's weights and warm-up;
+    ``+feat(W@STAGES)`` with feature matching, ``+at(W@STAGES)`` with attention transfer, ``+T_final(T)``
+    with an annealed temperature, ``+ema(DECAY)`` with the EMA teacher, ``+weights(W1 ..)`` with fixed teacher
+    weights given, ``+dustbin`` from teachers with a dustbin, ``+dustbin(plain)`` from dustbin teachers
     started from the plain ones: ``--dustbin_from_plain``; a record reads which from the teachers' checkpoints,
     ``taught_by``)."""
     features, attention = getattr(args, "feature_weight", 0), getattr(args, "attention_weight", 0)
@@ -63,9 +65,17 @@ def method_name(args) -> str:
     weighting = [args.teacher_weighting] if AGGREGATIONS.get(args.aggregation).weighted else []
     prior = getattr(args, "stacker_prior", "zero")
     aggregation = args.aggregation + (f"({prior})" if args.aggregation == "stacked" and prior != "zero" else "")
-    name = "/".join([aggregation, *weighting, args.kd_loss])
-    return (name + ("+feat" if features else "") + ("+at" if attention else "")
-            + _dustbin_suffix(args))
+    kd = args.kd_loss
+    if kd == "dkd":  # DKD's own weights and warm-up tell one DKD recipe from another
+        kd += f"(a={args.dkd_alpha:g} b={args.dkd_beta:g} warm={args.dkd_warmup})"
+    name = "/".join([aggregation, *weighting, kd])
+    layers = getattr(args, "feature_layers", "-1")
+    extras = [f"+feat({features:g}@{layers})" if features else "", f"+at({attention:g}@{layers})" if attention else "",
+              f"+T_final({args.temperature_final:g})" if getattr(args, "temperature_final", None) else "",
+              f"+ema({args.ema_teacher:g})" if getattr(args, "ema_teacher", 0) else "",
+              "+weights(" + " ".join(f"{w:g}" for w in args.teacher_weights) + ")"
+              if getattr(args, "teacher_weights", None) else ""]
+    return name + "".join(extras) + _dustbin_suffix(args)
 
 
 def _dustbin_suffix(args) -> str:

@@ -36,7 +36,13 @@ def test_a_record_holds_every_column_and_the_method_in_words():
     assert record({**_summary(0.45, 1), "pseudo_label_acc": 0.0}, args)["pseudo_label_acc"] == 0.0
     labels = record(_summary(0.4, 0), _args(alpha=0, teacher_cache="cache"))
     assert labels["method"] == "labels" and labels["cache_views"] == 0  # labels only never reads the cache
-    assert method_name(argparse_ns(alpha=0, feature_weight=0.1)) == "consensus/fixed/kl+feat"
+    assert method_name(argparse_ns(alpha=0, feature_weight=0.1)) == "consensus/fixed/kl+feat(0.1@-1)"
+    # Each method's own settings are part of its name, so two recipes never share a record's key.
+    assert method_name(argparse_ns(kd_loss="dkd", dkd_beta=2)) == "consensus/fixed/dkd(a=1 b=2 warm=5)"
+    assert config_of(_args(kd_loss="dkd")) != config_of(_args(kd_loss="dkd", dkd_beta=2))
+    assert method_name(argparse_ns(attention_weight=50, feature_layers="2", temperature_final=1, ema_teacher=0.99,
+                                   teacher_weights="0.5,0.3,0.2")) == \
+        "consensus/fixed/kl+at(50@2)+T_final(1)+ema(0.99)+weights(0.5 0.3 0.2)"
     assert method_name(argparse_ns(aggregation="stacked", teacher_weighting="entropy")) == "stacked/kl"
 
 
