@@ -100,14 +100,18 @@ class Precision:
 FP32 = Precision()
 
 
+def _cpuinfo() -> str:
+    """The text of ``/proc/cpuinfo``; empty where there is none."""
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
 def _cpu_flags() -> set[str]:
     """The CPU feature flags of ``/proc/cpuinfo`` (``flags`` on x86, ``Features`` on Arm); empty elsewhere."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
     flags = set()
-    for line in text.splitlines():
+    for line in _cpuinfo().splitlines():
         key, _, value = line.partition(":")
         if key.strip() in ("flags", "Features"):
             flags.update(value.split())
@@ -139,13 +143,8 @@ def cpu_model(cpuinfo: str | None = None) -> str:
     machine often names only the vendor's line ("AMD EPYC"), which is the same
     string for an AMD Zen 4 (family 25) and a Zen 5 (family 26).
     """
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            cpuinfo = ""
     fields = {}
-    for line in cpuinfo.splitlines():
+    for line in (_cpuinfo() if cpuinfo is None else cpuinfo).splitlines():
         if not line.strip():  # the first processor's block is enough
             break
         key, _, value = line.partition(":")
