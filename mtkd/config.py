@@ -105,6 +105,13 @@ def get_args_parser(task_names: list[str] | None = None) -> argparse.ArgumentPar
     p.add_argument("--teacher_cutout", type=nonneg_int, default=0, metavar="PX",
                    help="Cutout for each teacher trained: a PX x PX square of every training view, at a random "
                         "centre, set to the dataset mean (DeVries & Taylor 2017); 0 = off")
+    p.add_argument("--teacher_architecture", default=None, metavar="ARCH",
+                   help="every teacher of the task is this timm architecture instead of the task's (trained when "
+                        "missing; a checkpoint of another architecture is an error, not overwritten)")
+    p.add_argument("--teacher_pretrained", default=None, metavar="FILE",
+                   help="every teacher mtkd trains starts from these weights and is fine-tuned on its classes: a "
+                        "state dict in timm's format (.safetensors, .pth) or an mtkd teacher checkpoint (e.g. Task "
+                        "A85's, trained on other classes), of the teachers' architecture; the classifier is new")
     p.add_argument("--retrain_teachers", action="store_true", help="train the teachers even if checkpoints exist")
     p.add_argument("--teacher_dustbin", action="store_true",
                    help="teachers with a dustbin (Hinton et al. 2015): one more output, 'other', trained on as many "

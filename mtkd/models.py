@@ -93,9 +93,16 @@ def create_model(architecture: str, num_classes: int, in_chans: int, image_size:
     be loaded); default: whether ``pretrained`` is given.
     """
     check_architecture(architecture)
+    small = image_size < SMALL_INPUT if adapt is None else adapt
+    if small and small_stem_weights(pretrained):  # weights of an mtkd small-input network: its layout, whole
+        model = _timm_model(architecture, num_classes, in_chans, None)
+        reset_classifier_init(model)
+        adapt_to_small_inputs(model)
+        _load_backbone(model, pretrained, architecture)
+        return model
     model = _timm_model(architecture, num_classes, in_chans, pretrained)
     reset_classifier_init(model)
-    if image_size < SMALL_INPUT if adapt is None else adapt:
+    if small:
         adapt_to_small_inputs(model, keep_weights=pretrained is not None if pretrained_layout is None
                               else pretrained_layout)
     return model
@@ -134,6 +141,38 @@ def _timm_model(architecture: str, num_classes: int, in_chans: int, pretrained: 
     if missing:
         raise misfit(f"{len(missing)} weight(s) missing from the file, e.g. {', '.join(missing[:3])}")
     return model
+
+
+def small_stem_weights(pretrained: str | None) -> bool:
+    """Whether ``pretrained`` names a file of ResNet weights with mtkd's small-input stem (a 3x3 first
+    convolution, ``stem_in_weights``): an mtkd network trained on small images, such as Task A85's teacher.
+    ``create_model`` builds such a start in the small-input layout and loads every weight but the classifier;
+    timm's own weights (7x7 stem) keep their layout with strides changed."""
+    if pretrained in (None, HUB):
+        return False
+    from .checkpoint import load_weights_file
+
+    found = stem_in_weights(load_weights_file(pretrained, "pretrained weights")[0])
+    return found is not None and found[0]
+
+
+def _load_backbone(model: nn.Module, pretrained: str, architecture: str) -> None:
+    """Every weight of the file ``pretrained`` but its classifier into ``model`` (same layout), or a UserError
+    that says what does not fit."""
+    from .checkpoint import load_weights_file
+
+    state, _ = load_weights_file(pretrained, f"pretrained weights for {architecture}")
+    head = set(classifier_keys(model, ("weight", "bias")))
+    own = model.state_dict()
+    state = {k: v for k, v in state.items() if k not in head}
+    missing = [k for k in own if k not in state and k not in head and not k.endswith("num_batches_tracked")]
+    wrong = [k for k in state if k not in own or tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or wrong:
+        first = (missing + wrong)[0]
+        raise UserError(f"pretrained weights {pretrained} do not fit {architecture} ({len(missing)} weight(s) "
+                        f"missing, {len(wrong)} unknown or of another shape, e.g. {first}). Fix: pass the weights "
+                        f"of exactly this timm architecture.")
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
 
 
 def init_description(pretrained: str | None) -> str:

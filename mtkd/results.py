@@ -58,7 +58,8 @@ def method_name(args) -> str:
     with an annealed temperature, ``+ema(DECAY)`` with the EMA teacher, ``+weights(W1 ..)`` with fixed teacher
     weights given, ``+dustbin`` from teachers with a dustbin, ``+dustbin(plain)`` from dustbin teachers
     started from the plain ones: ``--dustbin_from_plain``; a record reads which from the teachers' checkpoints,
-    ``taught_by``)."""
+    ``taught_by``); ``+teachers(ARCH from FILE)`` from teachers of another architecture or start than the
+    task's (``--teacher_architecture``, ``--teacher_pretrained``)."""
     features, attention = getattr(args, "feature_weight", 0), getattr(args, "attention_weight", 0)
     if args.alpha == 0 and not features and not attention:
         return "labels"
@@ -75,7 +76,14 @@ def method_name(args) -> str:
               f"+ema({args.ema_teacher:g})" if getattr(args, "ema_teacher", 0) else "",
               "+weights(" + " ".join(f"{w:g}" for w in args.teacher_weights) + ")"
               if getattr(args, "teacher_weights", None) else ""]
-    return name + "".join(extras) + _dustbin_suffix(args)
+    return name + "".join(extras) + _dustbin_suffix(args) + _teachers_suffix(args)
+
+
+def _teachers_suffix(args) -> str:
+    """``+teachers(ARCH from FILE)`` for teachers of ``--teacher_architecture`` / from ``--teacher_pretrained``."""
+    architecture, pretrained = getattr(args, "teacher_architecture", None), getattr(args, "teacher_pretrained", None)
+    parts = ([architecture] if architecture else []) + ([f"from {Path(pretrained).name}"] if pretrained else [])
+    return f"+teachers({' '.join(parts)})" if parts else ""
 
 
 def _dustbin_suffix(args) -> str:
@@ -282,6 +290,8 @@ def teacher_table(rows: list[dict]) -> str:
         recipe += ", dustbin" if r["dustbin"] == "True" else ""
         if r["init"].startswith("plain teacher"):
             recipe += ", from the plain teacher"
+        elif r["init"].startswith("file "):  # where the file lay is in the record; its name says which
+            recipe += f", from {Path(r['init'].removeprefix('file ')).name}"
         elif r["init"] not in ("random", ""):
             recipe += f", from {r['init']}"
         seconds = float(r["train_seconds"] or "nan")

@@ -71,6 +71,12 @@ class TaskSpec:
         """The task with a dustbin ("other" output) on every teacher (``--teacher_dustbin``)."""
         return replace(self, teachers=tuple(replace(t, dustbin=True) for t in self.teachers))
 
+    def with_teachers(self, architecture: str | None = None, pretrained: str | None = None) -> "TaskSpec":
+        """The task with every teacher of ``architecture`` and started from ``pretrained`` weights where given
+        (``--teacher_architecture``, ``--teacher_pretrained``)."""
+        return replace(self, teachers=tuple(replace(t, architecture=architecture or t.architecture,
+                                                    pretrained=pretrained or t.pretrained) for t in self.teachers))
+
     def __post_init__(self):
         problems = []
         if len(set(self.class_names)) != len(self.class_names):

@@ -18,7 +18,7 @@ from .errors import UserError
 from .loop import LoopConfig, RunRng, fit, seed_everything
 from .optim import EpochScheduler, create_optimizer
 from .models import (SMALL_INPUT, classifier_keys, count_parameters, create_teacher, init_description,
-                     load_fitting_state, stem_in_weights)
+                     load_fitting_state, small_stem_weights, stem_in_weights)
 from .precision import (FP32, NOT_SAVED, MachineRecord, Precision, PrecisionRecord, SavedPrecisions, keep_saved,
                         recorded_choice, resolve_precision)
 from .report import console, step_progress
@@ -232,7 +232,9 @@ def train_teacher(spec, task: TaskSpec, data: TaskData, recipe: TeacherRecipe, d
         if spec.pretrained:
             console.print(f"teacher {spec.name}: starting from {init_description(spec.pretrained)}", soft_wrap=True)
         model = create_teacher(spec, task, pretrained=True).to(device)
-        init, layout = init_description(spec.pretrained), spec.pretrained is not None
+        # Weights of an mtkd small-input network start the usual small-input layout (models.create_model).
+        init = init_description(spec.pretrained)
+        layout = bool(spec.pretrained) and not small_stem_weights(spec.pretrained)
     net = _with_input(model, spec, task).to(device)
     optimizer = create_optimizer(model, recipe.optimizer, recipe.lr, recipe.weight_decay)
     scheduler = EpochScheduler(optimizer, "cosine", recipe.epochs)

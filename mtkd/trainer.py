@@ -273,6 +273,11 @@ def _resolve(args: Namespace, explicit: set[str]):
     if getattr(args, "resume", None):
         run_dir, args, last = open_resume(args, task, set(explicit) - {"resume"})
         task = resolve_task(args.task)
+    architecture, pretrained = getattr(args, "teacher_architecture", None), getattr(args, "teacher_pretrained", None)
+    if pretrained and not Path(pretrained).is_file():
+        raise UserError(f"--teacher_pretrained {pretrained}: no such file. Fix: pass the weights file the teachers "
+                        "start from (a timm state dict or an mtkd teacher checkpoint), or drop the flag.")
+    task = task.with_teachers(architecture, pretrained)
     if getattr(args, "teacher_dustbin", False):
         task = task.with_dustbins()
     elif getattr(args, "dustbin_from_plain", False):

@@ -45,7 +45,7 @@ def _setup(case, tmp):
 CASES = [
     ("flag out of range", ["train.py", "--alpha", "1.5"], "argument --alpha: 1.5 is out of range: must be between 0 and 1"),
     ("flag of the wrong type", ["train.py", "--batch_size", "many"], "argument --batch_size: 'many' is not a valid int"),
-    ("unknown task", ["train.py", "--task", "C"], "unknown task 'C'; known: A, B, or a PATH.toml task file"),
+    ("unknown task", ["train.py", "--task", "C"], "unknown task 'C'; known: A, A85, B, or a PATH.toml task file"),
     ("unknown student", ["train.py", "--student_model", "VGG16"], "argument --student_model: invalid choice: 'VGG16'"),
     ("unknown architecture", ["train.py", "--task", "{tmp}/t.toml"], "unknown timm architecture 'resnet3'"),
     ("missing task file", ["train.py", "--task", "{tmp}/none.toml"], "task file {tmp}/none.toml not found"),
@@ -54,6 +54,8 @@ CASES = [
     ("Cutout as large as the images", ["train.py", "--teacher_cutout", "8"],
      "--teacher_cutout 8 is not smaller than task B's 8x8 images"),
     ("no such device", ["train.py", "--device", "tpu"], "--device 'tpu' is not a device"),
+    ("teachers' start missing", ["train.py", "--teacher_pretrained", "{tmp}/none.pt"],
+     "--teacher_pretrained {tmp}/none.pt: no such file"),
     ("missing checkpoint", ["evaluation_taskb.py", "--checkpoint", "{tmp}/none.pt"], "checkpoint not found: {tmp}/none.pt"),
     ("corrupt checkpoint", ["evaluation_taskb.py", "--checkpoint", "{tmp}/bad.pt"], "cannot load checkpoint {tmp}/bad.pt: it is corrupt"),
     ("checkpoint of another task", ["evaluation_taska.py", "--checkpoint", "{tmp}/b.pt"],

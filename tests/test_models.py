@@ -158,3 +158,40 @@ def test_a_teacher_fine_tuned_from_pretrained_weights_is_reloaded_with_their_lay
     assert state["init"] == f"file {path}"
     assert loaded.conv1.stride == (1, 1) and isinstance(loaded.maxpool, torch.nn.Identity)
     assert torch.equal(loaded.state_dict()["conv1.weight"], model.state_dict()["conv1.weight"])
+
+
+def test_a_teacher_starts_from_an_mtkd_small_input_network_in_its_layout(tmp_path):
+    """Task A85's teacher (a 3x3 small-input stem) starts Task A's teachers: every weight but the classifier,
+    in the small-input layout (not timm's 7x7 one), recorded so that its checkpoint reloads that way."""
+    from dataclasses import replace
+
+    from mtkd.checkpoint import CHECKPOINT_VERSION, save_checkpoint
+    from mtkd.models import small_stem_weights
+    from mtkd.specialists import input_record, load_teacher
+
+    others, task = tasks.get_task("A85"), tasks.get_task("A")
+    source = create_teacher(others.teachers[0], others)  # resnet18, 85 outputs, 3x3 stem
+    weights = {k: v.clone() for k, v in source.state_dict().items()}
+    path = save_checkpoint({"model": weights, "architecture": "resnet18", "classes": list(others.class_names),
+                            "task": "A85", "metrics": {"val_acc": 0.5, "test_acc": 0.5}, "epochs": 1,
+                            "input": input_record(others.teachers[0], others), "init": "random",
+                            "pretrained_layout": False, "version": CHECKPOINT_VERSION}, tmp_path / "others.pt")
+    assert small_stem_weights(str(path)) and not small_stem_weights(None)
+    spec = task.with_teachers("resnet18", str(path)).teachers[1]
+    assert (spec.name, spec.architecture, spec.pretrained) == ("flowers", "resnet18", str(path))
+    model = create_teacher(spec, task, pretrained=True)
+    assert model.conv1.kernel_size == (3, 3) and isinstance(model.maxpool, torch.nn.Identity)
+    own = model.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in weights.items() if not k.startswith("fc."))
+    assert model.fc.out_features == 5 and not torch.equal(own["fc.weight"], weights["fc.weight"][:5])
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(model.eval().forward_features(x), source.eval().forward_features(x))
+    # Fine-tuned and saved with the layout train_teacher records (not a pretrained model's), it reloads as it was.
+    saved = save_checkpoint({"model": own, "architecture": "resnet18", "classes": list(spec.classes), "task": "A",
+                             "metrics": {}, "epochs": 1, "input": input_record(spec, task), "init": f"file {path}",
+                             "pretrained_layout": False, "version": CHECKPOINT_VERSION}, tmp_path / "flowers.pt")
+    loaded, _ = load_teacher(spec, task, saved)
+    assert torch.equal(loaded.eval()(x), model(x))
+    # Weights of another architecture are one message.
+    with pytest.raises(UserError, match="do not fit resnet34"):
+        create_teacher(task.with_teachers(None, str(path)).teachers[0], task, pretrained=True)

@@ -44,6 +44,11 @@ def test_a_record_holds_every_column_and_the_method_in_words():
                                    teacher_weights="0.5,0.3,0.2")) == \
         "consensus/fixed/kl+at(50@2)+T_final(1)+ema(0.99)+weights(0.5 0.3 0.2)"
     assert method_name(argparse_ns(aggregation="stacked", teacher_weighting="entropy")) == "stacked/kl"
+    # Teachers of another architecture or start than the task's are another recipe.
+    assert method_name(argparse_ns(teacher_architecture="resnet18", teacher_pretrained="runs/A85/teachers/others.pt")) \
+        == "consensus/fixed/kl+teachers(resnet18 from others.pt)"
+    assert method_name(argparse_ns(teacher_pretrained="w.safetensors")) == "consensus/fixed/kl+teachers(from w.safetensors)"
+    assert method_name(argparse_ns(alpha=0, teacher_architecture="resnet18")) == "labels"
 
 
 def argparse_ns(**flags):
@@ -207,3 +212,19 @@ def test_runs_taught_by_other_teachers_are_rows_of_their_own(tmp_path):
     assert len(lines) == 3  # labels only, and one distilled row per set of teachers
     assert "| 0 1 | 41.50 ± 0.71 | +1.00 ± 0.00 (2 seeds) |" in lines[1] and "trees 50.0 (66.2)" in lines[1]
     assert "| 0 1 | 45.50 ± 0.71 | +5.00 ± 0.00 (2 seeds) |" in lines[2] and "trees 50.0 (76.2)" in lines[2]
+
+
+def test_the_teachers_table_says_what_each_teacher_started_from():
+    from mtkd.results import TEACHER_COLUMNS, teacher_table
+
+    base = {**{k: "" for k in TEACHER_COLUMNS}, "teacher": "trees", "architecture": "resnet18", "optimizer": "adam",
+            "lr": "0.0003", "weight_decay": "0.0005", "batch_size": "32", "cutout": "0", "dustbin": "False",
+            "epochs": "10", "seed": "42", "best_epoch": "9", "val_acc": "0.8", "test_acc": "0.79"}
+    table = teacher_table([{**base, "init": "file /somewhere/TaskA85/teachers/others.pt"},
+                           {**base, "init": "random", "val_acc": "0.7"},
+                           {**base, "init": "plain teacher runs/TaskA/teachers/trees.pt", "dustbin": "True"}])
+    lines = table.splitlines()[2:]
+    assert "| adam lr 0.0003, wd 0.0005, batch 32, from others.pt | 10 |" in lines[0]  # the file's name, not where
+    assert "| adam lr 0.0003, wd 0.0005, batch 32 | 10 |" in lines[1]
+    assert "| adam lr 0.0003, wd 0.0005, batch 32, dustbin, from the plain teacher | 10 |" in lines[2]
+    assert "/somewhere" not in table

@@ -1,3 +1,6 @@
+import argparse
+
+import pytest
 import torch
 from torch import nn
 
@@ -157,3 +160,39 @@ def test_pre_logits_are_what_each_teachers_classifier_reads():
     assert [f.shape for f in feats] == [(4, 512), (4, 512)]
     for teacher, f, z in zip(teachers, feats, logits):
         assert torch.allclose(teacher.get_classifier()(f), z, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_teachers_of_another_architecture_are_fine_tuned_from_an_mtkd_network(tmp_path, capsys):
+    """--teacher_architecture / --teacher_pretrained, end to end: Task B's teachers become resnet18s started
+    from a small-input resnet18 (as Task A85's teacher); their checkpoints say so, the run's record names the
+    recipe, and a run that asks for the task's own teachers is refused without touching them."""
+    import json
+
+    import train
+    from mtkd.checkpoint import load_checkpoint
+    from mtkd.models import create_model
+    from mtkd.results import method_name
+
+    source = create_model("resnet18", 7, 1, 8)  # 3x3 small-input stem, 7 classes of something else
+    torch.save(source.state_dict(), tmp_path / "others.pt")
+    out = tmp_path / "runs"
+    common = ["--task", "B", "--teacher_epochs", "1", "--teacher_lr", "1e-12", "--num_epochs", "1", "--amp", "off",
+              "--student_model", "MobileNetV3", "--alpha", "0.5", "--output_dir", str(out)]
+    assert train.main(common + ["--teacher_architecture", "resnet18", "--teacher_pretrained",
+                                str(tmp_path / "others.pt"), "--run", "pt"]) == 0
+    assert "starting from file" in " ".join(capsys.readouterr().out.split())
+    for spec in ("digits_0123", "digits_3456", "digits_67890"):
+        state = load_checkpoint(out / "TaskB" / "teachers" / f"{spec}.pt")
+        assert state["architecture"] == "resnet18" and state["init"] == f"file {tmp_path / 'others.pt'}"
+        assert state["pretrained_layout"] is False and state["model"]["conv1.weight"].shape[-1] == 3
+        # At a learning rate of 1e-12 one epoch moves no weight measurably: the start is the source network's.
+        assert torch.allclose(state["model"]["layer4.1.conv2.weight"], source.state_dict()["layer4.1.conv2.weight"],
+                              atol=1e-7)
+    run = next((out / "TaskB").glob("*_pt"))
+    args = json.loads((run / "args.json").read_text())
+    assert method_name(argparse.Namespace(**args)) == "consensus/fixed/kl+teachers(resnet18 from others.pt)"
+    before = (out / "TaskB" / "teachers" / "digits_0123.pt").read_bytes()
+    assert train.main(common + ["--run", "own"]) == 2
+    assert "was trained as resnet18" in " ".join(capsys.readouterr().err.split())
+    assert (out / "TaskB" / "teachers" / "digits_0123.pt").read_bytes() == before
