@@ -15,8 +15,9 @@ for cifar_id, name in zip(range(3, 100, 6), TASK_A.class_names):
     CIFAR100_NAMES[cifar_id] = name
 
 
-def write_mini_cifar100(root, per_class_train=10, per_class_test=4):
-    """A miniature CIFAR-100 in torchvision's on-disk layout (pickled dicts)."""
+def write_mini_cifar100(root, per_class_train=10, per_class_test=4, names=None):
+    """A miniature CIFAR-100 in torchvision's on-disk layout (pickled dicts); ``names``: its class names (default:
+    ``CIFAR100_NAMES``)."""
     folder = root / "cifar-100-python"
     folder.mkdir(parents=True)
 
@@ -35,7 +36,7 @@ def write_mini_cifar100(root, per_class_train=10, per_class_test=4):
         with open(folder / name, "wb") as f:
             pickle.dump(batch(per_class), f)
     with open(folder / "meta", "wb") as f:
-        pickle.dump({"fine_label_names": CIFAR100_NAMES, "coarse_label_names": [f"c{i}" for i in range(20)]}, f)
+        pickle.dump({"fine_label_names": list(names or CIFAR100_NAMES), "coarse_label_names": [f"c{i}" for i in range(20)]}, f)
 
 
 def test_task_a_loader_reads_cifar100_pickles(tmp_path):
@@ -51,6 +52,19 @@ def test_task_a_loader_reads_cifar100_pickles(tmp_path):
         assert names == [TASK_A.class_names[y] for y in split.labels]
         assert (split.images[:, 1, 0, 0] == 200).all() and (split.images[:, 2, 31, 31] == 7).all()
     assert torch.bincount(data.val.labels, minlength=15).tolist() == [1] * 15
+
+
+def test_task_a85_reads_the_other_85_classes_and_no_image_of_task_as(tmp_path):
+    from tasks.task_a import CIFAR100
+
+    write_mini_cifar100(tmp_path, per_class_train=20, per_class_test=2, names=CIFAR100)
+    others = tasks.get_task("A85")
+    data = load_task_data(others, tmp_path, download=False)
+    assert (len(data.train), len(data.val), len(data.test)) == (85 * 19, 85 * 1, 85 * 2)  # 5% for validation
+    for split in (data.train, data.val, data.test):
+        names = [CIFAR100[i] for i in split.images[:, 0, 0, 0].long()]
+        assert names == [others.class_names[y] for y in split.labels]
+        assert not set(names) & set(TASK_A.class_names)
 
 
 def test_task_a_missing_data_is_a_clear_error(tmp_path):

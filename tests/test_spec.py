@@ -6,11 +6,11 @@ from mtkd.spec import TaskSpec, TeacherSpec
 
 
 def test_builtin_tasks_are_registered():
-    assert tasks.list_tasks() == ["A", "B"]
+    assert tasks.list_tasks() == ["A", "A85", "B"]
 
 
 def test_unknown_task_lists_the_known_ones():
-    with pytest.raises(UserError, match="unknown task 'Z'; known: A, B"):
+    with pytest.raises(UserError, match="unknown task 'Z'; known: A, A85, B"):
         tasks.get_task("Z")
 
 
@@ -34,7 +34,16 @@ def test_task_b_overlapping_specialists():
     assert [set(map(int, t.classes)) for t in b.teachers] == [{0, 1, 2, 3}, {3, 4, 5, 6}, {6, 7, 8, 9, 0}]
 
 
-@pytest.mark.parametrize("name", tasks.list_tasks())
+def test_task_a85_holds_cifar100s_other_classes_and_none_of_task_as():
+    a, others = tasks.get_task("A"), tasks.get_task("A85")
+    assert others.num_classes == 85 and not set(a.class_names) & set(others.class_names)
+    assert len(set(a.class_names) | set(others.class_names)) == 100
+    assert [(t.architecture, t.classes) for t in others.teachers] == [("resnet18", others.class_names)]
+    assert (others.source, others.image_size, others.mean, others.std) == (a.source, a.image_size, a.mean, a.std)
+
+
+# A85 is not distilled: its one network is the start of Task A's teachers (--teacher_pretrained).
+@pytest.mark.parametrize("name", [n for n in tasks.list_tasks() if n != "A85"])
 def test_teachers_are_larger_than_every_student(name):
     from mtkd.models import STUDENTS, count_parameters, create_student, create_teacher
 
