@@ -59,6 +59,8 @@ def get_args_parser():
     p.add_argument("--teacher_dustbin", action="store_true",
                    help="the teachers with a dustbin (train.py --teacher_dustbin): their home probability is "
                         "one more home-ground score")
+    p.add_argument("--teacher_architecture", metavar="ARCH", help="the teachers' architecture, as train.py was given it")
+    p.add_argument("--teacher_pretrained", metavar="FILE", help="what the teachers started from, as train.py was given it")
     p.add_argument("--label_fractions", type=float, nargs="*", default=[],
                    help="fit the stacker of --aggregation stacked on this fraction of the training labels and "
                         "measure it on the rest (pseudo-labels) and on validation")
@@ -235,7 +237,7 @@ def main(args) -> dict:
     if args.stack_features and not args.label_fractions:
         raise UserError("--stack_features reads the stacker's fit on features: it needs --label_fractions F ... "
                         "Fix: add e.g. --label_fractions 0.1.")
-    task = tasks.get_task(args.task)
+    task = tasks.get_task(args.task).with_teachers(args.teacher_architecture, args.teacher_pretrained)
     task = task.with_dustbins() if args.teacher_dustbin else task
     device = resolve_device(args.device)
     paths = [teacher_path(args.output_dir, task, spec) for spec in task.teachers]
