@@ -116,7 +116,10 @@ def evaluate_task(task: TaskSpec, *, output_dir="runs", eval_dir="evaluation", d
     device = torch.device(device)
     path = find_checkpoint(task, output_dir, run_dir, checkpoint)
     student, state = load_student(path, task)
-    if state.get("args", {}).get("teacher_dustbin"):  # the run was taught by the teachers with a dustbin
+    args = state.get("args", {})
+    # The run's teachers as it had them: another architecture (--teacher_architecture), a dustbin.
+    task = task.with_teachers(args.get("teacher_architecture"), args.get("teacher_pretrained"))
+    if args.get("teacher_dustbin"):
         task = task.with_dustbins()
     data = load_task_data(task, data_root)
     ev = Evaluator(task, data, device)
@@ -127,7 +130,7 @@ def evaluate_task(task: TaskSpec, *, output_dir="runs", eval_dir="evaluation", d
     precision, teacher_precisions = run_precisions(state, device)
     logits, labels = ev.logits(student, precision=precision)
     results = {"task": task.name, "model_path": str(path), "student_model": state["student_model"],
-               "alpha": state.get("args", {}).get("alpha"), "epoch": state.get("epoch"),
+               "alpha": args.get("alpha"), "epoch": state.get("epoch"),
                "precision": str(precision), "num_parameters": count_parameters(student),
                **classification_metrics(logits, labels, names)}
 

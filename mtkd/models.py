@@ -206,6 +206,10 @@ def create_student(name: str, task: TaskSpec, adapt: bool | None = None, pretrai
     ``pretrained_layout``: see ``create_model``)."""
     if name not in STUDENTS:
         raise UserError(f"unknown student {name!r}; choose one of {', '.join(STUDENTS)}")
+    if small_stem_weights(pretrained):  # its checkpoints record a pretrained start as timm's layout
+        raise UserError(f"--pretrained {pretrained}: weights of an mtkd small-input network (a 3x3 first "
+                        "convolution) start teachers only (--teacher_pretrained). Fix: give the student weights "
+                        "in timm's own layout, or none.")
     return create_model(STUDENTS.get(name), task.num_classes, task.channels, task.image_size, adapt, pretrained,
                         pretrained_layout)
 

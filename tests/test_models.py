@@ -192,6 +192,9 @@ def test_a_teacher_starts_from_an_mtkd_small_input_network_in_its_layout(tmp_pat
                              "pretrained_layout": False, "version": CHECKPOINT_VERSION}, tmp_path / "flowers.pt")
     loaded, _ = load_teacher(spec, task, saved)
     assert torch.equal(loaded.eval()(x), model(x))
+    # A student's checkpoint records a pretrained start as timm's layout: these weights start teachers only.
+    with pytest.raises(UserError, match="start teachers only"):
+        create_student("ResNet18", task, pretrained=str(path))
     # Weights of another architecture are one message.
     with pytest.raises(UserError, match="do not fit resnet34"):
         create_teacher(task.with_teachers(None, str(path)).teachers[0], task, pretrained=True)

@@ -169,6 +169,7 @@ def test_teachers_of_another_architecture_are_fine_tuned_from_an_mtkd_network(tm
     recipe, and a run that asks for the task's own teachers is refused without touching them."""
     import json
 
+    import tasks
     import train
     from mtkd.checkpoint import load_checkpoint
     from mtkd.models import create_model
@@ -192,6 +193,13 @@ def test_teachers_of_another_architecture_are_fine_tuned_from_an_mtkd_network(tm
     run = next((out / "TaskB").glob("*_pt"))
     args = json.loads((run / "args.json").read_text())
     assert method_name(argparse.Namespace(**args)) == "consensus/fixed/kl+teachers(resnet18 from others.pt)"
+    # Evaluation scores the run next to the teachers it was taught by (resnet18s), not the task's own.
+    from mtkd.evaluate import evaluate_task
+
+    results = evaluate_task(tasks.get_task("B"), output_dir=out, eval_dir=tmp_path / "eval", run_dir=run,
+                            speed_repeats=1)
+    assert [t["name"] for t in results["teachers"]] == ["digits_0123", "digits_3456", "digits_67890"]
+    assert all(0 <= t["overall_accuracy"] <= 1 for t in results["teachers"])
     before = (out / "TaskB" / "teachers" / "digits_0123.pt").read_bytes()
     assert train.main(common + ["--run", "own"]) == 2
     assert "was trained as resnet18" in " ".join(capsys.readouterr().err.split())
