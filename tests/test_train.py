@@ -95,7 +95,7 @@ def test_run_curves_are_written_next_to_the_checkpoints(smoke_run):
     (["--batch_size", "0"], "--batch_size: 0 is out of range"),
     (["--num_epochs", "0"], "--num_epochs: 0 is out of range"),
     (["--student_model", "VGG"], "--student_model: invalid choice: 'VGG'"),
-    (["--task", "Z"], "--task: unknown task 'Z'; known: A, B, or a PATH.toml task file"),
+    (["--task", "Z"], "--task: unknown task 'Z'; known: A, A85, B, or a PATH.toml task file"),
     (["--aggregation", "vote"], "--aggregation: invalid choice: 'vote'"),
     (["--teacher_weighting", "random"], "--teacher_weighting: invalid choice: 'random'"),
     (["--teacher_weights", "0.5,x"], "--teacher_weights: '0.5,x' is not a comma-separated list of numbers"),
