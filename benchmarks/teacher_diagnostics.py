@@ -59,8 +59,10 @@ def get_args_parser():
     p.add_argument("--teacher_dustbin", action="store_true",
                    help="the teachers with a dustbin (train.py --teacher_dustbin): their home probability is "
                         "one more home-ground score")
-    p.add_argument("--teacher_architecture", metavar="ARCH", help="the teachers' architecture, as train.py was given it")
-    p.add_argument("--teacher_pretrained", metavar="FILE", help="what the teachers started from, as train.py was given it")
+    p.add_argument("--teacher_architecture", metavar="ARCH",
+                   help="the teachers' architecture, as train.py was given it")
+    p.add_argument("--teacher_pretrained", metavar="FILE",
+                   help="what the teachers started from, as train.py was given it")
     p.add_argument("--label_fractions", type=float, nargs="*", default=[],
                    help="fit the stacker of --aggregation stacked on this fraction of the training labels and "
                         "measure it on the rest (pseudo-labels) and on validation")

@@ -94,13 +94,14 @@ def create_model(architecture: str, num_classes: int, in_chans: int, image_size:
     """
     check_architecture(architecture)
     small = image_size < SMALL_INPUT if adapt is None else adapt
-    if small and small_stem_weights(pretrained):  # weights of an mtkd small-input network: its layout, whole
-        model = _timm_model(architecture, num_classes, in_chans, None)
+    state = _pretrained_state(pretrained, f"pretrained weights for {architecture}")  # read once
+    if small and _small_stem(state):  # weights of an mtkd small-input network: its layout, whole
+        model = _timm_model(architecture, num_classes, in_chans, None, None)
         reset_classifier_init(model)
         adapt_to_small_inputs(model)
-        _load_backbone(model, pretrained, architecture)
+        _load_backbone(model, state, pretrained, architecture)
         return model
-    model = _timm_model(architecture, num_classes, in_chans, pretrained)
+    model = _timm_model(architecture, num_classes, in_chans, pretrained, state)
     reset_classifier_init(model)
     if small:
         adapt_to_small_inputs(model, keep_weights=pretrained is not None if pretrained_layout is None
@@ -108,7 +109,9 @@ def create_model(architecture: str, num_classes: int, in_chans: int, image_size:
     return model
 
 
-def _timm_model(architecture: str, num_classes: int, in_chans: int, pretrained: str | None) -> nn.Module:
+def _timm_model(architecture: str, num_classes: int, in_chans: int, pretrained: str | None,
+                state: dict | None) -> nn.Module:
+    """The timm model, from ``pretrained`` weights where given (``state``: a file's weights, read already)."""
     if pretrained is None:
         return timm.create_model(architecture, pretrained=False, num_classes=num_classes, in_chans=in_chans)
     if pretrained == HUB:
@@ -121,9 +124,6 @@ def _timm_model(architecture: str, num_classes: int, in_chans: int, pretrained: 
                             f"download them where the hub is reachable and pass the file: --pretrained PATH (or "
                             f"pretrained = \"PATH\" for a teacher), a .safetensors, .pth or .bin of {architecture} "
                             "in timm's format.") from None
-    from .checkpoint import load_weights_file
-
-    state, _ = load_weights_file(pretrained, f"pretrained weights for {architecture}")
     def misfit(detail: str) -> UserError:
         return UserError(f"pretrained weights {pretrained} do not fit {architecture} ({detail}). Fix: pass the "
                          f"weights of exactly this timm architecture, in timm's format.")
@@ -148,20 +148,26 @@ def small_stem_weights(pretrained: str | None) -> bool:
     convolution, ``stem_in_weights``): an mtkd network trained on small images, such as Task A85's teacher.
     ``create_model`` builds such a start in the small-input layout and loads every weight but the classifier;
     timm's own weights (7x7 stem) keep their layout with strides changed."""
+    return _small_stem(_pretrained_state(pretrained, "pretrained weights"))
+
+
+def _pretrained_state(pretrained: str | None, who: str) -> dict | None:
+    """The weights of the file ``pretrained`` (None without one, or for the hub's)."""
     if pretrained in (None, HUB):
-        return False
+        return None
     from .checkpoint import load_weights_file
 
-    found = stem_in_weights(load_weights_file(pretrained, "pretrained weights")[0])
+    return load_weights_file(pretrained, who)[0]
+
+
+def _small_stem(state: dict | None) -> bool:
+    found = stem_in_weights(state) if state is not None else None
     return found is not None and found[0]
 
 
-def _load_backbone(model: nn.Module, pretrained: str, architecture: str) -> None:
-    """Every weight of the file ``pretrained`` but its classifier into ``model`` (same layout), or a UserError
-    that says what does not fit."""
-    from .checkpoint import load_weights_file
-
-    state, _ = load_weights_file(pretrained, f"pretrained weights for {architecture}")
+def _load_backbone(model: nn.Module, state: dict, pretrained: str, architecture: str) -> None:
+    """Every weight of ``state`` (the file ``pretrained``'s) but its classifier into ``model`` (same layout), or
+    a UserError that says what does not fit."""
     head = set(classifier_keys(model, ("weight", "bias")))
     own = model.state_dict()
     state = {k: v for k, v in state.items() if k not in head}

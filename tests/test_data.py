@@ -36,7 +36,8 @@ def write_mini_cifar100(root, per_class_train=10, per_class_test=4, names=None):
         with open(folder / name, "wb") as f:
             pickle.dump(batch(per_class), f)
     with open(folder / "meta", "wb") as f:
-        pickle.dump({"fine_label_names": list(names or CIFAR100_NAMES), "coarse_label_names": [f"c{i}" for i in range(20)]}, f)
+        pickle.dump({"fine_label_names": list(names or CIFAR100_NAMES),
+                     "coarse_label_names": [f"c{i}" for i in range(20)]}, f)
 
 
 def test_task_a_loader_reads_cifar100_pickles(tmp_path):

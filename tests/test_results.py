@@ -47,7 +47,8 @@ def test_a_record_holds_every_column_and_the_method_in_words():
     # Teachers of another architecture or start than the task's are another recipe.
     assert method_name(argparse_ns(teacher_architecture="resnet18", teacher_pretrained="runs/A85/teachers/others.pt")) \
         == "consensus/fixed/kl+teachers(resnet18 from others.pt)"
-    assert method_name(argparse_ns(teacher_pretrained="w.safetensors")) == "consensus/fixed/kl+teachers(from w.safetensors)"
+    assert method_name(argparse_ns(teacher_pretrained="w.safetensors")) \
+        == "consensus/fixed/kl+teachers(from w.safetensors)"
     assert method_name(argparse_ns(alpha=0, teacher_architecture="resnet18")) == "labels"
 
 
