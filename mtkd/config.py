@@ -95,6 +95,10 @@ def get_args_parser(task_names: list[str] | None = None) -> argparse.ArgumentPar
                    help="keep the labels of this stratified fraction of the training images (seeded by --seed); the "
                         "others are used without labels, by the teachers' losses only (not at all when alpha = 0 and "
                         "--feature_weight is 0)")
+    p.add_argument("--transfer_images", type=nonneg_int, default=0, metavar="N",
+                   help="a transfer set: N more training images, of CIFAR-100's classes outside the task, without "
+                        "labels (taught by the teachers' soft losses only; the same stratified choice for every "
+                        "seed). CIFAR-100 tasks only; 0 = none")
     p.add_argument("--teacher_epochs", type=positive_int, default=30, help="epochs for each teacher trained")
     p.add_argument("--teacher_optimizer", default="adam", choices=OPTIMIZERS,
                    help="optimiser of each teacher trained (adam, adamw, or sgd)")

@@ -417,6 +417,30 @@ def _load_cifar100(spec: TaskSpec, data_root: Path, download: bool) -> TaskData:
     )
 
 
+def load_transfer_images(spec: TaskSpec, data_root: str | Path, count: int,
+                         download: bool = True) -> ImageTensorDataset:
+    """A transfer set (Hinton et al. 2015): ``count`` training images of the dataset's classes outside the task,
+    without labels (-1), for the teachers' soft losses only; a stratified choice over those classes, seeded by
+    the task's ``split_seed`` (the same images for every run, so one teacher cache serves every seed). CIFAR-100
+    tasks only: CIFAR-100's other classes (for Task A, Task A85's images)."""
+    if spec.source != "cifar100":
+        raise UserError(f"--transfer_images takes images of CIFAR-100's classes outside a CIFAR-100 task; task "
+                        f"{spec.name} is not one. Fix: drop --transfer_images (an image-folder task adds unlabelled "
+                        f"images with [dataset] unlabeled = \"DIR\" in its TOML file).")
+    ds = _open_cifar100(Path(data_root), train=True, download=download)
+    outside = np.flatnonzero(~np.isin(np.asarray(ds.targets), [ds.classes.index(c) for c in spec.class_names]))
+    if count > len(outside):
+        raise UserError(f"--transfer_images {count}: CIFAR-100 has {len(outside)} training images outside task "
+                        f"{spec.name}'s classes. Fix: ask for at most {len(outside)}.")
+    targets = np.asarray(ds.targets)[outside]
+    if count < len(np.unique(targets)):  # fewer images than classes: no stratified choice exists
+        outside = np.sort(np.random.default_rng(spec.split_seed).choice(outside, count, replace=False))
+    elif count < len(outside):
+        outside = outside[stratified_split(targets, count, spec.split_seed)[1]]
+    labels = np.full(len(outside), UNLABELLED, dtype=np.int64)
+    return _to_dataset(ds.data[outside].transpose(0, 3, 1, 2), labels)
+
+
 def read_image(path: str | Path, channels: int, size: int) -> np.ndarray:
     """One image file as ``uint8 (C, size, size)``: grey, RGBA and palette images are converted."""
     with Image.open(path) as img:

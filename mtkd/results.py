@@ -59,7 +59,8 @@ def method_name(args) -> str:
     weights given, ``+dustbin`` from teachers with a dustbin, ``+dustbin(plain)`` from dustbin teachers
     started from the plain ones: ``--dustbin_from_plain``; a record reads which from the teachers' checkpoints,
     ``taught_by``); ``+teachers(ARCH from FILE)`` from teachers of another architecture or start than the
-    task's (``--teacher_architecture``, ``--teacher_pretrained``)."""
+    task's (``--teacher_architecture``, ``--teacher_pretrained``); ``+transfer(N)`` with N transfer images
+    (``--transfer_images``)."""
     features, attention = getattr(args, "feature_weight", 0), getattr(args, "attention_weight", 0)
     if args.alpha == 0 and not features and not attention:
         return "labels"
@@ -76,7 +77,9 @@ def method_name(args) -> str:
               f"+ema({args.ema_teacher:g})" if getattr(args, "ema_teacher", 0) else "",
               "+weights(" + " ".join(f"{w:g}" for w in args.teacher_weights) + ")"
               if getattr(args, "teacher_weights", None) else ""]
-    return name + "".join(extras) + _dustbin_suffix(args) + _teachers_suffix(args)
+    transfer = getattr(args, "transfer_images", 0)
+    return (name + "".join(extras) + _dustbin_suffix(args) + _teachers_suffix(args)
+            + (f"+transfer({transfer})" if transfer else ""))
 
 
 def _teachers_suffix(args) -> str:

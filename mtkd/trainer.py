@@ -23,7 +23,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 from .cache import CachedViews, open_teacher_cache, teacher_logits
 from .checkpoint import CheckpointSaver, load_checkpoint, student_checkpoint
-from .data import BatchTransform, TaskData, count_labelled, create_loader, keep_labels, labelled_only, load_task_data
+from .data import (BatchTransform, TaskData, concat, count_labelled, create_loader, keep_labels, labelled_only,
+                   load_task_data, load_transfer_images)
 from .distill import Distiller
 from .terms import KDConfig
 from .distributed import DistInfo, barrier, broadcast, cleanup, init_distributed, main_first
@@ -118,6 +119,7 @@ class RunConfig:
     epochs: int
     seed: int
     label_fraction: float
+    transfer_images: int
     amp: str
     deterministic: bool
     compile: bool
@@ -134,7 +136,7 @@ class RunConfig:
     def from_args(cls, args: Namespace, task: TaskSpec) -> "RunConfig":
         return cls(check_kd_args(args, task), TeacherRecipe.from_args(args), LoopConfig.from_args(args),
                    optimizer_kwargs(args), scheduler_kwargs(args), args.student_model, args.num_epochs, args.seed,
-                   args.label_fraction, args.amp, args.deterministic, args.compile, args.teacher_cache,
+                   args.label_fraction, args.transfer_images, args.amp, args.deterministic, args.compile, args.teacher_cache,
                    args.cache_views, args.output_dir, args.data_root, args.retrain_teachers, args.early_stopping,
                    args.save_top_k, args.pretrained)
 
@@ -211,6 +213,8 @@ def _run(args: Namespace, explicit: set[str], dist: DistInfo, device_name: str) 
     device = resolve_device(device_name)
     set_deterministic(config.deterministic)
     data = _load_data(task, config.data_root)
+    # Read before the teachers train: a task without such images stops here, before anything is written.
+    transfer = load_transfer_images(task, config.data_root, config.transfer_images) if config.transfer_images else None
     saved = SavedPrecisions.from_checkpoint(last, amp_given="amp" in explicit)
     transform = BatchTransform.for_task(task).to(device)
     seed_everything(config.seed)
@@ -229,6 +233,8 @@ def _run(args: Namespace, explicit: set[str], dist: DistInfo, device_name: str) 
     train_set = keep_labels(data.train, config.label_fraction, config.seed)
     hidden = torch.nonzero((train_set.labels < 0) & (data.train.labels >= 0)).squeeze(1)
     unlabelled_truth = (data.train, hidden) if len(hidden) else None  # their labels, for the report only
+    if transfer is not None:  # after data.train's images, so that their indices stay those of data.train
+        train_set = concat(train_set, transfer)
     kd = replace(config.kd, unlabelled=count_labelled(train_set)[1] > 0)
     seed_everything(config.seed)
     step = Distiller(student, ensemble, kd, compile=config.compile).to(device)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import tasks
-from mtkd.data import BatchTransform, ImageTensorDataset, create_loader, load_task_data
+from mtkd.data import BatchTransform, ImageTensorDataset, create_loader, load_task_data, load_transfer_images
 from mtkd.errors import UserError
 
 CIFAR100_NAMES = [f"other_{i}" for i in range(100)]
@@ -66,6 +66,31 @@ def test_task_a85_reads_the_other_85_classes_and_no_image_of_task_as(tmp_path):
         names = [CIFAR100[i] for i in split.images[:, 0, 0, 0].long()]
         assert names == [others.class_names[y] for y in split.labels]
         assert not set(names) & set(TASK_A.class_names)
+
+
+def test_transfer_images_are_unlabelled_images_of_the_other_classes_chosen_the_same_every_time(tmp_path):
+    write_mini_cifar100(tmp_path, per_class_train=4)
+    transfer = load_transfer_images(TASK_A, tmp_path, 170, download=False)
+    assert len(transfer) == 170 and (transfer.labels == -1).all()
+    names = [CIFAR100_NAMES[i] for i in transfer.images[:, 0, 0, 0].long()]
+    assert not set(names) & set(TASK_A.class_names)
+    # Stratified over the 85 other classes: 2 of each one's 4 images.
+    assert sorted(set(names)) == sorted(set(CIFAR100_NAMES) - set(TASK_A.class_names))
+    assert all(names.count(n) == 2 for n in set(names))
+    again = load_transfer_images(TASK_A, tmp_path, 170, download=False)  # seeded by the task, not the run
+    assert torch.equal(again.images, transfer.images)
+    every = load_transfer_images(TASK_A, tmp_path, 340, download=False)
+    assert len(every) == 340 and len({bytes(im.numpy()) for im in every.images[:, 0, 0, :1]}) == 85
+    few = load_transfer_images(TASK_A, tmp_path, 10, download=False)  # fewer than the classes: a seeded choice
+    assert len(few) == 10 and not set(CIFAR100_NAMES[i] for i in few.images[:, 0, 0, 0].long()) & set(TASK_A.class_names)
+
+
+def test_transfer_images_bad_requests_are_clear_errors(tmp_path):
+    write_mini_cifar100(tmp_path, per_class_train=4)
+    with pytest.raises(UserError, match="(?s)--transfer_images 341: CIFAR-100 has 340 .*Fix: ask for at most 340"):
+        load_transfer_images(TASK_A, tmp_path, 341, download=False)
+    with pytest.raises(UserError, match="(?s)task B is not one.*Fix: drop --transfer_images"):
+        load_transfer_images(tasks.get_task("B"), tmp_path, 10, download=False)
 
 
 def test_task_a_missing_data_is_a_clear_error(tmp_path):

@@ -50,6 +50,10 @@ def test_a_record_holds_every_column_and_the_method_in_words():
     assert method_name(argparse_ns(teacher_pretrained="w.safetensors")) \
         == "consensus/fixed/kl+teachers(from w.safetensors)"
     assert method_name(argparse_ns(alpha=0, teacher_architecture="resnet18")) == "labels"
+    # A transfer set is more training images: another recipe, named with its size.
+    assert method_name(argparse_ns(aggregation="amalgamate", transfer_images=6750)) \
+        == "amalgamate/fixed/kl+transfer(6750)"
+    assert config_of(_args(transfer_images=6750)) != config_of(_args())
 
 
 def argparse_ns(**flags):

@@ -1,3 +1,4 @@
+import argparse
 import csv
 import json
 import signal
@@ -132,6 +133,38 @@ def test_missing_cifar_exits_2_with_one_message(tmp_path, monkeypatch):
     code = train.main(["--task", "A", "--data_root", str(tmp_path / "data"), "--output_dir", str(tmp_path / "runs")])
     assert code == 2
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_transfer_set_on_a_task_without_other_images_exits_2_before_any_teacher_trains(tmp_path, capsys):
+    assert train.main(["--transfer_images", "100", "--output_dir", str(tmp_path / "runs")]) == 2
+    assert "task B is not one. Fix: drop --transfer_images" in " ".join(capsys.readouterr().err.split())
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_a_transfer_set_joins_the_students_training_images_unlabelled_and_its_cache(tmp_path, capsys):
+    """Task A on a miniature CIFAR-100 (real on-disk format): the transfer images are taught by the teachers
+    only; the teachers train on the task's images alone; the cache holds both; the record names the recipe."""
+    from tests.test_data import write_mini_cifar100
+    from mtkd.results import method_name
+
+    write_mini_cifar100(tmp_path / "data", per_class_train=10, per_class_test=1)
+    out = tmp_path / "runs"
+    argv = ["--task", "A", "--data_root", str(tmp_path / "data"), "--output_dir", str(out), "--teacher_architecture",
+            "resnet18", "--teacher_epochs", "1", "--num_epochs", "1", "--student_model", "MobileNetV3", "--amp", "off",
+            "--aggregation", "amalgamate", "--alpha", "0.5", "--transfer_images", "85", "--teacher_cache",
+            str(tmp_path / "cache"), "--cache_views", "2", "--batch_size", "16", "--run", "transfer"]
+    assert train.main(argv) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    # 10 images per class, 10% of each class for validation: 9 x 15 labelled; one image of each other class.
+    assert "Training images 135 labelled, 85 unlabelled" in printed
+    assert "2 views x 220 images x 3 teachers" in printed
+    run = next((out / "TaskA").glob("*_transfer"))
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["labelled_images"], summary["unlabelled_images"]) == (135, 85)
+    assert summary["pseudo_label_acc"] is None  # no hidden labels: the transfer images have none in the task
+    args = json.loads((run / "args.json").read_text())
+    assert method_name(argparse.Namespace(**args)) == "amalgamate/fixed/kl+teachers(resnet18)+transfer(85)"
 
 
 @pytest.mark.parametrize("flags, message", [
