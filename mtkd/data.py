@@ -428,15 +428,15 @@ def load_transfer_images(spec: TaskSpec, data_root: str | Path, count: int,
                         f"{spec.name} is not one. Fix: drop --transfer_images (an image-folder task adds unlabelled "
                         f"images with [dataset] unlabeled = \"DIR\" in its TOML file).")
     ds = _open_cifar100(Path(data_root), train=True, download=download)
-    outside = np.flatnonzero(~np.isin(np.asarray(ds.targets), [ds.classes.index(c) for c in spec.class_names]))
+    targets = np.asarray(ds.targets)
+    outside = np.flatnonzero(~np.isin(targets, [ds.classes.index(c) for c in spec.class_names]))
     if count > len(outside):
         raise UserError(f"--transfer_images {count}: CIFAR-100 has {len(outside)} training images outside task "
                         f"{spec.name}'s classes. Fix: ask for at most {len(outside)}.")
-    targets = np.asarray(ds.targets)[outside]
-    if count < len(np.unique(targets)):  # fewer images than classes: no stratified choice exists
+    if count < len(np.unique(targets[outside])):  # fewer images than classes: no stratified choice exists
         outside = np.sort(np.random.default_rng(spec.split_seed).choice(outside, count, replace=False))
     elif count < len(outside):
-        outside = outside[stratified_split(targets, count, spec.split_seed)[1]]
+        outside = outside[stratified_split(targets[outside], count, spec.split_seed)[1]]
     labels = np.full(len(outside), UNLABELLED, dtype=np.int64)
     return _to_dataset(ds.data[outside].transpose(0, 3, 1, 2), labels)
 

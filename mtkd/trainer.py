@@ -137,8 +137,8 @@ class RunConfig:
         return cls(check_kd_args(args, task), TeacherRecipe.from_args(args), LoopConfig.from_args(args),
                    optimizer_kwargs(args), scheduler_kwargs(args), args.student_model, args.num_epochs, args.seed,
                    args.label_fraction, args.transfer_images, args.amp, args.deterministic, args.compile,
-                   args.teacher_cache, args.cache_views, args.output_dir, args.data_root, args.retrain_teachers, args.early_stopping,
-                   args.save_top_k, args.pretrained)
+                   args.teacher_cache, args.cache_views, args.output_dir, args.data_root, args.retrain_teachers,
+                   args.early_stopping, args.save_top_k, args.pretrained)
 
 
 @dataclass
