@@ -2,7 +2,9 @@
 
 A sweep over alpha, temperature, student or seed pays for the teachers once.
 The cache stores, per view ``v`` and training image ``i``, the augmentation
-parameters (crop offsets, flip) and each teacher's logits (fp16). Student epoch
+parameters (crop offsets, flip) and each teacher's logits (fp16); for
+``--embedding_weight``, each teacher's pooled features too (fp16, a file of its
+own key). Student epoch
 ``e`` (counting from 1) replays view ``(e - 1) mod K``: the student sees
 exactly the pixels the teachers saw (consistent teaching, Beyer et al., CVPR
 2022; FKD, Shen & Xing, ECCV 2022).
@@ -46,9 +48,10 @@ def _hash_teachers(h, ensemble: TeacherEnsemble) -> None:
 
 
 def cache_key(ensemble: TeacherEnsemble, dataset: ImageTensorDataset | FileImageDataset,
-              transform: BatchTransform, num_views: int) -> str:
+              transform: BatchTransform, num_views: int, embeddings: bool = False) -> str:
     """sha256 over the teachers' weights, classes, inputs and precisions (dtype), the device type they run on, the
-    images (pixels, or files' paths, sizes and modification times), augmentation and K."""
+    images (pixels, or files' paths, sizes and modification times), augmentation, K and whether the teachers'
+    pooled features are kept too."""
     device = ensemble.weights.device.type
     h = hashlib.sha256(f"mtkd-teacher-cache v{CACHE_VERSION} views={num_views} seed={VIEW_SEED} "
                        f"device={device}".encode())
@@ -57,6 +60,8 @@ def cache_key(ensemble: TeacherEnsemble, dataset: ImageTensorDataset | FileImage
     h.update(f"pad={transform.crop_padding} flip={transform.hflip}".encode())
     if transform.cutout:  # keys of caches without Cutout stay as they were
         h.update(f" cutout={transform.cutout}".encode())
+    if embeddings:  # and those of caches of logits only
+        h.update(b" embeddings")
     hash_tensor(h, transform.mean.float())
     hash_tensor(h, transform.std.float())
     return h.hexdigest()
@@ -87,29 +92,37 @@ def _read_state(path: Path, version: int, key: str, mismatch: str) -> dict:
 
 
 class TeacherCache:
-    """``logits[k]``: ``(K, N, C_k)`` fp16; ``dy``, ``dx``: ``(K, N)``; ``flip``: ``(K, N)`` bool."""
+    """``logits[k]``: ``(K, N, C_k)`` fp16; ``dy``, ``dx``: ``(K, N)``; ``flip``: ``(K, N)`` bool;
+    ``embeddings[k]`` (or None): ``(K, N, D_k)`` fp16, teacher ``k``'s pooled features."""
 
-    def __init__(self, key: str, logits: list[Tensor], dy: Tensor, dx: Tensor, flip: Tensor):
+    def __init__(self, key: str, logits: list[Tensor], dy: Tensor, dx: Tensor, flip: Tensor,
+                 embeddings: list[Tensor] | None = None):
         self.key, self.logits, self.dy, self.dx, self.flip = key, logits, dy, dx, flip
+        self.embeddings = embeddings
 
     @property
     def num_views(self) -> int:
         return self.dy.shape[0]
 
     def tensors(self) -> dict:
-        return {"logits": self.logits, "dy": self.dy, "dx": self.dx, "flip": self.flip}
+        extra = {"embeddings": self.embeddings} if self.embeddings is not None else {}
+        return {"logits": self.logits, "dy": self.dy, "dx": self.dx, "flip": self.flip, **extra}
 
     @classmethod
     @torch.no_grad()
     def build(cls, key: str, ensemble: TeacherEnsemble, dataset: ImageTensorDataset, transform: BatchTransform,
-              num_views: int, device: torch.device, batch_size: int = 512) -> "TeacherCache":
-        """Run every teacher once on each of ``num_views`` augmented views of the whole dataset.
+              num_views: int, device: torch.device, batch_size: int = 512,
+              embeddings: bool = False) -> "TeacherCache":
+        """Run every teacher once on each of ``num_views`` augmented views of the whole dataset (keeping their
+        pooled features too with ``embeddings``).
 
         ``key`` is ``cache_key`` of these arguments (computed once, by the caller).
         """
         n = len(dataset)
         gen = torch.Generator().manual_seed(VIEW_SEED)
         logits = [torch.empty(num_views, n, c, dtype=torch.float16) for c in ensemble.output_sizes]
+        embeds = ([torch.empty(num_views, n, d, dtype=torch.float16) for d in ensemble.embedding_sizes]
+                  if embeddings else None)
         params = {k: [] for k in ("dy", "dx", "flip")}
         teachers = len(ensemble.teachers)
         console.print(f"[bold]Teacher cache[/]: computing {num_views} views x {n:,} images x {teachers} teachers "
@@ -124,25 +137,33 @@ class TeacherCache:
                     images, _ = dataset.__getitems__(range(start, min(start + batch_size, n)))
                     x = transform(images.to(device), augment=True,
                                   params={k: t[sl] for k, t in view.items()})
-                    for k, z in enumerate(ensemble(x)):
+                    z_all, _, h_all = ensemble.outputs(x, embeddings=embeddings)
+                    for k, z in enumerate(z_all):
                         logits[k][v, sl] = z.to("cpu", torch.float16)
+                    for k, h in enumerate(h_all or []):
+                        embeds[k][v, sl] = h.to("cpu", torch.float16)
                     advance(len(images))
         return cls(key, logits,
                    torch.stack(params["dy"]).to(torch.int16), torch.stack(params["dx"]).to(torch.int16),
-                   torch.stack(params["flip"]))
+                   torch.stack(params["flip"]), embeds)
 
     def save(self, path: Path) -> None:
         tensors = self.tensors()
         save_checkpoint({"version": CACHE_VERSION, "key": self.key, "checksum": _checksum(tensors), **tensors}, path)
 
     @classmethod
-    def load(cls, path: Path, key: str, num_views: int, num_images: int, sizes: list[int]) -> "TeacherCache":
-        """Load and verify a cache file; raise ``CacheError`` saying what is wrong."""
+    def load(cls, path: Path, key: str, num_views: int, num_images: int, sizes: list[int],
+             embedding_sizes: list[int] | None = None) -> "TeacherCache":
+        """Load and verify a cache file (with ``embedding_sizes``, one that keeps the teachers' pooled features
+        too); raise ``CacheError`` saying what is wrong."""
         state = _read_state(path, CACHE_VERSION, key, "written for other teachers, data or settings")
         try:
-            cache = cls(key, list(state["logits"]), state["dy"], state["dx"], state["flip"])
+            embeds = None if embedding_sizes is None else list(state["embeddings"])
+            cache = cls(key, list(state["logits"]), state["dy"], state["dx"], state["flip"], embeds)
             ok = ([tuple(z.shape) for z in cache.logits] == [(num_views, num_images, c) for c in sizes]
-                  and all(tuple(t.shape) == (num_views, num_images) for t in (cache.dy, cache.dx, cache.flip)))
+                  and all(tuple(t.shape) == (num_views, num_images) for t in (cache.dy, cache.dx, cache.flip))
+                  and (embeds is None or [tuple(h.shape) for h in embeds]
+                       == [(num_views, num_images, d) for d in embedding_sizes]))
         except (KeyError, TypeError, AttributeError):
             raise CacheError("incomplete") from None
         if not ok:
@@ -160,20 +181,22 @@ def cache_path(cache_dir: str | Path, task_name: str, key: str, kind: str = "") 
 
 def open_teacher_cache(cache_dir: str | Path, task_name: str, ensemble: TeacherEnsemble,
                        dataset: ImageTensorDataset, transform: BatchTransform, num_views: int,
-                       device: torch.device) -> tuple[TeacherCache, Path, str]:
-    """Load the matching cache from ``cache_dir``, or build and save it; returns it, its path, and
-    ``'reused'``, ``'built'`` or ``'rebuilt (reason)'``."""
-    key = cache_key(ensemble, dataset, transform, num_views)
+                       device: torch.device, embeddings: bool = False) -> tuple[TeacherCache, Path, str]:
+    """Load the matching cache from ``cache_dir``, or build and save it (with ``embeddings``, one that keeps
+    the teachers' pooled features too); returns it, its path, and ``'reused'``, ``'built'`` or
+    ``'rebuilt (reason)'``."""
+    key = cache_key(ensemble, dataset, transform, num_views, embeddings)
     path = cache_path(cache_dir, task_name, key)
     sizes = ensemble.output_sizes
+    embedding_sizes = ensemble.embedding_sizes if embeddings else None
     status = "built"
     if path.exists():
         try:
-            return TeacherCache.load(path, key, num_views, len(dataset), sizes), path, "reused"
+            return TeacherCache.load(path, key, num_views, len(dataset), sizes, embedding_sizes), path, "reused"
         except CacheError as e:
             console.print(f"[yellow]teacher cache {path} is not usable ({e}); rebuilding it[/]", soft_wrap=True)
             status = f"rebuilt ({e})"
-    cache = TeacherCache.build(key, ensemble, dataset, transform, num_views, device)
+    cache = TeacherCache.build(key, ensemble, dataset, transform, num_views, device, embeddings=embeddings)
     cache.save(path)
     return cache, path, status
 
@@ -246,9 +269,10 @@ def teacher_logits(ensemble: TeacherEnsemble, datasets: dict, transform: BatchTr
 class CachedViews(Dataset):
     """The training set with its cached views: batches are ``(images, labels, extras)``.
 
-    ``extras`` holds the view's augmentation parameters (``aug``) and the
-    teachers' logits on it (``teacher_logits``); ``set_epoch(e)`` picks view
-    ``(e - 1) mod K``.
+    ``extras`` holds the view's augmentation parameters (``aug``), the
+    teachers' logits on it (``teacher_logits``) and, where the cache keeps
+    them, their pooled features (``teacher_embeddings``); ``set_epoch(e)``
+    picks view ``(e - 1) mod K``.
     """
 
     def __init__(self, dataset: ImageTensorDataset, cache: TeacherCache):
@@ -265,8 +289,10 @@ class CachedViews(Dataset):
         c, v = self.cache, self.view
         aug = {"dy": c.dy[v, idx], "dx": c.dx[v, idx], "flip": c.flip[v, idx]}
         images, labels = self.dataset.__getitems__(idx)
-        return (images, labels,
-                {"aug": aug, "teacher_logits": [z[v, idx] for z in c.logits]})
+        extras = {"aug": aug, "teacher_logits": [z[v, idx] for z in c.logits]}
+        if c.embeddings is not None:
+            extras["teacher_embeddings"] = [h[v, idx] for h in c.embeddings]
+        return images, labels, extras
 
     def __getitem__(self, i):
         return self.__getitems__([i])

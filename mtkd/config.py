@@ -93,8 +93,8 @@ def get_args_parser(task_names: list[str] | None = None) -> argparse.ArgumentPar
     p.add_argument("--device", default="auto", help="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
     p.add_argument("--label_fraction", type=_ranged(float, 0.0, 1.0, low_open=True, what="in (0, 1]"), default=1.0,
                    help="keep the labels of this stratified fraction of the training images (seeded by --seed); the "
-                        "others are used without labels, by the teachers' losses only (not at all when alpha = 0 and "
-                        "--feature_weight is 0)")
+                        "others are used without labels, by the teachers' losses only (not at all when alpha = 0 "
+                        "and no feature or embedding term is on)")
     p.add_argument("--transfer_images", type=nonneg_int, default=0, metavar="N",
                    help="a transfer set: N more training images, of CIFAR-100's classes outside the task, without "
                         "labels (taught by the teachers' soft losses only; the same stratified choice for every "
@@ -154,6 +154,9 @@ def get_args_parser(task_names: list[str] | None = None) -> argparse.ArgumentPar
                     help="weight of feature matching (MSE through 1x1 adapters); 0 = off")
     kd.add_argument("--attention_weight", type=nonneg_float, default=0.0,
                     help="weight of attention transfer (Zagoruyko & Komodakis) at --feature_layers; 0 = off")
+    kd.add_argument("--embedding_weight", type=nonneg_float, default=0.0,
+                    help="weight of embedding matching: the student's pooled features through a linear adapter per "
+                         "teacher, matched in direction (2 - 2 cos) to the teacher's; kept in --teacher_cache; 0 = off")
     kd.add_argument("--feature_layers", default="-1", metavar="STAGES",
                     help="stages to match: comma-separated indices (-1 = last) or timm module names (layer3)")
     kd.add_argument("--temperature_final", type=positive_float, default=None,

@@ -14,10 +14,12 @@ them, and a method that needs their label uses a pseudo-label (see ``terms``).
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from torch import Tensor, nn
 
-from .models import forward_with_features
+from .models import capturing_embedding, forward_with_features
 from .precision import FP32
 from .stacking import Stacker
 from .teachers import TeacherEnsemble
@@ -89,29 +91,34 @@ class Distiller(nn.Module):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def forward(self, x: Tensor, y: Tensor, teacher_logits: list[Tensor] | None = None) -> dict[str, Tensor]:
+    def forward(self, x: Tensor, y: Tensor, teacher_logits: list[Tensor] | None = None,
+                teacher_embeddings: list[Tensor] | None = None) -> dict[str, Tensor]:
         """The student (and the terms' student-side models) run in the caller's precision, each teacher in its
         own; soft targets and every loss are computed in fp32 from the logits, whatever the student's precision
-        (as timm and torchdistill do)."""
+        (as timm and torchdistill do). ``teacher_logits`` / ``teacher_embeddings``: the cache's, where it keeps
+        them; whatever a term needs and is not given comes from one pass of the teachers."""
         terms = list(self.terms.values())
         s_stages = next((t.student_stages for t in terms if t.student_stages is not None), None)
         t_stages = next((t.teacher_stages for t in terms if t.teacher_stages is not None), None)
-        if s_stages is not None:
-            logits, s_feats = forward_with_features(self.student, x, s_stages)
-        else:
-            logits, s_feats = self.student_forward(x), None
+        embed = any(t.embeddings for t in terms)
+        with capturing_embedding(self.student) if embed else nullcontext([]) as seen:
+            if s_stages is not None:
+                logits, s_feats = forward_with_features(self.student, x, s_stages)
+            else:  # a hook on the classifier needs the module itself, not its compiled forward
+                logits, s_feats = (self.student if embed else self.student_forward)(x), None
         t_feats = None
         if self.ensemble is not None:
-            if teacher_logits is None and t_stages is not None:
-                teacher_logits, t_feats = self.ensemble(x, t_stages)
-            elif teacher_logits is None:
-                teacher_logits = self.ensemble(x)
-            elif t_stages is not None:
-                _, t_feats = self.ensemble(x, t_stages)
+            need_logits = teacher_logits is None
+            need_embed = embed and teacher_embeddings is None
+            if need_logits or t_stages is not None or need_embed:
+                z, t_feats, h = self.ensemble.outputs(x, t_stages, need_embed)
+                teacher_logits = z if need_logits else teacher_logits
+                teacher_embeddings = h if need_embed else teacher_embeddings
             teacher_logits = [z.float() for z in teacher_logits]
         else:
-            teacher_logits = None
-        ctx = StepContext(self, x, y, logits, s_feats, teacher_logits, t_feats)
+            teacher_logits = teacher_embeddings = None
+        ctx = StepContext(self, x, y, logits, s_feats, teacher_logits, t_feats, seen[-1] if seen else None,
+                          teacher_embeddings if embed else None)
         for term in terms:
             term.prepare(ctx)
         with FP32.autocast(x.device):

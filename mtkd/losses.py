@@ -257,6 +257,20 @@ def feature_loss(student_features: list[Tensor], teacher_features: list[list[Ten
     return total.mean()
 
 
+def embedding_loss(student: list[Tensor], teachers: list[Tensor], weights: Tensor) -> Tensor:
+    """``(1/B) sum_b sum_k w_bk * ||s_k(b)/|s_k(b)| - t_k(b)/|t_k(b)| ||^2`` (= ``2 - 2 cos``).
+
+    ``student[k]``: the student's pooled features (the input of its classifier)
+    after its linear adapter to teacher ``k``, ``(B, D_k)``; ``teachers[k]``:
+    teacher ``k``'s own, ``(B, D_k)``. Matching directions, not lengths, keeps
+    the term on one scale (0 to 4) whatever the teachers' feature norms.
+    """
+    total = weights.new_zeros(weights.shape[0])
+    for k, (s, t) in enumerate(zip(student, teachers)):
+        total = total + weights[:, k] * (F.normalize(s.float(), dim=1) - F.normalize(t.float(), dim=1)).pow(2).sum(1)
+    return total.mean()
+
+
 def attention_map(f: Tensor) -> Tensor:
     """Spatial attention of a feature map ``(B, C, H, W)``: ``mean_c f^2``, ``(B, 1, H, W)`` (Zagoruyko &
     Komodakis, ICLR 2017, with p = 2)."""

@@ -18,6 +18,8 @@ Other timm architectures (possible for custom teachers) are used unchanged.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import timm
 import torch
 from torch import nn
@@ -309,6 +311,29 @@ def forward_with_features(model: nn.Module, x, stages: list[int]):
     """``(logits, [features at each stage in stages])`` in one pass."""
     final, feats = model.forward_intermediates(x, indices=stages)
     return model.forward_head(final), feats
+
+
+def embedding_size(model: nn.Module, who: str = "model") -> int:
+    """How many features the model's classifier reads (its pooled features, ``forward_with_embedding``)."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if not isinstance(head, nn.Linear):
+        raise UserError(f"--embedding_weight: the {who} ({type(model).__name__}) has no linear classifier to read "
+                        "its pooled features from (timm's get_classifier). Fix: use a timm CNN, or "
+                        "--embedding_weight 0.")
+    return head.in_features
+
+
+@contextmanager
+def capturing_embedding(model: nn.Module):
+    """Within the block, every forward pass of ``model`` appends to the yielded list what its classifier read
+    (timm's ``get_classifier``), ``(B, embedding_size)``: the pooled features, after the head's dropout where
+    the model has one."""
+    seen = []
+    handle = model.get_classifier().register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    try:
+        yield seen
+    finally:
+        handle.remove()
 
 
 def count_parameters(model: nn.Module) -> int:

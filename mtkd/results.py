@@ -54,7 +54,8 @@ def method_name(args) -> str:
     """``labels`` (alpha 0, no feature terms) or ``aggregation/weighting/kd_loss`` (``aggregation/kd_loss``
     where the aggregation weighs the teachers itself: ``stacked``, ``stacked(combination)`` with
     ``--stacker_prior combination``; ``dkd(a=.. b=.. warm=..)`` with DKD's weights and warm-up;
-    ``+feat(W@STAGES)`` with feature matching, ``+at(W@STAGES)`` with attention transfer, ``+T_final(T)``
+    ``+feat(W@STAGES)`` with feature matching, ``+at(W@STAGES)`` with attention transfer, ``+embed(W)`` with
+    embedding matching, ``+T_final(T)``
     with an annealed temperature, ``+ema(DECAY)`` with the EMA teacher, ``+weights(W1 ..)`` with fixed teacher
     weights given, ``+dustbin`` from teachers with a dustbin, ``+dustbin(plain)`` from dustbin teachers
     started from the plain ones: ``--dustbin_from_plain``; a record reads which from the teachers' checkpoints,
@@ -62,7 +63,8 @@ def method_name(args) -> str:
     task's (``--teacher_architecture``, ``--teacher_pretrained``); ``+transfer(N)`` with N transfer images
     (``--transfer_images``)."""
     features, attention = getattr(args, "feature_weight", 0), getattr(args, "attention_weight", 0)
-    if args.alpha == 0 and not features and not attention:
+    embedding = getattr(args, "embedding_weight", 0)
+    if args.alpha == 0 and not features and not attention and not embedding:
         return "labels"
     weighting = [args.teacher_weighting] if AGGREGATIONS.get(args.aggregation).weighted else []
     prior = getattr(args, "stacker_prior", "zero")
@@ -73,6 +75,7 @@ def method_name(args) -> str:
     name = "/".join([aggregation, *weighting, kd])
     layers = getattr(args, "feature_layers", "-1")
     extras = [f"+feat({features:g}@{layers})" if features else "", f"+at({attention:g}@{layers})" if attention else "",
+              f"+embed({embedding:g})" if embedding else "",
               f"+T_final({args.temperature_final:g})" if getattr(args, "temperature_final", None) else "",
               f"+ema({args.ema_teacher:g})" if getattr(args, "ema_teacher", 0) else "",
               "+weights(" + " ".join(f"{w:g}" for w in args.teacher_weights) + ")"

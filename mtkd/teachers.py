@@ -1,6 +1,7 @@
 """The frozen teacher ensemble: runs the specialists and maps them to global classes."""
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Callable
 
 import torch
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .losses import mixture_targets, specialist_combination
-from .models import forward_with_features
+from .models import capturing_embedding, embedding_size, forward_with_features
 from .precision import FP32, Precision
 from .registry import Registry
 
@@ -112,6 +113,11 @@ class TeacherEnsemble(nn.Module):
         """How many logits each teacher gives: one per class, and one more with a dustbin."""
         return [len(ids) + int(d) for ids, d in zip(self.class_ids, self.dustbin)]
 
+    @property
+    def embedding_sizes(self) -> list[int]:
+        """How many pooled features each teacher's classifier reads (``outputs(..., embeddings=True)``)."""
+        return [embedding_size(t, f"teacher {n}") for t, n in zip(self.teachers, self.names)]
+
     def split(self, logits: list[Tensor]) -> tuple[list[Tensor], Tensor | None]:
         """``forward``'s logits as the logits over each teacher's own classes and ``home_probabilities``
         (None without dustbins: the logits are returned as they are)."""
@@ -137,12 +143,24 @@ class TeacherEnsemble(nn.Module):
         With ``stages`` (a list of stage indices per teacher) returns
         ``(logits, features)``, features being a list per teacher.
         """
-        out = self._run(lambda k, teacher, xk: teacher(xk) if stages is None
-                        else forward_with_features(teacher, xk, stages[k]), x)
+        logits, features, _ = self.outputs(x, stages)
+        return logits if stages is None else (logits, features)
+
+    def outputs(self, x: Tensor, stages: list[list[int]] | None = None, embeddings: bool = False):
+        """``(logits, features, embeddings)`` (float32) in one pass of each teacher: ``features``, with
+        ``stages``, a list of maps per teacher (else None); ``embeddings``, if asked, each teacher's pooled
+        features, what its classifier reads (``models.capturing_embedding``; else None)."""
+
+        def run(k: int, teacher: nn.Module, xk: Tensor):
+            with capturing_embedding(teacher) if embeddings else nullcontext([]) as seen:
+                z, f = (teacher(xk), None) if stages is None else forward_with_features(teacher, xk, stages[k])
+            return z, f, seen[-1] if seen else None
+
+        out = self._run(run, x)
         # Inference tensors cannot be saved for backward; clone them out of it.
-        if stages is None:
-            return [z.float().clone() for z in out]
-        return [z.float().clone() for z, _ in out], [[f.float().clone() for f in fs] for _, fs in out]
+        return ([z.float().clone() for z, _, _ in out],
+                None if stages is None else [[f.float().clone() for f in fs] for _, fs, _ in out],
+                [h.float().clone() for _, _, h in out] if embeddings else None)
 
     def pre_logits(self, x: Tensor) -> list[Tensor]:
         """Each teacher's pooled features, the input of its classifier (timm's ``pre_logits``), float32."""

@@ -13,6 +13,8 @@ the student's precision) and returns its value in fp32 from a
   (``losses.WEIGHTINGS``), matched by a KD loss (``KD_LOSSES``: KL, or DKD
   with its warm-up);
 * ``features``: feature matching through learned 1x1 adapters (FitNets);
+* ``embedding``: the pooled features (what each classifier reads) matched in
+  direction through learned linear adapters; cacheable with the logits;
 * ``attention``: attention transfer (Zagoruyko & Komodakis);
 * ``ema``: no loss of its own; an exponential moving average of the student
   joins the teachers (self-distillation), updated after every optimiser step.
@@ -35,7 +37,7 @@ from timm.utils import ModelEmaV3
 from torch import Tensor, nn
 
 from . import losses
-from .models import feature_stages, resolve_stages
+from .models import embedding_size, feature_stages, resolve_stages
 from .registry import Registry
 from .teachers import TeacherEnsemble
 
@@ -61,6 +63,7 @@ class KDConfig:
     dkd_warmup: int = 0  # epochs over which the soft term ramps up linearly (DKD)
     feature_weight: float = 0.0
     feature_layers: list[str] = field(default_factory=lambda: ["-1"])
+    embedding_weight: float = 0.0
     attention_weight: float = 0.0
     ema_decay: float = 0.0  # > 0: the student's EMA joins the teachers
     unlabelled: bool = False  # the training set holds unlabelled images (label -1): pseudo-labels are needed
@@ -77,12 +80,13 @@ class KDConfig:
                    teacher_weights=weights, kd_loss=args.kd_loss, dkd_alpha=args.dkd_alpha, dkd_beta=args.dkd_beta,
                    dkd_warmup=args.dkd_warmup, feature_weight=args.feature_weight,
                    feature_layers=[s.strip() for s in str(args.feature_layers).split(",") if s.strip()],
+                   embedding_weight=getattr(args, "embedding_weight", 0.0),
                    attention_weight=args.attention_weight, ema_decay=args.ema_teacher)
 
     @property
     def uses_teachers(self) -> bool:
         """Whether the teachers teach at all (alpha 0 without feature terms is training on labels only)."""
-        return self.alpha > 0 or self.feature_weight > 0 or self.attention_weight > 0
+        return self.alpha > 0 or self.feature_weight > 0 or self.attention_weight > 0 or self.embedding_weight > 0
 
 
 class StepContext:
@@ -91,9 +95,11 @@ class StepContext:
 
     def __init__(self, distiller: "Distiller", x: Tensor, labels: Tensor, logits: Tensor,
                  student_features: list[Tensor] | None, teacher_logits: list[Tensor] | None,
-                 teacher_features: list[list[Tensor]] | None):
+                 teacher_features: list[list[Tensor]] | None, student_embedding: Tensor | None = None,
+                 teacher_embeddings: list[Tensor] | None = None):
         self.distiller, self.x, self.labels, self.logits = distiller, x, labels, logits
         self.student_features, self.teacher_features = student_features, teacher_features
+        self.student_embedding, self.teacher_embeddings = student_embedding, teacher_embeddings
         ensemble = distiller.ensemble
         self.raw_teacher_logits = teacher_logits  # every output of the task's teachers, fp32 (None: none run)
         # Over each teacher's own classes, and (teachers with a dustbin) the probability that an image is theirs.
@@ -254,11 +260,12 @@ class Term(nn.Module):
     scalar ``value`` under ``name`` (the logged part), any other parts to log, and optionally ``counts``
     (over how many images a part is a mean, where not the batch). ``weight`` multiplies ``value`` in the
     loss; ``None``: the term adds no loss of its own. ``student_stages`` / ``teacher_stages``: the feature
-    maps it needs."""
+    maps it needs; ``embeddings``: it needs the pooled features of the student and of every teacher."""
 
     name: str = ""
     student_stages: list[int] | None = None  # student features this term needs (None: none)
     teacher_stages: list[list[int]] | None = None  # each teacher's features it needs
+    embeddings: bool = False
 
     def weight(self, epoch: int) -> float | None:
         return None
@@ -376,6 +383,38 @@ class FeatureMatch(StageTerm):
         return {"loss_feat": losses.feature_loss([[f.float() for f in fa] for fa in adapted], resized, wf)}
 
 
+@TERMS.register("embedding")
+class EmbeddingMatch(Term):
+    """The student's pooled features (what its classifier reads) through a linear adapter per teacher, matched
+    in direction to that teacher's own (``losses.embedding_loss``: ``2 - 2 cos``), weighted by the task's
+    teachers' per-sample weights. The specialists' features describe every image, their classes or not: on an
+    image without a label (a transfer set) this term carries far more than their few logits."""
+
+    name = "loss_embed"
+    embeddings = True
+
+    def __init__(self, student: nn.Module, ensemble: TeacherEnsemble, weight: float):
+        super().__init__()
+        self.w = weight
+        d_student = embedding_size(student, "student")
+        self.adapters = nn.ModuleList(nn.Linear(d_student, d, bias=False) for d in ensemble.embedding_sizes)
+        self.adapted = None
+
+    def weight(self, epoch: int) -> float:
+        return self.w
+
+    def prepare(self, ctx: StepContext) -> None:
+        # The adapters are the student's: they run in its precision.
+        self.adapted = [a(ctx.student_embedding) for a in self.adapters]
+
+    def forward(self, ctx: StepContext) -> dict[str, Tensor]:
+        k = len(ctx.names)
+        w = ctx.teacher_weights()[:, :k]
+        adapted, self.adapted = self.adapted, None
+        return {"loss_embed": losses.embedding_loss(adapted, ctx.teacher_embeddings,
+                                                    w / w.sum(1, keepdim=True).clamp_min(1e-12))}
+
+
 @TERMS.register("attention")
 class AttentionTransfer(StageTerm):
     """Attention transfer (Zagoruyko & Komodakis, ICLR 2017): the student's spatial attention at each chosen
@@ -435,6 +474,8 @@ def create_terms(config: KDConfig, student: nn.Module, ensemble: TeacherEnsemble
         terms["features"] = TERMS.get("features")(student, ensemble, config.feature_layers, config.feature_weight)
     if config.attention_weight > 0:
         terms["attention"] = TERMS.get("attention")(student, ensemble, config.feature_layers, config.attention_weight)
+    if config.embedding_weight > 0:
+        terms["embedding"] = TERMS.get("embedding")(student, ensemble, config.embedding_weight)
     return terms
 
 

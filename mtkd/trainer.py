@@ -71,8 +71,9 @@ def check_kd_args(args: Namespace, task: TaskSpec) -> KDConfig:
                         "part. Fix: drop --ema_teacher, or choose another --aggregation.")
     for flag in ("feature_weight", "attention_weight"):
         if args.teacher_cache and getattr(kd, flag) > 0:
-            raise UserError(f"--teacher_cache stores the teachers' logits only, but --{flag} needs their "
-                            "features on every step. Fix: drop one of the two.")
+            raise UserError(f"--teacher_cache stores the teachers' logits and pooled features only, but --{flag} "
+                            "needs their feature maps on every step. Fix: drop one of the two (--embedding_weight "
+                            "works with the cache).")
     if getattr(args, "teacher_cutout", 0) >= task.image_size:
         raise UserError(f"--teacher_cutout {args.teacher_cutout} is not smaller than task {task.name}'s "
                         f"{task.image_size}x{task.image_size} images: such a square erases from a quarter to all of "
@@ -365,7 +366,8 @@ def _training_images(config: RunConfig, task: TaskSpec, step: Distiller, train_s
     started = time.perf_counter()
     # Rank 0 builds a missing cache; the others then find it.
     cache, path, status = main_first(dist, lambda: open_teacher_cache(
-        config.teacher_cache, task.name, step.ensemble, train_set, transform, config.cache_views, device))
+        config.teacher_cache, task.name, step.ensemble, train_set, transform, config.cache_views, device,
+        embeddings=config.kd.embedding_weight > 0))
     console.print(f"[bold]Teacher cache[/] {path}: {status}, {cache.num_views} views "
                   f"({time.perf_counter() - started:.1f}s)", soft_wrap=True)
     return CachedViews(train_set, cache), counts, status

@@ -17,6 +17,9 @@ class ConvTeacher(nn.Module):
     def forward(self, x):
         return self.fc(self.conv(x).relu().flatten(1))
 
+    def get_classifier(self):  # as timm models name theirs: what --embedding_weight reads the features of
+        return self.fc
+
 
 def make_setup(seed=0):
     ens = TeacherEnsemble([ConvTeacher(2, seed), ConvTeacher(3, seed + 1)], [[0, 1], [1, 2, 3]], [1.0, 1.0], 4)
@@ -99,6 +102,33 @@ def test_cache_is_reused_and_rebuilt_when_corrupt(tmp_path, monkeypatch):
     cache, _, status = open_teacher_cache(tmp_path, "T", ens, data, transform, 2, cpu)
     assert status == "rebuilt (checksum mismatch)" and built == [1, 1]
     assert torch.equal(cache.logits[0], first.logits[0])
+
+
+def test_a_cache_with_the_teachers_embeddings_replays_them_beside_the_logits(tmp_path):
+    ens, data, transform = make_setup()
+    cpu = torch.device("cpu")
+    plain, plain_path, _ = open_teacher_cache(tmp_path, "T", ens, data, transform, 2, cpu)
+    cache, path, status = open_teacher_cache(tmp_path, "T", ens, data, transform, 2, cpu, embeddings=True)
+    # Its own file (the key says so); the logits-only cache is left as it was.
+    assert status == "built" and path != plain_path and plain_path.exists() and plain.embeddings is None
+    assert cache_key(ens, data, transform, 2, embeddings=True) != cache_key(ens, data, transform, 2)
+    assert [tuple(h.shape) for h in cache.embeddings] == [(2, 50, 256), (2, 50, 256)]
+    assert all(torch.equal(a, b) for a, b in zip(cache.logits, plain.logits))
+    again, _, status = open_teacher_cache(tmp_path, "T", ens, data, transform, 2, cpu, embeddings=True)
+    assert status == "reused" and all(torch.equal(a, b) for a, b in zip(again.embeddings, cache.embeddings))
+    views = CachedViews(data, again)
+    views.set_epoch(2)
+    images, _, extras = next(iter(create_loader(views, 16, train=True, seed=0)))
+    x = transform(images, augment=True, params=extras["aug"])
+    _, _, online = ens.outputs(x, embeddings=True)
+    for cached, live in zip(extras["teacher_embeddings"], online):
+        assert cached.dtype == torch.float16 and torch.allclose(cached.float(), live, atol=2e-3, rtol=2e-3)
+    # Tampered embeddings are caught by the checksum.
+    state = torch.load(path, weights_only=True)
+    state["embeddings"][1][0, 0, 0] += 1
+    torch.save(state, path)
+    _, _, status = open_teacher_cache(tmp_path, "T", ens, data, transform, 2, cpu, embeddings=True)
+    assert status == "rebuilt (checksum mismatch)"
 
 
 def test_the_key_records_each_teachers_precision():

@@ -356,6 +356,49 @@ def test_attention_transfer_is_one_more_term_that_trains_the_student_only():
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
 
 
+def test_embedding_matching_is_one_more_term_that_trains_the_student_and_its_adapters_only():
+    from mtkd.losses import embedding_loss
+    from mtkd.models import capturing_embedding
+
+    torch.manual_seed(0)
+    teachers = [timm.create_model("resnet10t", num_classes=2), timm.create_model("resnet18", num_classes=3)]
+    ens = TeacherEnsemble(teachers, [[0, 1], [1, 2, 3]], [1.0, 3.0], 4)
+    student = timm.create_model("mobilenetv3_small_050", num_classes=4)
+    step = Distiller(student, ens, KDConfig(alpha=0.0, embedding_weight=2.0))
+    adapters = step.term("embedding").adapters
+    assert [(a.in_features, a.out_features) for a in adapters] == [(1024, 512), (1024, 512)]
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    step.train()
+    out = step(x, y)
+    # The value is losses.embedding_loss of what each classifier reads, under the teachers' per-sample weights:
+    # consensus (the default) takes the teachers that cover the label, in the task's ratio (1:3) where both do.
+    with torch.no_grad(), capturing_embedding(student) as seen:
+        student(x)
+    _, _, targets = ens.outputs(x, embeddings=True)
+    w = torch.tensor([[1.0, 0.0], [0.25, 0.75], [0.0, 1.0], [0.0, 1.0]])
+    expected = embedding_loss([a(seen[0]) for a in adapters], targets, w)
+    assert out["loss_embed"].item() == pytest.approx(expected.item(), rel=1e-5)
+    # alpha 0: the cross-entropy plus the weighted embedding term alone.
+    assert out["loss"].item() == pytest.approx(out["loss_hard"].item() + 2.0 * out["loss_embed"].item(), rel=1e-6)
+    out["loss"].backward()
+    assert all(p.grad is None for p in ens.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapters.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    # The cache's logits and embeddings give the online loss; given them, the teachers do not run.
+    logits, _, embeddings = ens.outputs(x, embeddings=True)
+    for teacher in teachers:
+        teacher.forward = None
+    cached = step(x, y, teacher_logits=logits, teacher_embeddings=embeddings)
+    assert cached["loss"].item() == pytest.approx(out["loss"].item(), rel=1e-6)
+
+
+def test_embedding_matching_needs_a_linear_classifier():
+    ens = make_ensemble()
+    student = nn.Sequential(nn.Linear(4, 4))  # no get_classifier: nothing says what its pooled features are
+    with pytest.raises(UserError, match="--embedding_weight: the student"):
+        Distiller(student, ens, KDConfig(alpha=0.5, embedding_weight=1.0))
+
+
 def test_golden_loss_of_the_training_step_with_the_probability_shift():
     """--kd_loss shift: a teacher wrong on the label (its top class 0, label 1) has q_0 and q_1 swapped, then
     T^2 KL as usual; through consensus over all classes and per teacher through amalgamate."""

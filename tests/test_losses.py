@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mtkd.losses import (amalgamation_loss, consensus_targets, dkd_per_sample, feature_loss, kd_kl_loss, kl_per_sample,
+from mtkd.losses import (amalgamation_loss, consensus_targets, dkd_per_sample, embedding_loss, feature_loss, kd_kl_loss, kl_per_sample,
                          labelled_cross_entropy, mixture_targets, specialist_combination, teacher_weights)
 
 S = torch.tensor([[1.0, 2.0, 0.0], [0.0, 0.0, 3.0]])
@@ -190,6 +190,18 @@ def test_dkd_matches_the_logit_masking_formulation():
     nckd = (pt2 * (pt2.clamp_min(1e-30).log() - log_ps2)).sum(1)
     expected = (2.0 * tckd + 5.0 * nckd) * T**2
     assert torch.allclose(dkd_per_sample(s, pt, y, 2.0, 5.0, T), expected, atol=1e-5)
+
+
+def test_embedding_loss_golden():
+    # Two teachers, two samples. Teacher 0: sample 0 at a right angle to its target (|u - v|^2 = 2), sample 1
+    # opposite (4). Teacher 1: sample 0 the same direction at another length (0), sample 1 at 60 degrees
+    # (2 - 2 cos 60 = 1). Weights (0.25, 0.75) and (1, 0): (0.25 * 2 + 0.75 * 0 + 1 * 4 + 0 * 1) / 2.
+    s = [torch.tensor([[2.0, 0.0], [0.0, 3.0]]), torch.tensor([[3.0, 4.0, 0.0], [1.0, 0.0, 0.0]])]
+    t = [torch.tensor([[0.0, 5.0], [0.0, -1.0]]), torch.tensor([[6.0, 8.0, 0.0], [0.5, 3 ** 0.5 / 2, 0.0]])]
+    w = torch.tensor([[0.25, 0.75], [1.0, 0.0]])
+    assert embedding_loss(s, t, w).item() == pytest.approx(2.25, abs=1e-6)
+    w = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
+    assert embedding_loss(s, t, w).item() == pytest.approx(0.5, abs=1e-6)
 
 
 def test_feature_loss_golden():

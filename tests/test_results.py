@@ -37,6 +37,8 @@ def test_a_record_holds_every_column_and_the_method_in_words():
     labels = record(_summary(0.4, 0), _args(alpha=0, teacher_cache="cache"))
     assert labels["method"] == "labels" and labels["cache_views"] == 0  # labels only never reads the cache
     assert method_name(argparse_ns(alpha=0, feature_weight=0.1)) == "consensus/fixed/kl+feat(0.1@-1)"
+    assert method_name(argparse_ns(alpha=0, embedding_weight=2)) == "consensus/fixed/kl+embed(2)"
+    assert method_name(argparse_ns(alpha=0.5, embedding_weight=0)) == "consensus/fixed/kl"
     # Each method's own settings are part of its name, so two recipes never share a record's key.
     assert method_name(argparse_ns(kd_loss="dkd", dkd_beta=2)) == "consensus/fixed/dkd(a=1 b=2 warm=5)"
     assert config_of(_args(kd_loss="dkd")) != config_of(_args(kd_loss="dkd", dkd_beta=2))

@@ -167,10 +167,31 @@ def test_a_transfer_set_joins_the_students_training_images_unlabelled_and_its_ca
     assert method_name(argparse.Namespace(**args)) == "amalgamate/fixed/kl+teachers(resnet18)+transfer(85)"
 
 
+def test_embedding_matching_trains_from_the_cache_and_is_named_in_the_record(smoke_run, tmp_path, capsys):
+    from mtkd.results import method_name
+
+    out = _runs_with_teachers(smoke_run, tmp_path)
+    flags = ["--student_model", "MobileNetV3", "--batch_size", "256", "--alpha", "0.5", "--embedding_weight", "2",
+             "--teacher_cache", str(tmp_path / "cache"), "--cache_views", "2", "--num_epochs", "1",
+             "--output_dir", str(out)]
+    assert train.main(flags + ["--run", "first"]) == 0
+    assert ": built, 2 views" in capsys.readouterr().out
+    assert train.main(flags + ["--run", "second"]) == 0
+    assert ": reused, 2 views" in capsys.readouterr().out  # the embeddings were kept with the logits
+    run = next((out / "TaskB").glob("*_second"))
+    row = next(csv.DictReader((run / "metrics.csv").open()))
+    assert 0 < float(row["train_loss_embed"]) <= 4  # 2 - 2 cos, averaged
+    assert float(row["train_loss"]) > float(row["train_loss_hard"]) * 0.5
+    args = json.loads((run / "args.json").read_text())
+    assert method_name(argparse.Namespace(**args)) == "consensus/fixed/kl+embed(2)"
+    # The adapters are the step's state: saved beside the student for --resume.
+    assert any(k.startswith("terms.embedding.adapters.") for k in load_checkpoint(run / "last.pt")["distiller"])
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--teacher_weights", "1,2"], "--teacher_weights has 2 weights but task B has 3 teachers"),
-    (["--teacher_cache", "c", "--feature_weight", "1"], "--teacher_cache stores the teachers' logits only"),
-    (["--teacher_cache", "c", "--attention_weight", "1"], "but --attention_weight needs their features"),
+    (["--teacher_cache", "c", "--feature_weight", "1"], "logits and pooled features only, but --feature_weight"),
+    (["--teacher_cache", "c", "--attention_weight", "1"], "but --attention_weight needs their feature maps"),
     (["--stacker_prior", "combination"], "but --aggregation is consensus. Fix: add --aggregation stacked"),
 ])
 def test_distillation_flags_that_do_not_fit_the_task_exit_2(flags, message, tmp_path, capsys):
