@@ -314,7 +314,7 @@ def forward_with_features(model: nn.Module, x, stages: list[int]):
 
 
 def embedding_size(model: nn.Module, who: str = "model") -> int:
-    """How many features the model's classifier reads (its pooled features, ``forward_with_embedding``)."""
+    """How many features the model's classifier reads (its pooled features, ``capturing_embedding``)."""
     head = model.get_classifier() if hasattr(model, "get_classifier") else None
     if not isinstance(head, nn.Linear):
         raise UserError(f"--embedding_weight: the {who} ({type(model).__name__}) has no linear classifier to read "

@@ -163,9 +163,8 @@ class TeacherEnsemble(nn.Module):
                 [h.float().clone() for _, _, h in out] if embeddings else None)
 
     def pre_logits(self, x: Tensor) -> list[Tensor]:
-        """Each teacher's pooled features, the input of its classifier (timm's ``pre_logits``), float32."""
-        return [h.float().clone() for h in self._run(
-            lambda k, teacher, xk: teacher.forward_head(teacher.forward_features(xk), pre_logits=True), x)]
+        """Each teacher's pooled features, the input of its classifier (``outputs``' embeddings), float32."""
+        return self.outputs(x, embeddings=True)[2]
 
     def _run(self, fn: Callable, x: Tensor) -> list:
         """``fn(k, teacher, input)`` for every teacher, on its own input, in its own precision."""
