@@ -162,6 +162,12 @@ class StepContext:
             self._weights = w
         return self._weights
 
+    def task_teacher_weights(self) -> Tensor:
+        """``teacher_weights`` of the task's teachers only (not those terms added), each row renormalised over
+        them: the weights of the terms that match the task's teachers' features."""
+        w = self.teacher_weights()[:, :len(self.names)]
+        return w / w.sum(1, keepdim=True).clamp_min(1e-12)
+
 
 # ---- KD losses (--kd_loss): how a student is matched to a soft target ----
 
@@ -373,9 +379,7 @@ class FeatureMatch(StageTerm):
         self.adapted = [[a(f) for a, f in zip(adapters, ctx.student_features)] for adapters in self.adapters]
 
     def forward(self, ctx: StepContext) -> dict[str, Tensor]:
-        k = len(ctx.names)
-        w = ctx.teacher_weights()
-        wf = w[:, :k] / w[:, :k].sum(1, keepdim=True).clamp_min(1e-12)
+        wf = ctx.task_teacher_weights()
         adapted, self.adapted = self.adapted, None
         # The teacher's map is resized to the student's: it has no gradient, so no resampling kernel
         # (non-deterministic backward on CUDA) enters the backward pass.
@@ -408,11 +412,8 @@ class EmbeddingMatch(Term):
         self.adapted = [a(ctx.student_embedding) for a in self.adapters]
 
     def forward(self, ctx: StepContext) -> dict[str, Tensor]:
-        k = len(ctx.names)
-        w = ctx.teacher_weights()[:, :k]
         adapted, self.adapted = self.adapted, None
-        return {"loss_embed": losses.embedding_loss(adapted, ctx.teacher_embeddings,
-                                                    w / w.sum(1, keepdim=True).clamp_min(1e-12))}
+        return {"loss_embed": losses.embedding_loss(adapted, ctx.teacher_embeddings, ctx.task_teacher_weights())}
 
 
 @TERMS.register("attention")
@@ -424,12 +425,10 @@ class AttentionTransfer(StageTerm):
     name = "loss_attention"
 
     def forward(self, ctx: StepContext) -> dict[str, Tensor]:
-        k = len(ctx.names)
-        w = ctx.teacher_weights()[:, :k]
         student = [losses.attention_map(f) for f in ctx.student_features]
         teachers = [[_match_size(losses.attention_map(ft), a_s) for ft, a_s in zip(tf, student)]
                     for tf in ctx.teacher_features]
-        return {"loss_attention": losses.attention_loss(student, teachers, w / w.sum(1, keepdim=True).clamp_min(1e-12))}
+        return {"loss_attention": losses.attention_loss(student, teachers, ctx.task_teacher_weights())}
 
 
 @TERMS.register("ema")
