@@ -21,6 +21,11 @@ With ``--precision_compare``, in the same process and taking turns:
   whole teacher ensemble (every teacher) on the training images, batches of
   ``--infer_batch_size``, likewise.
 
+With ``--compile_compare``, likewise: ``eager_cached_kd_img_s`` /
+``compiled_cached_kd_img_s``, the student distilled from the cache in the
+main passes' precision, its forward as is and through ``torch.compile``
+(``train.py --compile``); the compilation happens in the untimed warm-up pass.
+
 Teachers are randomly initialised: speed does not depend on their weights.
 ``--synthetic N`` replaces the task's images with N random ones of its shape
 (e.g. Task A's 32x32 RGB without downloading CIFAR-100). ``--amp`` sets the
@@ -70,6 +75,9 @@ def get_args_parser():
     p.add_argument("--amp", default="auto", choices=AMP_MODES)
     p.add_argument("--precision_compare", action="store_true",
                    help="also time fp32 / NCHW against --amp auto: student training and teacher inference")
+    p.add_argument("--compile_compare", action="store_true",
+                   help="also time the cached distillation with the student torch.compile'd (train.py --compile) "
+                        "against eager")
     p.add_argument("--infer_batch_size", type=int, default=256, help="teacher inference batch (--precision_compare)")
     p.add_argument("--repeats", type=int, default=3, help="timed passes per measurement; the best is kept")
     p.add_argument("--data_root", default="data")
@@ -128,11 +136,12 @@ def teacher_precisions(ensemble, data, device, transform, amp):
     return choose_teacher_precisions(ensemble, example_batch(data, transform, device, 64), amp)
 
 
-def training_pass(task, data, ensemble, cfg, args, device, transform, cache=None, precision=FP32):
-    """A function that trains the student for one epoch over ``data`` (online or from ``cache``)."""
+def training_pass(task, data, ensemble, cfg, args, device, transform, cache=None, precision=FP32, compile=False):
+    """A function that trains the student for one epoch over ``data`` (online or from ``cache``; its forward
+    ``torch.compile``'d with ``compile``)."""
     seed_everything(args.seed)
     student = precision.prepare_model(create_student(args.student_model, task).to(device))
-    step = Distiller(student, ensemble, cfg).to(device)
+    step = Distiller(student, ensemble, cfg, compile=compile).to(device)
     optimizer = create_optimizer(step, "adam", lr=1e-3, weight_decay=5e-4)
     scaler = torch.amp.GradScaler(device.type) if precision.dtype == "fp16" else None
     loader = create_loader(CachedViews(data, cache) if cache else data, args.batch_size, train=True)
@@ -245,6 +254,13 @@ def main(args) -> dict:
     result["batched_vs_pil"] = result["data_batched_img_s"] / result["data_pil_img_s"]
     if args.precision_compare:
         result.update(precision_compare(task, data, args, device, transform))
+    if args.compile_compare:
+        compiled = best_rates(device, args.repeats, {
+            f"{mode}_cached_kd_img_s": training_pass(task, data, ensemble, kd, args, device, transform, cache,
+                                                     precision=precision, compile=mode == "compiled")
+            for mode in ("eager", "compiled")}, len(data))
+        result.update(compiled, compiled_vs_eager=compiled["compiled_cached_kd_img_s"] /
+                      compiled["eager_cached_kd_img_s"])
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     result.update(device=f"{device} ({name})", threads=torch.get_num_threads(), torch=torch.__version__,
                   task=task.name, student_model=args.student_model, batch_size=args.batch_size, images=len(data),

@@ -30,6 +30,27 @@ def test_bench_distill_reports_every_rate_as_json(capsys):
     json.dumps(out)  # one JSON object
 
 
+
+def test_bench_distill_compile_compare_times_the_compiled_student_against_eager(monkeypatch):
+    import torch
+
+    bench = load("bench_distill")
+    compiled = []
+
+    def fake_compile(model, *a, **kw):  # compiling for real takes minutes on a CPU: record the call instead
+        compiled.append(type(model).__name__)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    args = bench.get_args_parser().parse_args(["--task", "B", "--synthetic", "32", "--batch_size", "16",
+                                               "--repeats", "1", "--cache_views", "1", "--student_model",
+                                               "MobileNetV3", "--compile_compare", "--json"])
+    out = bench.main(args)
+    assert compiled == ["MobileNetV3"]  # the compiled pass's student only, once
+    assert out["eager_cached_kd_img_s"] > 0 and out["compiled_cached_kd_img_s"] > 0
+    assert out["compiled_vs_eager"] == out["compiled_cached_kd_img_s"] / out["eager_cached_kd_img_s"]
+    assert "fp32_student_train_img_s" not in out  # --precision_compare's passes only when asked
+
 def test_sweep_grid_covers_every_method_alpha_temperature_and_seed():
     from mtkd.config import get_args_parser
 
