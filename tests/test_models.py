@@ -29,6 +29,24 @@ def test_small_input_adaptation_keeps_resolution(student):
     assert plain.shape[-1] == 1  # total stride 32 crushes 32x32 to one pixel
 
 
+
+@pytest.mark.parametrize("student", list(STUDENTS))
+def test_every_student_shows_embedding_matching_what_its_classifier_reads(student):
+    """--embedding_weight works for every student: its classifier is linear, and the captured input is the
+    pooled features the classifier turns into the logits, of embedding_size."""
+    from mtkd.models import capturing_embedding, embedding_size
+
+    task = tasks.get_task("A")
+    model = create_student(student, task).eval()
+    d = embedding_size(model, "student")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), capturing_embedding(model) as seen:
+        logits = model(x)
+    assert len(seen) == 1 and seen[0].shape == (2, d)
+    head = model.get_classifier()
+    torch.testing.assert_close(head(seen[0]), logits)
+    torch.testing.assert_close(seen[0], model.forward_head(model.forward_features(x), pre_logits=True))
+
 def test_unknown_architecture_is_a_user_error():
     with pytest.raises(UserError, match="unknown timm architecture 'resnet3'"):
         create_model("resnet3", 10, 3, 32)
