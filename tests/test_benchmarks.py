@@ -30,7 +30,6 @@ def test_bench_distill_reports_every_rate_as_json(capsys):
     json.dumps(out)  # one JSON object
 
 
-
 def test_bench_distill_compile_compare_times_the_compiled_student_against_eager(monkeypatch):
     import torch
 
@@ -50,6 +49,7 @@ def test_bench_distill_compile_compare_times_the_compiled_student_against_eager(
     assert out["eager_cached_kd_img_s"] > 0 and out["compiled_cached_kd_img_s"] > 0
     assert out["compiled_vs_eager"] == out["compiled_cached_kd_img_s"] / out["eager_cached_kd_img_s"]
     assert "fp32_student_train_img_s" not in out  # --precision_compare's passes only when asked
+
 
 def test_sweep_grid_covers_every_method_alpha_temperature_and_seed():
     from mtkd.config import get_args_parser

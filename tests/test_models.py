@@ -29,9 +29,8 @@ def test_small_input_adaptation_keeps_resolution(student):
     assert plain.shape[-1] == 1  # total stride 32 crushes 32x32 to one pixel
 
 
-
 @pytest.mark.parametrize("student", list(STUDENTS))
-def test_every_student_shows_embedding_matching_what_its_classifier_reads(student):
+def test_every_student_has_a_linear_classifier_whose_input_capturing_embedding_reads(student):
     """--embedding_weight works for every student: its classifier is linear, and the captured input is the
     pooled features the classifier turns into the logits, of embedding_size."""
     from mtkd.models import capturing_embedding, embedding_size
@@ -46,6 +45,7 @@ def test_every_student_shows_embedding_matching_what_its_classifier_reads(studen
     head = model.get_classifier()
     torch.testing.assert_close(head(seen[0]), logits)
     torch.testing.assert_close(seen[0], model.forward_head(model.forward_features(x), pre_logits=True))
+
 
 def test_unknown_architecture_is_a_user_error():
     with pytest.raises(UserError, match="unknown timm architecture 'resnet3'"):
