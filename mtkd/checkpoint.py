@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -30,6 +31,27 @@ def save_checkpoint(state: dict, path: str | Path) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def link_checkpoint(src: str | Path, dst: str | Path) -> Path:
+    """Make ``dst`` the same file as ``src`` (a hard link; a copy where the file system has none), atomically.
+
+    Checkpoints are only ever replaced by ``os.replace``, never written in place, so a later write to
+    either name leaves the other one holding what it held.
+    """
+    dst = Path(dst)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.link")
+    try:
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return dst
 
 
 def load_checkpoint(path: str | Path, required: tuple[str, ...] = ("model",)) -> dict:
@@ -119,27 +141,39 @@ class CheckpointSaver:
         self.run_dir, self.top_k = Path(run_dir), top_k
 
     def save(self, state: dict, is_best: bool) -> None:
+        """Write this epoch's files, best first so that a crash before ``last.pt`` redoes the epoch on resume.
+        The epoch's state is written once; its other names are hard links to that file (a ResNet18 state
+        with its optimiser is about 130 MB)."""
         missing = [k for k in STUDENT_KEYS if k not in state]
         if missing:
             raise ValueError(f"a student checkpoint needs {missing}")
-        if is_best:
-            save_checkpoint(state, self.run_dir / "best.pt")
+        written = save_checkpoint(state, self.run_dir / "best.pt") if is_best else None
         if state["val_acc"] is not None:  # None: an epoch without validation (--eval_every)
-            self._keep_top_k(state, state["epoch"], state["val_acc"])
-        save_checkpoint(state, self.run_dir / "last.pt")
+            written = self._keep_top_k(state, state["epoch"], state["val_acc"], written) or written
+        if written is None:
+            save_checkpoint(state, self.run_dir / "last.pt")
+        else:
+            link_checkpoint(written, self.run_dir / "last.pt")
 
-    def _keep_top_k(self, state: dict, epoch: int, val_acc: float) -> None:
-        """Keep the k best epochs (ties: the earlier epoch); a resumed run redoes later epochs."""
+    def _keep_top_k(self, state: dict, epoch: int, val_acc: float, written: Path | None) -> Path | None:
+        """Keep the k best epochs (ties: the earlier epoch); a resumed run redoes later epochs.
+        Returns this epoch's file when it is kept (a link to ``written`` when that holds the same state)."""
         if self.top_k <= 1:
-            return
+            return None
         top = self.run_dir / "top"
         top.mkdir(exist_ok=True)
         kept = json.loads((top / "index.json").read_text()) if (top / "index.json").exists() else []
         kept = [e for e in kept if e["epoch"] < epoch]
         kept.append({"epoch": epoch, "val_acc": val_acc})
         kept.sort(key=lambda e: (-e["val_acc"], e["epoch"]))
+        path = None
         if any(e["epoch"] == epoch for e in kept[:self.top_k]):
-            save_checkpoint(state, top / f"epoch_{epoch:03d}.pt")
+            path = top / f"epoch_{epoch:03d}.pt"
+            if written is None:
+                save_checkpoint(state, path)
+            else:
+                link_checkpoint(written, path)
         for e in kept[self.top_k:]:
             (top / f"epoch_{e['epoch']:03d}.pt").unlink(missing_ok=True)
         (top / "index.json").write_text(json.dumps(kept[:self.top_k], indent=1))
+        return path

@@ -80,3 +80,40 @@ def test_checkpoint_saver_keeps_best_top_k_and_last(tmp_path):
     assert sorted(p.name for p in (tmp_path / "top").glob("*.pt")) == ["epoch_002.pt", "epoch_004.pt"]
     with pytest.raises(ValueError, match="needs"):
         saver.save({"model": {}}, is_best=False)
+
+
+def test_an_epochs_state_is_written_once_and_linked_under_its_other_names(tmp_path):
+    from mtkd.checkpoint import STUDENT_KEYS, CheckpointSaver
+
+    saver = CheckpointSaver(tmp_path, top_k=2)
+
+    def state(epoch, acc):
+        model = {"w": torch.full((1,), epoch)}
+        return {k: None for k in STUDENT_KEYS} | {"epoch": epoch, "val_acc": acc, "model": model}
+
+    saver.save(state(1, 0.5), is_best=True)
+    assert os.path.samefile(tmp_path / "best.pt", tmp_path / "last.pt")
+    assert os.path.samefile(tmp_path / "best.pt", tmp_path / "top" / "epoch_001.pt")
+    saver.save(state(2, 0.4), is_best=False)  # kept in the top 2, not the best: its own file, last.pt its link
+    assert os.path.samefile(tmp_path / "top" / "epoch_002.pt", tmp_path / "last.pt")
+    assert not os.path.samefile(tmp_path / "best.pt", tmp_path / "last.pt")
+    saver.save(state(3, 0.3), is_best=False)  # neither best nor top 2
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 1
+    assert load_checkpoint(tmp_path / "top" / "epoch_002.pt")["epoch"] == 2
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt", "top"]  # no temporary left
+
+
+def test_a_file_system_without_hard_links_gets_copies(tmp_path, monkeypatch):
+    from mtkd.checkpoint import link_checkpoint
+
+    save_checkpoint({"model": {"w": torch.ones(2)}}, tmp_path / "best.pt")
+
+    def no_links(src, dst):
+        raise OSError("links not supported")
+
+    monkeypatch.setattr(os, "link", no_links)
+    link_checkpoint(tmp_path / "best.pt", tmp_path / "last.pt")
+    assert not os.path.samefile(tmp_path / "best.pt", tmp_path / "last.pt")
+    assert torch.equal(load_checkpoint(tmp_path / "last.pt")["model"]["w"], torch.ones(2))
+    assert sorted(os.listdir(tmp_path)) == ["best.pt", "last.pt"]
