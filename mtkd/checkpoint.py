@@ -13,24 +13,32 @@ import torch
 from .errors import UserError
 
 
-def save_checkpoint(state: dict, path: str | Path) -> Path:
-    """Write ``state`` to ``path`` atomically: a temporary file, then a rename.
-
-    A crash mid-write leaves the previous file intact, never a truncated one.
-    """
+def write_atomically(path: str | Path, write) -> Path:
+    """Make ``path`` with ``write(tmp)`` on a temporary file beside it, then a rename: a crash or error
+    mid-write leaves the previous file intact, never a truncated one, and no temporary behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
     try:
-        with os.fdopen(fd, "wb") as f:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_checkpoint(state: dict, path: str | Path) -> Path:
+    """Write ``state`` to ``path`` atomically."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+    return write_atomically(path, write)
 
 
 def link_checkpoint(src: str | Path, dst: str | Path) -> Path:
@@ -39,19 +47,14 @@ def link_checkpoint(src: str | Path, dst: str | Path) -> Path:
     Checkpoints are only ever replaced by ``os.replace``, never written in place, so a later write to
     either name leaves the other one holding what it held.
     """
-    dst = Path(dst)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.link")
-    try:
-        tmp.unlink(missing_ok=True)
+    def write(tmp: Path) -> None:
+        tmp.unlink()  # os.link makes its target
         try:
             os.link(src, tmp)
         except OSError:
             shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return dst
+
+    return write_atomically(dst, write)
 
 
 def load_checkpoint(path: str | Path, required: tuple[str, ...] = ("model",)) -> dict:
@@ -150,10 +153,12 @@ class CheckpointSaver:
         written = save_checkpoint(state, self.run_dir / "best.pt") if is_best else None
         if state["val_acc"] is not None:  # None: an epoch without validation (--eval_every)
             written = self._keep_top_k(state, state["epoch"], state["val_acc"], written) or written
-        if written is None:
-            save_checkpoint(state, self.run_dir / "last.pt")
-        else:
-            link_checkpoint(written, self.run_dir / "last.pt")
+        self._write(state, self.run_dir / "last.pt", written)
+
+    @staticmethod
+    def _write(state: dict, path: Path, written: Path | None) -> Path:
+        """``state`` at ``path``: a link to ``written`` (this epoch's file already on disk), else a new file."""
+        return save_checkpoint(state, path) if written is None else link_checkpoint(written, path)
 
     def _keep_top_k(self, state: dict, epoch: int, val_acc: float, written: Path | None) -> Path | None:
         """Keep the k best epochs (ties: the earlier epoch); a resumed run redoes later epochs.
@@ -168,11 +173,7 @@ class CheckpointSaver:
         kept.sort(key=lambda e: (-e["val_acc"], e["epoch"]))
         path = None
         if any(e["epoch"] == epoch for e in kept[:self.top_k]):
-            path = top / f"epoch_{epoch:03d}.pt"
-            if written is None:
-                save_checkpoint(state, path)
-            else:
-                link_checkpoint(written, path)
+            path = self._write(state, top / f"epoch_{epoch:03d}.pt", written)
         for e in kept[self.top_k:]:
             (top / f"epoch_{e['epoch']:03d}.pt").unlink(missing_ok=True)
         (top / "index.json").write_text(json.dumps(kept[:self.top_k], indent=1))
