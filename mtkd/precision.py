@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +42,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .checkpoint import write_atomically
 from .report import console
 
 AMP_MODES = ("auto", "off", "bf16", "fp16")
@@ -316,11 +315,7 @@ class MachineRecord:
         self.known[name] = {**identity, **values}
         table = json.loads(self.path.read_text()) if self.path.exists() else {}
         table[self.machine] = self.known
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(table, indent=1))
-        os.replace(tmp, self.path)
+        write_atomically(self.path, lambda tmp: tmp.write_text(json.dumps(table, indent=1)))
 
 
 class PrecisionRecord(MachineRecord):
