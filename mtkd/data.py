@@ -452,7 +452,8 @@ def read_image(path: str | Path, channels: int, size: int) -> np.ndarray:
         img = img.convert("L" if channels == 1 else "RGB")
         if img.size != (size, size):
             img = img.resize((size, size), Image.BILINEAR)
-        return np.asarray(img, dtype=np.uint8).reshape(size, size, channels).transpose(2, 0, 1)
+        # A contiguous, writable copy: PIL's buffer is read-only, which torch.from_numpy warns about.
+        return np.asarray(img, dtype=np.uint8).reshape(size, size, channels).transpose(2, 0, 1).copy()
 
 
 # Image folders whose decoded uint8 pixels exceed this are read from disk batch by batch.

@@ -279,7 +279,7 @@ def predict_image(task: TaskSpec, image_path: str | Path, *, output_dir="runs", 
     except (OSError, UnidentifiedImageError) as e:
         raise UserError(f"cannot read image {image_path}: {e}. Fix: pass a PNG, JPEG, BMP, ... file.") from None
     student, _ = load_student(find_checkpoint(task, output_dir, run_dir, checkpoint), task)
-    x = torch.from_numpy(arr.copy())[None]
+    x = torch.from_numpy(arr)[None]
     transform = BatchTransform.for_task(task)
     with torch.inference_mode():
         probs = torch.softmax(student.eval()(transform(x)), 1)[0]

@@ -112,6 +112,8 @@ def test_images_in_any_mode_are_converted(tmp_path, mode, channels):
     Image.fromarray(arr).convert(mode).save(tmp_path / "x.png")
     out = read_image(tmp_path / "x.png", channels, 8)
     assert out.shape == (channels, 8, 8) and out.dtype == np.uint8
+    # Writable and contiguous, so torch.from_numpy takes it as is (no read-only warning, no strided tensor).
+    assert out.flags.writeable and out.flags.c_contiguous
 
 
 def test_unreadable_and_truncated_files_are_skipped_and_reported(task_file, tmp_path):
