@@ -12,7 +12,10 @@ classes, where and how long it trained; a recipe already recorded is skipped).
 ``readme`` replaces the text between ``<!-- results: NAME.csv -->`` and
 ``<!-- end results -->`` in ``README.md`` (and the pages under ``docs/``) by
 the tables of ``results/NAME.csv``; with ``--check`` it changes nothing and exits 1 if a page
-and its data disagree.
+and its data disagree. A marker may filter the main runs by column, e.g.
+``<!-- results: task_a.csv labels=1 on=CPU student=ResNet18,EfficientNet -->``
+(columns ``student``, ``labels``, ``on``; a comma between values a column may take):
+such a block holds that part of the main table alone, without the selection runs.
 """
 import argparse
 import json
@@ -25,12 +28,28 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from mtkd.checkpoint import load_weights_file  # noqa: E402
 from mtkd.errors import UserError  # noqa: E402
-from mtkd.results import (TEACHER_COLUMNS, append_record, finished_config, images_per_second,  # noqa: E402
+from mtkd.results import (FILTERS, TEACHER_COLUMNS, append_record, finished_config, images_per_second,  # noqa: E402
                           is_recorded, load_records, machine, platform_of, record, results_table, selection_table,
                           teacher_is_recorded, teacher_record, teacher_table, utc_stamp)
 from mtkd.runs import read_metrics  # noqa: E402
 
-BLOCK = re.compile(r"(<!-- results: (?P<name>[\w.-]+\.csv) -->\n)(?P<body>.*?)(<!-- end results -->)", re.S)
+BLOCK = re.compile(r"(<!-- results: (?P<spec>[^\n]*?) -->\n)(?P<body>.*?)(<!-- end results -->)", re.S)
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, set[str]]]:
+    """A marker's study file and filters: ``task_a.csv student=ResNet18 labels=1`` ->
+    ``("task_a.csv", {"student": {"ResNet18"}, "labels": {"1"}})``."""
+    name, *parts = spec.split()
+    if not re.fullmatch(r"[\w.-]+\.csv", name) or not all(re.fullmatch(r"\w+=[^=,]+(,[^=,]+)*", p) for p in parts):
+        raise ValueError(f"cannot read the marker '<!-- results: {spec} -->': it takes a study file, then filters "
+                         f"COLUMN=VALUE[,VALUE] (columns {', '.join(FILTERS)})")
+    return name, {key: set(values.split(",")) for key, values in (p.split("=", 1) for p in parts)}
+
+
+def filtered_table(rows: list[dict], where: dict[str, set[str]]) -> str:
+    return "Test accuracy, mean ± std over seeds; gains in points, paired by seed with labels only on the same " \
+           "platform; the student on each teacher's classes, the teacher's own in brackets:\n\n" + \
+           results_table(rows, where) + "\n"
 
 
 def tables(rows: list[dict]) -> str:
@@ -50,8 +69,12 @@ def tables(rows: list[dict]) -> str:
 
 def render(text: str, results_dir: Path) -> str:
     def block(m):
-        rows = load_records(results_dir / m["name"])
-        return m.group(1) + "\n" + tables(rows) + "\n" + m.group(4)
+        name, where = parse_spec(m["spec"])
+        path = results_dir / name
+        if not path.is_file():
+            raise ValueError(f"the marker '<!-- results: {m['spec']} -->' names {path}, which does not exist")
+        rows = load_records(path)
+        return m.group(1) + "\n" + (filtered_table(rows, where) if where else tables(rows)) + "\n" + m.group(4)
 
     return BLOCK.sub(block, text)
 
@@ -115,7 +138,11 @@ def main(argv=None) -> int:
         if not page.exists():
             continue
         text = page.read_text()
-        new = render(text, args.root / "results")
+        try:
+            new = render(text, args.root / "results")
+        except ValueError as e:
+            print(f"error: {page}: {e}. Fix: correct the marker.", file=sys.stderr)
+            return 2
         if new != text:
             stale.append(page)
             if not args.check:

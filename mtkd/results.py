@@ -10,7 +10,7 @@ teachers' own accuracies), the cost (wall time, images/s) and where it ran
 their test accuracy is recorded but never used to choose.
 
 The README's result tables are rendered from these files
-(``benchmarks/results_table.py``), so the two cannot disagree.
+(``benchmarks/study.py readme``), so the two cannot disagree.
 """
 from __future__ import annotations
 
@@ -378,15 +378,26 @@ def selection_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def results_table(rows: list[dict]) -> str:
+# The columns a results table can be filtered on (``results_table``'s ``where``), by the text of their cell.
+FILTERS = ("student", "labels", "on")
+
+
+def results_table(rows: list[dict], where: dict[str, set[str]] | None = None) -> str:
     """The main runs: test accuracy mean ± std over seeds per (student, method, setting), the student on each
     teacher's classes (mean) next to the teachers' own, and the teacher ensemble.
+
+    ``where`` keeps only the rows whose cells in the columns ``FILTERS`` name are among the given texts (e.g.
+    ``{"labels": {"1"}, "on": {"CPU"}}``); gains are paired with labels-only runs the filter leaves out too.
 
     A selection run of a recipe that has main runs (every ``KEY`` but seed and selection equal, on the same
     platform) is one of its seeds, unless a main run has that seed: the run that chose the recipe is not run twice.
     Runs on a GPU and on CPUs are separate rows (column "on"), each paired with labels only on its own platform;
     runs distilled from other teachers are separate rows too (the teachers' accuracies in brackets tell them apart),
     paired with the same labels-only runs."""
+    unknown = set(where or {}) - set(FILTERS)
+    if unknown:
+        raise ValueError(f"cannot filter a results table on {', '.join(sorted(unknown))}: only on "
+                         f"{', '.join(FILTERS)}")
     main = [r for r in rows if r["selection"] != "True"]
     recipes = {_recipe(r) for r in main}
     seeds = {(_recipe(r), r["seed"]) for r in main}
@@ -402,6 +413,9 @@ def results_table(rows: list[dict]) -> str:
              "|---|---:|---|---|---:|---|---|---:|---:|---:|---:|---|---:|"]
     for (student, fraction, method, setting, epochs, on, _), rs in sorted(groups.items(), key=lambda kv: (
             kv[0][0], kv[0][5], -kv[0][1], kv[0][2] != "labels", kv[0][2], int(kv[0][4]), kv[0][3], kv[0][6])):
+        cells = {"student": student, "labels": f"{fraction:g}", "on": on}
+        if any(cells[k] not in allowed for k, allowed in (where or {}).items()):
+            continue
         labels_only = [(k, g) for k, g in groups.items()
                        if k[2] == "labels" and k[:2] == (student, fraction) and k[5] == on]
         gain = "" if method == "labels" else _paired_gain(rs, [g for k, g in labels_only if k[4] == epochs])

@@ -235,3 +235,28 @@ def test_the_teachers_table_says_what_each_teacher_started_from():
     assert "| adam lr 0.0003, wd 0.0005, batch 32 | 10 |" in lines[1]
     assert "| adam lr 0.0003, wd 0.0005, batch 32, dustbin, from the plain teacher | 10 |" in lines[2]
     assert "/somewhere" not in table
+
+
+def test_a_marker_renders_the_part_of_the_main_table_its_filters_name(tmp_path):
+    results = tmp_path / "results"
+    for student, alpha, seed, acc in (("MobileNetV3", 0, 0, 0.40), ("MobileNetV3", 0.5, 0, 0.45),
+                                      ("ResNet18", 0, 0, 0.50), ("ResNet18", 0.5, 0, 0.56)):
+        append_record(results / "s.csv", record({**_summary(acc, seed), "student_model": student},
+                                                {**_args(alpha=alpha, seed=seed), "student_model": student}))
+    page = tmp_path / "README.md"
+    page.write_text("<!-- results: s.csv student=ResNet18 -->\n<!-- end results -->\n"
+                    "<!-- results: s.csv -->\n<!-- end results -->\n")
+    assert run_script("benchmarks/study.py", "readme", "--root", tmp_path).returncode == 0
+    filtered, whole = page.read_text().split("<!-- results: s.csv -->")
+    # Only ResNet18's rows, its distilled run still paired with its labels-only run (+6 points).
+    assert "| ResNet18 | 1 | labels |" in filtered and "MobileNetV3 |" not in filtered
+    assert "| 56.00 ± 0.00 | +6.00 ± 0.00 (1 seed) |" in filtered
+    assert "| MobileNetV3 | 1 | labels |" in whole and "| ResNet18 | 1 | labels |" in whole
+    assert run_script("benchmarks/study.py", "readme", "--check", "--root", tmp_path).returncode == 0
+    # A marker the script cannot read, or a column it cannot filter on: one message, exit 2, the page untouched.
+    before = page.read_text()
+    for marker in ("s.csv student ResNet18", "s.csv seed=0", "missing.csv"):
+        page.write_text(f"<!-- results: {marker} -->\n<!-- end results -->\n" + before)
+        proc = run_script("benchmarks/study.py", "readme", "--root", tmp_path)
+        assert proc.returncode == 2 and "Fix:" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert page.read_text().startswith(f"<!-- results: {marker} -->\n<!-- end results -->\n")
