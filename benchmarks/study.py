@@ -46,14 +46,11 @@ def parse_spec(spec: str) -> tuple[str, dict[str, set[str]]]:
     return name, {key: set(values.split(",")) for key, values in (p.split("=", 1) for p in parts)}
 
 
-def filtered_table(rows: list[dict], where: dict[str, set[str]]) -> str:
-    return "Test accuracy, mean ± std over seeds; gains in points, paired by seed with labels only on the same " \
-           "platform; the student on each teacher's classes, the teacher's own in brackets:\n\n" + \
-           results_table(rows, where) + "\n"
-
-
-def tables(rows: list[dict]) -> str:
+def tables(rows: list[dict], where: dict[str, set[str]] | None = None) -> str:
+    """A study file's tables; with ``where`` (a marker's filters) that part of the main table alone."""
     if rows and "teacher" in rows[0]:  # a teachers' study file
+        if where:
+            raise ValueError("a teachers' study file takes no filters")
         return "Teachers (accuracy on each teacher's own classes; chosen on val acc only):\n\n" + \
             teacher_table(rows) + "\n"
     text = "Main runs (test accuracy, mean ± std over seeds; the selection run that chose a recipe is its seed 0; " \
@@ -61,8 +58,8 @@ def tables(rows: list[dict]) -> str:
            "were trained on every label of their own classes, also where the student has fewer (labels < 1); " \
            "pseudo-labels right: the teachers' class (the stacker's with `stacked`, else their specialist " \
            "combination's) on the training images the student uses without their label):\n\n" + \
-           results_table(rows) + "\n"
-    if any(r["selection"] == "True" for r in rows):
+           results_table(rows, where) + "\n"
+    if not where and any(r["selection"] == "True" for r in rows):
         text += "\nSelection runs (seed 0, chosen on best validation accuracy only):\n\n" + selection_table(rows) + "\n"
     return text
 
@@ -74,7 +71,7 @@ def render(text: str, results_dir: Path) -> str:
         if not path.is_file():
             raise ValueError(f"the marker '<!-- results: {m['spec']} -->' names {path}, which does not exist")
         rows = load_records(path)
-        return m.group(1) + "\n" + (filtered_table(rows, where) if where else tables(rows)) + "\n" + m.group(4)
+        return m.group(1) + "\n" + tables(rows, where) + "\n" + m.group(4)
 
     return BLOCK.sub(block, text)
 

@@ -255,7 +255,8 @@ def test_a_marker_renders_the_part_of_the_main_table_its_filters_name(tmp_path):
     assert run_script("benchmarks/study.py", "readme", "--check", "--root", tmp_path).returncode == 0
     # A marker the script cannot read, or a column it cannot filter on: one message, exit 2, the page untouched.
     before = page.read_text()
-    for marker in ("s.csv student ResNet18", "s.csv seed=0", "missing.csv"):
+    (results / "t.csv").write_text("teacher,val_acc\ntrees,0.7\n")  # a teachers' study file: no filters
+    for marker in ("s.csv student ResNet18", "s.csv seed=0", "missing.csv", "t.csv student=trees"):
         page.write_text(f"<!-- results: {marker} -->\n<!-- end results -->\n" + before)
         proc = run_script("benchmarks/study.py", "readme", "--root", tmp_path)
         assert proc.returncode == 2 and "Fix:" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
