@@ -219,3 +219,28 @@ def test_teacher_ensemble_names_a_wrong_teacher_or_missing_checkpoint(tmp_path):
                       "--teacher", "digits_0123")
     assert proc.returncode == 2 and "teacher checkpoints not found" in proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_denormals_benchmark_makes_the_share_it_asks_and_times_both_settings(capsys):
+    import torch
+
+    bench = load("denormals")
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 8, 3))
+    bench.make_denormal(model, 0.5)
+    assert 0.4 < bench.denormal_share(model) < 0.6
+    try:
+        out = bench.main(bench.get_args_parser().parse_args(
+            ["--architecture", "resnet18", "--classes", "3", "--batch_size", "2", "--repeats", "1"]))
+    finally:
+        torch.set_flush_denormal(False)
+    assert set(out) == {(False, True), (False, False), (True, True), (True, False)}
+    assert all(v > 0 for v in out.values())
+    assert "90.0% of convolution weights denormal" in capsys.readouterr().out
+
+
+def test_denormals_benchmark_names_a_missing_checkpoint(tmp_path):
+    from conftest import run_script
+
+    proc = run_script("benchmarks/denormals.py", "--checkpoint", tmp_path / "none.pt")
+    assert proc.returncode == 2 and "is not a file" in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
