@@ -41,7 +41,8 @@ def get_args_parser():
 
 def make_denormal(model: torch.nn.Module, share: float, seed: int = 0) -> None:
     """Scale a random ``share`` of every convolution weight by 1e-40 (sign kept): denormal, as dead
-    filters end up under Adam with L2 weight decay."""
+    filters end up under Adam with L2 weight decay. Turns the flush off (it would make them zeros)."""
+    torch.set_flush_denormal(False)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
@@ -73,6 +74,7 @@ def images_per_s(model: torch.nn.Module, x: torch.Tensor, train: bool, repeats: 
 
 def main(args) -> dict:
     torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(False)  # as a checkpoint's denormals were written, whatever ran before
     torch.manual_seed(0)
     if args.checkpoint and not Path(args.checkpoint).is_file():
         raise UserError(f"--checkpoint {args.checkpoint} is not a file. Fix: give the path of a weights file.")
