@@ -8,7 +8,8 @@
 ``record`` appends one row per run folder (its ``summary.json`` and
 ``args.json``; a run already recorded is skipped). ``teachers`` appends one row
 per teacher checkpoint mtkd trained (its recipe, its accuracy on its own
-classes, where and how long it trained; a recipe already recorded is skipped).
+classes, where and how long it trained; a checkpoint already recorded is skipped,
+the same recipe trained again is a row of its own).
 ``readme`` replaces the text between ``<!-- results: NAME.csv -->`` and
 ``<!-- end results -->`` in ``README.md`` (and the pages under ``docs/``) by
 the tables of ``results/NAME.csv``; with ``--check`` it changes nothing and exits 1 if a page

@@ -46,8 +46,10 @@ TEACHER_COLUMNS = (
     "epochs", "cutout", "seed", "best_epoch", "val_acc", "test_acc", "dustbin_val_acc", "train_seconds", "precision",
     "device", "cpu", "bf16_units", "threads", "torch", "commit", "checkpoint", "finished",
 )
+# A teacher's record is its checkpoint: the recipe and when its training ended (the same recipe trained again,
+# on another machine say, is another teacher, with accuracies of its own).
 TEACHER_KEY = ("task", "teacher", "architecture", "dustbin", "init", "optimizer", "lr", "weight_decay", "batch_size",
-               "epochs", "cutout", "seed")
+               "epochs", "cutout", "seed", "finished")
 
 
 def method_name(args) -> str:
@@ -282,7 +284,7 @@ def teacher_record(state: dict, path: str | Path) -> dict:
 
 
 def teacher_is_recorded(rows: list[dict], row: dict) -> bool:
-    """Whether ``rows`` already hold a teacher of ``row``'s recipe (``TEACHER_KEY``)."""
+    """Whether ``rows`` already hold ``row``'s teacher: its recipe, trained to the same end (``TEACHER_KEY``)."""
     return any(all(_same(r.get(k), row.get(k)) for k in TEACHER_KEY) for r in rows)
 
 

@@ -237,6 +237,17 @@ def test_the_teachers_table_says_what_each_teacher_started_from():
     assert "/somewhere" not in table
 
 
+def test_a_teacher_trained_again_with_the_same_recipe_is_recorded_again():
+    from mtkd.results import TEACHER_COLUMNS, teacher_is_recorded
+
+    row = {**{k: "" for k in TEACHER_COLUMNS}, "task": "A85", "teacher": "others", "architecture": "resnet18",
+           "seed": "42", "epochs": "10", "test_acc": "0.674", "finished": "2026-12-06T20:00:00Z"}
+    assert teacher_is_recorded([row], dict(row))  # the same checkpoint
+    again = {**row, "test_acc": "0.676", "finished": "2026-12-07T10:54:38Z"}  # retrained on another machine
+    assert not teacher_is_recorded([row], again)
+    assert not teacher_is_recorded([row], {**row, "seed": "0"})
+
+
 def test_a_marker_renders_the_part_of_the_main_table_its_filters_name(tmp_path):
     results = tmp_path / "results"
     for student, alpha, seed, acc in (("MobileNetV3", 0, 0, 0.40), ("MobileNetV3", 0.5, 0, 0.45),
