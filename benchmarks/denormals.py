@@ -13,7 +13,6 @@ denormal in the same share:
 """
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -21,6 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mtkd.errors import UserError  # noqa: E402
 from mtkd.models import create_model  # noqa: E402
+from mtkd.precision import FP32, time_precision  # noqa: E402
 from mtkd.report import print_error  # noqa: E402
 
 TINY = torch.finfo(torch.float32).tiny  # the smallest normal float32
@@ -56,22 +56,6 @@ def denormal_share(model: torch.nn.Module) -> float:
     return sum(((w > 0) & (w < TINY)).sum().item() for w in weights) / sum(w.numel() for w in weights)
 
 
-def images_per_s(model: torch.nn.Module, x: torch.Tensor, train: bool, repeats: int) -> float:
-    model.train(train)
-    best = 0.0
-    for i in range(repeats + 1):
-        start = time.perf_counter()
-        if train:
-            model(x).logsumexp(1).mean().backward()
-            model.zero_grad(set_to_none=True)
-        else:
-            with torch.inference_mode():
-                model(x)
-        if i:
-            best = max(best, len(x) / (time.perf_counter() - start))
-    return best
-
-
 def main(args) -> dict:
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(False)  # as a checkpoint's denormals were written, whatever ran before
@@ -88,7 +72,7 @@ def main(args) -> dict:
     for flush in (False, True):
         torch.set_flush_denormal(flush)
         for train in (True, False):
-            out[(flush, train)] = images_per_s(model, x, train, args.repeats)
+            out[(flush, train)] = time_precision(model, x, FP32, train, steps=args.repeats)
             print(f"  flush denormals {'on ' if flush else 'off'}  {'train' if train else 'infer'}  "
                   f"{out[(flush, train)]:8.1f} images/s")
     return out
