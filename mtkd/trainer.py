@@ -32,7 +32,7 @@ from .engine import TrainingInterrupted, evaluate, predict
 from .errors import UserError
 from .loop import GracefulStop, LoopConfig, RunRng, fit, resolve_device, seed_everything
 from .metrics import restricted_accuracy
-from .models import check_architecture, count_parameters, create_student, init_description
+from .models import HUB, check_architecture, count_parameters, create_student, init_description
 from .optim import EpochScheduler, create_optimizer, optimizer_kwargs, scheduler_kwargs
 from .report import console, run_summary_table, teachers_table
 from .results import git_commit, images_per_second, machine, utc_stamp
@@ -280,6 +280,11 @@ def _resolve(args: Namespace, explicit: set[str]):
     if getattr(args, "resume", None):
         run_dir, args, last = open_resume(args, task, set(explicit) - {"resume"})
         task = resolve_task(args.task)
+    student_start = getattr(args, "pretrained", None)  # a resumed run's student comes from its checkpoint
+    if last is None and student_start not in (None, HUB) and not Path(student_start).is_file():
+        raise UserError(f"--pretrained {student_start}: no such file. Fix: pass the student's weights file "
+                        "(.safetensors, .pth or .bin, timm's format), --pretrained alone for timm's own, or drop "
+                        "the flag.")
     architecture, pretrained = getattr(args, "teacher_architecture", None), getattr(args, "teacher_pretrained", None)
     if pretrained and not Path(pretrained).is_file():
         raise UserError(f"--teacher_pretrained {pretrained}: no such file. Fix: pass the weights file the teachers "

@@ -54,6 +54,7 @@ CASES = [
     ("Cutout as large as the images", ["train.py", "--teacher_cutout", "8"],
      "--teacher_cutout 8 is not smaller than task B's 8x8 images"),
     ("no such device", ["train.py", "--device", "tpu"], "--device 'tpu' is not a device"),
+    ("student's start missing", ["train.py", "--pretrained", "{tmp}/none.pt"], "--pretrained {tmp}/none.pt: no such file"),
     ("teachers' start missing", ["train.py", "--teacher_pretrained", "{tmp}/none.pt"],
      "--teacher_pretrained {tmp}/none.pt: no such file"),
     ("missing checkpoint", ["evaluation_taskb.py", "--checkpoint", "{tmp}/none.pt"], "checkpoint not found: {tmp}/none.pt"),
