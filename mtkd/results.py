@@ -371,12 +371,16 @@ def _recipe(r: dict) -> tuple:
 def selection_table(rows: list[dict]) -> str:
     """The hyper-parameter selection runs: one row each, ranked by best validation accuracy within a student."""
     rows = [r for r in rows if r["selection"] == "True"]
-    lines = ["| student | labels | method | setting | epochs | seed | best val acc | best epoch |",
-             "|---|---:|---|---|---:|---:|---:|---:|"]
+    lines = ["| student | labels | method | setting | epochs | seed | teachers (own classes, test) | best val acc | "
+             "best epoch |",
+             "|---|---:|---|---|---:|---:|---|---:|---:|"]
     for r in sorted(rows, key=lambda r: (r["student"], -float(r["label_fraction"]), r["method"] != "labels",
                                          r["method"], -float(r["best_val_acc"]))):
+        # Runs of one recipe taught by other teachers (retrained elsewhere) are told apart by their accuracies.
+        teachers = " / ".join(f"{100 * acc:.1f}" for acc in parse_pairs(teachers_of(r)).values())
         lines.append(f"| {r['student']} | {float(r['label_fraction']):g} | {r['method']} | {_setting(r)} | "
-                     f"{r['epochs']} | {r['seed']} | {100 * float(r['best_val_acc']):.2f} | {r['best_epoch']} |")
+                     f"{r['epochs']} | {r['seed']} | {teachers} | {100 * float(r['best_val_acc']):.2f} | "
+                     f"{r['best_epoch']} |")
     return "\n".join(lines)
 
 

@@ -96,6 +96,18 @@ def test_selection_runs_are_listed_apart_by_validation_accuracy(tmp_path):
     append_record(path, record(_summary(0.50, 0), _args(alpha=0, label_fraction=0.1), selection=True))
     table = selection_table(load_records(path)).splitlines()
     assert table[2].startswith("| MobileNetV3 | 1 | labels |") and table[4].startswith("| MobileNetV3 | 0.1 | labels |")
+    assert "| 42 |  | 46.00 |" in table[2]  # labels only: taught by no teacher
+
+
+def test_selection_runs_of_one_recipe_from_other_teachers_are_told_apart(tmp_path):
+    path = tmp_path / "study.csv"
+    args = _args(alpha=0.5, teacher_cache="cache", scheduler="cosine")
+    retrained = _summary(0.47, 0)
+    retrained["teachers"] = [{**t, "test_acc": acc} for t, acc in zip(retrained["teachers"], (0.72, 0.79))]
+    for summary in (_summary(0.45, 0), retrained):
+        append_record(path, record(summary, args, selection=True))
+    table = selection_table(load_records(path)).splitlines()
+    assert "| 42 | 72.0 / 79.0 | 48.00 | 17 |" in table[2] and "| 42 | 66.2 / 69.8 | 46.00 | 17 |" in table[3]
 
 
 def test_study_script_records_runs_and_keeps_the_readme_in_step(tmp_path):
