@@ -281,14 +281,13 @@ def _resolve(args: Namespace, explicit: set[str]):
         run_dir, args, last = open_resume(args, task, set(explicit) - {"resume"})
         task = resolve_task(args.task)
     student_start = getattr(args, "pretrained", None)  # a resumed run's student comes from its checkpoint
-    if last is None and student_start not in (None, HUB) and not Path(student_start).is_file():
-        raise UserError(f"--pretrained {student_start}: no such file. Fix: pass the student's weights file "
-                        "(.safetensors, .pth or .bin, timm's format), --pretrained alone for timm's own, or drop "
-                        "the flag.")
+    if last is None and student_start not in (None, HUB):
+        _require_file("--pretrained", student_start, "pass the student's weights file (.safetensors, .pth or .bin, "
+                      "timm's format), --pretrained alone for timm's own, or drop the flag.")
     architecture, pretrained = getattr(args, "teacher_architecture", None), getattr(args, "teacher_pretrained", None)
-    if pretrained and not Path(pretrained).is_file():
-        raise UserError(f"--teacher_pretrained {pretrained}: no such file. Fix: pass the weights file the teachers "
-                        "start from (a timm state dict or an mtkd teacher checkpoint), or drop the flag.")
+    if pretrained:
+        _require_file("--teacher_pretrained", pretrained, "pass the weights file the teachers start from (a timm "
+                      "state dict or an mtkd teacher checkpoint), or drop the flag.")
     task = task.with_teachers(architecture, pretrained)
     if getattr(args, "teacher_dustbin", False):
         task = task.with_dustbins()
@@ -298,6 +297,12 @@ def _resolve(args: Namespace, explicit: set[str]):
     for spec in task.teachers:  # fail before any data is read
         check_architecture(spec.architecture)
     return args, task, run_dir, last
+
+
+def _require_file(flag: str, path: str, fix: str) -> None:
+    """Stop before any data is read when a flag names a weights file that is not there."""
+    if not Path(path).is_file():
+        raise UserError(f"{flag} {path}: no such file. Fix: {fix}")
 
 
 def _load_data(task: TaskSpec, data_root: str) -> TaskData:
