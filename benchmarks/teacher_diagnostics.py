@@ -40,7 +40,7 @@ from mtkd.evaluate import load_ensemble  # noqa: E402
 from mtkd.losses import coverage, local_labels  # noqa: E402
 from mtkd.report import console, run_reading, step_progress  # noqa: E402
 from mtkd.stacking import PRIORS, Stacker, choose_l2, fit_logistic  # noqa: E402
-from mtkd.specialists import (PRECISION_RECORD, example_batch, teacher_dir, teacher_path,  # noqa: E402
+from mtkd.specialists import (PRECISION_RECORD, example_batch, taught_task, teacher_dir, teacher_path,  # noqa: E402
                               teacher_precisions)
 
 
@@ -239,8 +239,7 @@ def main(args) -> dict:
     if args.stack_features and not args.label_fractions:
         raise UserError("--stack_features reads the stacker's fit on features: it needs --label_fractions F ... "
                         "Fix: add e.g. --label_fractions 0.1.")
-    task = tasks.get_task(args.task).with_teachers(args.teacher_architecture, args.teacher_pretrained)
-    task = task.with_dustbins() if args.teacher_dustbin else task
+    task = taught_task(tasks.get_task(args.task), vars(args))
     device = resolve_device(args.device)
     paths = [teacher_path(args.output_dir, task, spec) for spec in task.teachers]
     missing = [str(p) for p in paths if not p.exists()]

@@ -84,8 +84,10 @@ def load_weights_file(path: str | Path, who: str) -> tuple[dict, dict | None]:
     """A teacher's weights: ``(state_dict, mtkd checkpoint or None)``.
 
     ``path`` is an mtkd teacher checkpoint, a plain state dict saved with
-    ``torch.save`` (a dict of tensors), or a ``.safetensors`` file (the format
-    weights are shared in). Anything else is one ``UserError`` naming ``who``.
+    ``torch.save`` (a dict of tensors), a ``.safetensors`` file (the format
+    weights are shared in), or an mtkd student checkpoint (a teacher assistant;
+    its weights, taken as trained elsewhere). Anything else is one ``UserError``
+    naming ``who``.
     """
     path = Path(path)
     if not path.is_file():
@@ -106,6 +108,8 @@ def load_weights_file(path: str | Path, who: str) -> tuple[dict, dict | None]:
                         ".safetensors.") from None
     if isinstance(state, dict) and all(k in state for k in FOR_TEACHER):
         return state["model"], state
+    if isinstance(state, dict) and all(k in state for k in FOR_STUDENT):  # a student teaching (an assistant)
+        return state["model"], None
     if isinstance(state, dict) and state and all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
         return state, None
     raise UserError(f"{who}: {path} is neither an mtkd teacher checkpoint nor a state dict (a dict of tensors). "

@@ -163,6 +163,10 @@ def get_args_parser(task_names: list[str] | None = None) -> argparse.ArgumentPar
                     help="temperature at the last epoch; linear schedule from --temperature (default: constant)")
     kd.add_argument("--ema_teacher", type=_ranged(float, 0.0, 1.0, what="in [0, 1)", high_open=True), default=0.0, metavar="DECAY",
                     help="> 0: an EMA of the student with this decay joins the teachers (self-distillation)")
+    kd.add_argument("--teacher_assistant", default=None, metavar="CKPT",
+                    help="teach with an earlier student of this task instead of its specialists (a teacher "
+                         "assistant, Mirzadeh et al. 2020): that run's best.pt, one teacher over every class; the "
+                         "specialist flags (--teacher_architecture, --teacher_pretrained) then go unused")
     kd.add_argument("--teacher_cache", default=None, metavar="DIR",
                     help="cache the teachers' logits on --cache_views augmented views under DIR and replay them")
     kd.add_argument("--cache_views", type=positive_int, default=8, help="augmented views per image in the cache")

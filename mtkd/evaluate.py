@@ -24,7 +24,7 @@ from .precision import FP32, Precision, SavedPrecisions, keep_saved
 from .spec import TaskSpec
 from .speed import file_size_mb, latency_ms, peak_inference_memory_mb
 from .teachers import EnsembleClassifier, TeacherEnsemble
-from .specialists import create_ensemble, load_teacher, teacher_path
+from .specialists import create_ensemble, load_teacher, taught_task, teacher_path
 from .runs import list_runs, log_hparams, read_metrics
 
 
@@ -117,10 +117,10 @@ def evaluate_task(task: TaskSpec, *, output_dir="runs", eval_dir="evaluation", d
     path = find_checkpoint(task, output_dir, run_dir, checkpoint)
     student, state = load_student(path, task)
     args = state.get("args", {})
-    # The run's teachers as it had them: another architecture (--teacher_architecture), a dustbin.
-    task = task.with_teachers(args.get("teacher_architecture"), args.get("teacher_pretrained"))
-    if args.get("teacher_dustbin"):
-        task = task.with_dustbins()
+    # The run's teachers as it had them: another architecture (--teacher_architecture), a dustbin, an assistant
+    # (no teacher rows when its checkpoint has gone since).
+    assistant = args.get("teacher_assistant")
+    taught = None if assistant and not Path(assistant).is_file() else taught_task(task, args)
     data = load_task_data(task, data_root)
     ev = Evaluator(task, data, device)
     out_dir = Path(eval_dir) / f"Task{task.name}"
@@ -135,12 +135,12 @@ def evaluate_task(task: TaskSpec, *, output_dir="runs", eval_dir="evaluation", d
                **classification_metrics(logits, labels, names)}
 
     # Reference rows: teachers on their own classes, the ensemble on all classes, the baseline student.
-    ensemble, teachers = load_ensemble(task, output_dir)
+    ensemble, teachers = load_ensemble(taught, output_dir) if taught else (None, [])
     results["teachers"], results["ensemble"] = [], None
     if ensemble is not None:
         if teacher_precisions is not None and len(teacher_precisions) == len(teachers):
             ensemble.set_precisions(teacher_precisions)  # as the run had them (the ensemble runs each its own)
-        for k, (spec, model) in enumerate(zip(task.teachers, teachers)):
+        for k, (spec, model) in enumerate(zip(taught.teachers, teachers)):
             own = data.test.select_classes(task.class_indices(spec.classes))
             m = ev.metrics(ensemble.teacher_model(k), spec.classes, own)
             results["teachers"].append({"name": spec.name, "architecture": spec.architecture,
@@ -171,7 +171,7 @@ def evaluate_task(task: TaskSpec, *, output_dir="runs", eval_dir="evaluation", d
     plots.save(cm_fig, out_dir / "confusion_matrix.png")
     sample_fig = sample_predictions(data, logits, labels, names, f"Task {task.name}: predicted (true)")
     plots.save(sample_fig, out_dir / "sample_predictions.png")
-    results["size_speed"] = size_speed_rows(task, path, student, teachers, output_dir, speed_repeats)
+    results["size_speed"] = size_speed_rows(taught or task, path, student, teachers, output_dir, speed_repeats)
     (out_dir / "size_speed.md").write_text(size_speed_markdown(results["size_speed"]))
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     _log_to_run(this_run, cm_fig, sample_fig, state, results)

@@ -62,7 +62,8 @@ def method_name(args) -> str:
     weights given, ``+dustbin`` from teachers with a dustbin, ``+dustbin(plain)`` from dustbin teachers
     started from the plain ones: ``--dustbin_from_plain``; a record reads which from the teachers' checkpoints,
     ``taught_by``); ``+teachers(ARCH from FILE)`` from teachers of another architecture or start than the
-    task's (``--teacher_architecture``, ``--teacher_pretrained``); ``+transfer(N)`` with N transfer images
+    task's (``--teacher_architecture``, ``--teacher_pretrained``); ``+assistant(RUN)`` taught by the student of
+    run folder RUN instead (``--teacher_assistant``); ``+transfer(N)`` with N transfer images
     (``--transfer_images``)."""
     features, attention = getattr(args, "feature_weight", 0), getattr(args, "attention_weight", 0)
     embedding = getattr(args, "embedding_weight", 0)
@@ -88,7 +89,11 @@ def method_name(args) -> str:
 
 
 def _teachers_suffix(args) -> str:
-    """``+teachers(ARCH from FILE)`` for teachers of ``--teacher_architecture`` / from ``--teacher_pretrained``."""
+    """``+teachers(ARCH from FILE)`` for teachers of ``--teacher_architecture`` / from ``--teacher_pretrained``;
+    ``+assistant(RUN)`` for a student of run folder RUN teaching instead (those flags then go unused)."""
+    assistant = getattr(args, "teacher_assistant", None)
+    if assistant:
+        return f"+assistant({Path(assistant).parent.name})"
     architecture, pretrained = getattr(args, "teacher_architecture", None), getattr(args, "teacher_pretrained", None)
     parts = ([architecture] if architecture else []) + ([f"from {Path(pretrained).name}"] if pretrained else [])
     return f"+teachers({' '.join(parts)})" if parts else ""

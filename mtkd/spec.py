@@ -67,6 +67,12 @@ class TaskSpec:
     hflip: bool = False  # horizontal flips keep the label (not for digits)
     source_options: dict = field(default_factory=dict)
 
+    def with_assistant(self, architecture: str, checkpoint: str) -> "TaskSpec":
+        """The task taught by one network over every class instead of its specialists: an earlier student of
+        the task (``--teacher_assistant``), ``architecture`` its timm name, ``checkpoint`` its weights."""
+        return replace(self, teachers=(TeacherSpec("assistant", architecture, self.class_names,
+                                                   checkpoint=str(checkpoint)),))
+
     def with_dustbins(self) -> "TaskSpec":
         """The task with a dustbin ("other" output) on every teacher (``--teacher_dustbin``)."""
         return replace(self, teachers=tuple(replace(t, dustbin=True) for t in self.teachers))

@@ -10,14 +10,14 @@ import torch
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
-from .checkpoint import CHECKPOINT_VERSION, load_weights_file, save_checkpoint
+from .checkpoint import CHECKPOINT_VERSION, FOR_STUDENT, load_checkpoint, load_weights_file, save_checkpoint
 from .data import BatchTransform, TaskData, create_loader, hash_tensor, with_others
 from .distill import Distiller
 from .engine import evaluate
 from .errors import UserError
 from .loop import LoopConfig, RunRng, fit, seed_everything
 from .optim import EpochScheduler, create_optimizer
-from .models import (SMALL_INPUT, classifier_keys, count_parameters, create_teacher, init_description,
+from .models import (SMALL_INPUT, STUDENTS, classifier_keys, count_parameters, create_teacher, init_description,
                      load_fitting_state, small_stem_weights, stem_in_weights)
 from .precision import (FP32, NOT_SAVED, MachineRecord, Precision, PrecisionRecord, SavedPrecisions, keep_saved,
                         recorded_choice, resolve_precision)
@@ -68,6 +68,34 @@ def teacher_path(output_dir: str | Path, task: TaskSpec, spec) -> Path:
     dustbin, ``-dustbin`` added to the file's stem (beside the plain teacher, never replacing it)."""
     path = Path(spec.checkpoint) if spec.checkpoint else teacher_dir(output_dir, task) / f"{spec.name}.pt"
     return path.with_name(f"{path.stem}-dustbin{path.suffix}") if spec.dustbin else path
+
+
+def taught_task(task: TaskSpec, args: dict) -> TaskSpec:
+    """The task with the teachers a run (its arguments, ``args``) has: an earlier student of the task
+    (``--teacher_assistant``), or the task's specialists as ``--teacher_architecture``, ``--teacher_pretrained``
+    and ``--teacher_dustbin`` make them."""
+    assistant = args.get("teacher_assistant")
+    if assistant:
+        if args.get("teacher_dustbin"):
+            raise UserError("--teacher_dustbin gives the task's specialists a dustbin, but --teacher_assistant "
+                            "teaches with one student over every class instead. Fix: drop one of the two.")
+        return assistant_task(task, assistant)
+    task = task.with_teachers(args.get("teacher_architecture"), args.get("teacher_pretrained"))
+    return task.with_dustbins() if args.get("teacher_dustbin") else task
+
+
+def assistant_task(task: TaskSpec, path: str | Path) -> TaskSpec:
+    """The task taught by the student in checkpoint ``path`` (a run's ``best.pt``): checked to be a student of
+    this task, with its classes in the task's order."""
+    state = load_checkpoint(path, required=FOR_STUDENT)
+    if state["task"] != task.name or list(state["class_names"]) != list(task.class_names):
+        raise UserError(f"--teacher_assistant {path} is a student of task {state['task']} "
+                        f"({len(state['class_names'])} classes), not of task {task.name}. Fix: pass the best.pt of "
+                        f"a task {task.name} run (under its output folder's Task{task.name}/).")
+    if state["student_model"] not in STUDENTS:
+        raise UserError(f"--teacher_assistant {path}: its student {state['student_model']!r} is none of "
+                        f"{', '.join(STUDENTS)}. Fix: pass a checkpoint written by train.py.")
+    return task.with_assistant(STUDENTS.get(state["student_model"]), str(path))
 
 
 def _teacher_row(spec, model, metrics: dict, status: str, init: str) -> dict:

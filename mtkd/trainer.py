@@ -40,7 +40,7 @@ from .runs import (append_metrics, create_run_dir, log_hparams, open_resume, rea
                    write_run_curves)
 from .precision import Precision, PrecisionRecord, SavedPrecisions, keep_saved, recorded_choice
 from .specialists import (PRECISION_RECORD, TeacherRecipe, choose_precision, example_batch, prepare_teachers,
-                          teacher_dir, teacher_path)
+                          taught_task, teacher_dir, teacher_path)
 from .spec import TaskSpec
 from .taskfile import resolve_task
 from .teachers import ENSEMBLE_METHODS, TeacherEnsemble
@@ -284,14 +284,15 @@ def _resolve(args: Namespace, explicit: set[str]):
     if last is None and student_start not in (None, HUB):
         _require_file("--pretrained", student_start, "pass the student's weights file (.safetensors, .pth or .bin, "
                       "timm's format), --pretrained alone for timm's own, or drop the flag.")
-    architecture, pretrained = getattr(args, "teacher_architecture", None), getattr(args, "teacher_pretrained", None)
-    if pretrained:
+    assistant, pretrained = getattr(args, "teacher_assistant", None), getattr(args, "teacher_pretrained", None)
+    if assistant:
+        _require_file("--teacher_assistant", assistant, "pass the best.pt of an earlier run of this task, or drop "
+                      "the flag.")
+    elif pretrained:
         _require_file("--teacher_pretrained", pretrained, "pass the weights file the teachers start from (a timm "
                       "state dict or an mtkd teacher checkpoint), or drop the flag.")
-    task = task.with_teachers(architecture, pretrained)
-    if getattr(args, "teacher_dustbin", False):
-        task = task.with_dustbins()
-    elif getattr(args, "dustbin_from_plain", False):
+    task = taught_task(task, vars(args))
+    if not getattr(args, "teacher_dustbin", False) and getattr(args, "dustbin_from_plain", False):
         raise UserError("--dustbin_from_plain says how teachers with a dustbin start, but --teacher_dustbin is not "
                         "given. Fix: add --teacher_dustbin, or drop --dustbin_from_plain.")
     for spec in task.teachers:  # fail before any data is read

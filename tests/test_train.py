@@ -188,6 +188,52 @@ def test_embedding_matching_trains_from_the_cache_and_is_named_in_the_record(smo
     assert any(k.startswith("terms.embedding.adapters.") for k in load_checkpoint(run / "last.pt")["distiller"])
 
 
+def test_an_earlier_student_teaches_over_every_class_as_an_assistant(smoke_run, tmp_path, capsys):
+    """--teacher_assistant: the smoke run's ResNet18 student is the one teacher, its weights as they were."""
+    from mtkd.results import method_name
+
+    out = _runs_with_teachers(smoke_run, tmp_path)
+    best = smoke_run["run_dir"] / "best.pt"
+    flags = ["--student_model", "MobileNetV3", "--batch_size", "256", "--alpha", "0.5", "--embedding_weight", "1",
+             "--teacher_assistant", str(best), "--teacher_cache", str(tmp_path / "cache"), "--cache_views", "2",
+             "--num_epochs", "1", "--output_dir", str(out), "--run", "assisted"]
+    assert train.main(flags) == 0
+    assert ": built, 2 views" in capsys.readouterr().out
+    run = next((out / "TaskB").glob("*_assisted"))
+    s = json.loads((run / "summary.json").read_text())
+    (teacher,) = s["teachers"]
+    assert teacher["name"] == "assistant" and teacher["architecture"] == "resnet18"
+    assert teacher["classes"] == [str(i) for i in range(10)] and teacher["status"] == "external"
+    # Measured on every class, it reads what the smoke run's student read on the test split (one image: 1/360).
+    assert teacher["test_acc"] == pytest.approx(smoke_run["summary"]["test_acc"], abs=0.006)
+    args = json.loads((run / "args.json").read_text())
+    assert method_name(argparse.Namespace(**args)) == f"consensus/fixed/kl+embed(1)+assistant({best.parent.name})"
+    # Its specialists are untouched; evaluation rebuilds the assistant from the run's arguments.
+    assert sorted(p.name for p in (out / "TaskB" / "teachers").glob("*.pt")) == \
+        ["digits_0123.pt", "digits_3456.pt", "digits_67890.pt"]
+    from mtkd.evaluate import evaluate_task
+    from tasks import get_task
+    results = evaluate_task(get_task("B"), output_dir=out, eval_dir=tmp_path / "eval", run_dir=run, speed_repeats=1)
+    assert [t["name"] for t in results["teachers"]] == ["assistant"]
+    assert results["teachers"][0]["overall_accuracy"] == pytest.approx(teacher["test_acc"], abs=0.006)
+
+
+def test_an_assistant_of_another_task_or_beside_a_dustbin_exits_2(smoke_run, tmp_path, capsys):
+    best = smoke_run["run_dir"] / "best.pt"
+    state = load_checkpoint(best)
+    other = tmp_path / "other.pt"
+    torch.save({**state, "task": "A", "class_names": [f"c{i}" for i in range(15)]}, other)
+    out = tmp_path / "runs"
+    assert train.main(["--teacher_assistant", str(other), "--output_dir", str(out)]) == 2
+    assert f"--teacher_assistant {other} is a student of task A (15 classes), not of task B" in capsys.readouterr().err
+    assert train.main(["--teacher_assistant", str(best), "--teacher_dustbin", "--output_dir", str(out)]) == 2
+    assert "--teacher_dustbin gives the task's specialists a dustbin, but --teacher_assistant" in \
+        capsys.readouterr().err
+    assert train.main(["--teacher_assistant", str(tmp_path / "none.pt"), "--output_dir", str(out)]) == 2
+    assert f"--teacher_assistant {tmp_path / 'none.pt'}: no such file" in capsys.readouterr().err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--teacher_weights", "1,2"], "--teacher_weights has 2 weights but task B has 3 teachers"),
     (["--teacher_cache", "c", "--feature_weight", "1"], "logits and pooled features only, but --feature_weight"),
