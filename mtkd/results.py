@@ -21,6 +21,8 @@ import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .checkpoint import FOR_STUDENT, load_checkpoint
+from .errors import UserError
 from .models import init_description
 from .precision import cpu_bf16_units, cpu_model
 from .terms import AGGREGATIONS
@@ -62,8 +64,8 @@ def method_name(args) -> str:
     weights given, ``+dustbin`` from teachers with a dustbin, ``+dustbin(plain)`` from dustbin teachers
     started from the plain ones: ``--dustbin_from_plain``; a record reads which from the teachers' checkpoints,
     ``taught_by``); ``+teachers(ARCH from FILE)`` from teachers of another architecture or start than the
-    task's (``--teacher_architecture``, ``--teacher_pretrained``); ``+assistant(RUN)`` taught by the student of
-    run folder RUN instead (``--teacher_assistant``); ``+transfer(N)`` with N transfer images
+    task's (``--teacher_architecture``, ``--teacher_pretrained``); ``+assistant(STUDENT)`` taught by an earlier
+    student (ResNet18, ...) instead (``--teacher_assistant``); ``+transfer(N)`` with N transfer images
     (``--transfer_images``)."""
     features, attention = getattr(args, "feature_weight", 0), getattr(args, "attention_weight", 0)
     embedding = getattr(args, "embedding_weight", 0)
@@ -90,13 +92,22 @@ def method_name(args) -> str:
 
 def _teachers_suffix(args) -> str:
     """``+teachers(ARCH from FILE)`` for teachers of ``--teacher_architecture`` / from ``--teacher_pretrained``;
-    ``+assistant(RUN)`` for a student of run folder RUN teaching instead (those flags then go unused)."""
+    ``+assistant(STUDENT)`` for an earlier student teaching instead (those flags then go unused)."""
     assistant = getattr(args, "teacher_assistant", None)
     if assistant:
-        return f"+assistant({Path(assistant).parent.name})"
+        return f"+assistant({_assistant_name(assistant)})"
     architecture, pretrained = getattr(args, "teacher_architecture", None), getattr(args, "teacher_pretrained", None)
     parts = ([architecture] if architecture else []) + ([f"from {Path(pretrained).name}"] if pretrained else [])
     return f"+teachers({' '.join(parts)})" if parts else ""
+
+
+def _assistant_name(path: str) -> str:
+    """The student an assistant checkpoint holds (ResNet18, ...): the same name for every seed's assistant, so
+    their runs are one method in the tables; its run folder's name if the file can no longer be read."""
+    try:
+        return load_checkpoint(path, required=FOR_STUDENT)["student_model"]
+    except UserError:
+        return Path(path).parent.name
 
 
 def _dustbin_suffix(args) -> str:
