@@ -378,10 +378,17 @@ def optimizer_steps(r: dict) -> int:
     return int(r["epochs"]) * math.ceil(images / int(r["batch_size"]))
 
 
+def _teachers_group(r: dict) -> str:
+    """The teachers a run pools by in the tables: ``teachers_of``, except for runs taught by an assistant
+    (``+assistant(STUDENT)``), whose teacher is by design another student for each seed (that seed's earlier run):
+    those pool by method alone, and the table gives their assistants' mean accuracy."""
+    return "" if "+assistant(" in r["method"] else teachers_of(r)
+
+
 def _recipe(r: dict) -> tuple:
     """A run's recipe (every ``KEY`` but seed and selection), the platform it ran on and its teachers
-    (``teachers_of``): the runs that pool as seeds of one row."""
-    return tuple(str(r[k]) for k in KEY if k not in ("seed", "selection")) + (platform_of(r), teachers_of(r))
+    (``_teachers_group``): the runs that pool as seeds of one row."""
+    return tuple(str(r[k]) for k in KEY if k not in ("seed", "selection")) + (platform_of(r), _teachers_group(r))
 
 
 def selection_table(rows: list[dict]) -> str:
@@ -415,7 +422,7 @@ def results_table(rows: list[dict], where: dict[str, set[str]] | None = None) ->
     platform) is one of its seeds, unless a main run has that seed: the run that chose the recipe is not run twice.
     Runs on a GPU and on CPUs are separate rows (column "on"), each paired with labels only on its own platform;
     runs distilled from other teachers are separate rows too (the teachers' accuracies in brackets tell them apart),
-    paired with the same labels-only runs."""
+    paired with the same labels-only runs; runs taught by an assistant pool by method (``_teachers_group``)."""
     unknown = set(where or {}) - set(FILTERS)
     if unknown:
         raise ValueError(f"cannot filter a results table on {', '.join(sorted(unknown))}: only on "
@@ -428,7 +435,7 @@ def results_table(rows: list[dict], where: dict[str, set[str]] | None = None) ->
     groups: dict[tuple, list[dict]] = {}
     for r in main:
         groups.setdefault((r["student"], float(r["label_fraction"]), r["method"], _setting(r), r["epochs"],
-                           platform_of(r), teachers_of(r)), []).append(r)
+                           platform_of(r), _teachers_group(r)), []).append(r)
     lines = ["| student | labels | method | setting | epochs | on | seeds | test acc (mean ± std) | gain over labels "
              "only (points, paired by seed) | same, labels only at equal optimiser steps | best val (mean) | "
              "student on each teacher's classes (teacher) | pseudo-labels right (mean) |",
@@ -446,12 +453,16 @@ def results_table(rows: list[dict], where: dict[str, set[str]] | None = None) ->
         steps = optimizer_steps(rs[0])
         gain_steps = "" if method == "labels" else _paired_gain(rs, [
             g for _, g in labels_only if abs(optimizer_steps(g[0]) - steps) <= 0.01 * steps])
-        own = {}
+        own, teachers = {}, {}
         for r in rs:
             for name, acc in parse_pairs(r["student_on_teachers"]).items():
                 own.setdefault(name, []).append(acc)
-        teachers = parse_pairs(rs[0]["teachers_test_acc"])
-        per_teacher = ", ".join(f"{n} {100 * statistics.mean(v):.1f} ({100 * teachers.get(n, math.nan):.1f})"
+        # A row's teachers are its first run's (one set per row), or the mean of its assistants (one per seed).
+        for r in (rs if "+assistant(" in method else rs[:1]):
+            for name, acc in parse_pairs(r["teachers_test_acc"]).items():
+                teachers.setdefault(name, []).append(acc)
+        per_teacher = ", ".join(f"{n} {100 * statistics.mean(v):.1f} "
+                                f"({100 * statistics.mean(teachers.get(n, [math.nan])):.1f})"
                                 for n, v in own.items())
         seeds = " ".join(sorted((r["seed"] for r in rs), key=int))
         # How often the teachers' label for an image used without its own is right (runs that distil only).

@@ -284,3 +284,21 @@ def test_a_marker_renders_the_part_of_the_main_table_its_filters_name(tmp_path):
         proc = run_script("benchmarks/study.py", "readme", "--root", tmp_path)
         assert proc.returncode == 2 and "Fix:" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
         assert page.read_text().startswith(f"<!-- results: {marker} -->\n<!-- end results -->\n")
+
+
+def test_runs_taught_by_an_assistant_pool_over_seeds_though_each_seed_has_its_own(tmp_path):
+    path = tmp_path / "study.csv"
+    for seed, acc in ((0, 0.40), (1, 0.42), (2, 0.44)):
+        append_record(path, record(_summary(acc, seed), _args(alpha=0, seed=seed)))
+    # Each seed is taught by the earlier student of its own seed (here a file gone: named by its run folder).
+    for seed, (acc, assistant) in enumerate(((0.43, 0.70), (0.46, 0.74), (0.46, 0.75))):
+        summary = {**_summary(acc, seed), "teachers": [{"name": "assistant", "test_acc": assistant,
+                                                       "student_test_acc": acc, "precision": "fp32/NHWC"}]}
+        append_record(path, record(summary, _args(alpha=0.5, seed=seed, teacher_assistant=tmp_path / "r18" / "best.pt"),
+                                   selection=seed == 0))
+    rows = load_records(path)
+    assert {r["method"] for r in rows if r["alpha"] == "0.5"} == {"consensus/fixed/kl+assistant(r18)"}
+    lines = [line for line in results_table(rows).splitlines() if "| MobileNetV3 |" in line]
+    assert len(lines) == 2  # labels only, and one row for the three assistants' runs
+    # Gains 3, 4 and 2 points; the assistants' mean accuracy (73.0) beside the student's (45.0).
+    assert "| 0 1 2 | 45.00 ± 1.73 | +3.00 ± 1.00 (3 seeds) |" in lines[1] and "assistant 45.0 (73.0)" in lines[1]
