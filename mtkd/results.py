@@ -382,7 +382,20 @@ def _teachers_group(r: dict) -> str:
     """The teachers a run pools by in the tables: ``teachers_of``, except for runs taught by an assistant
     (``+assistant(STUDENT)``), whose teacher is by design another student for each seed (that seed's earlier run):
     those pool by method alone, and the table gives their assistants' mean accuracy."""
-    return "" if "+assistant(" in r["method"] else teachers_of(r)
+    return "" if _by_assistant(r["method"]) else teachers_of(r)
+
+
+def _by_assistant(method: str) -> bool:
+    return "+assistant(" in method
+
+
+def _pooled(rows: list[dict], column: str) -> dict[str, list[float]]:
+    """Each name's values in a ``NAME=VALUE;...`` column (``parse_pairs``) over ``rows``."""
+    pooled: dict[str, list[float]] = {}
+    for r in rows:
+        for name, value in parse_pairs(r[column]).items():
+            pooled.setdefault(name, []).append(value)
+    return pooled
 
 
 def _recipe(r: dict) -> tuple:
@@ -453,14 +466,9 @@ def results_table(rows: list[dict], where: dict[str, set[str]] | None = None) ->
         steps = optimizer_steps(rs[0])
         gain_steps = "" if method == "labels" else _paired_gain(rs, [
             g for _, g in labels_only if abs(optimizer_steps(g[0]) - steps) <= 0.01 * steps])
-        own, teachers = {}, {}
-        for r in rs:
-            for name, acc in parse_pairs(r["student_on_teachers"]).items():
-                own.setdefault(name, []).append(acc)
+        own = _pooled(rs, "student_on_teachers")
         # A row's teachers are its first run's (one set per row), or the mean of its assistants (one per seed).
-        for r in (rs if "+assistant(" in method else rs[:1]):
-            for name, acc in parse_pairs(r["teachers_test_acc"]).items():
-                teachers.setdefault(name, []).append(acc)
+        teachers = _pooled(rs if _by_assistant(method) else rs[:1], "teachers_test_acc")
         per_teacher = ", ".join(f"{n} {100 * statistics.mean(v):.1f} "
                                 f"({100 * statistics.mean(teachers.get(n, [math.nan])):.1f})"
                                 for n, v in own.items())
